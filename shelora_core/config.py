@@ -1,0 +1,184 @@
+"""Experiment configuration: one frozen dataclass, validated before any work starts.
+
+Defaults live here; a profile or a notebook overrides a few fields with :meth:`FederatedConfig.replace`.
+Every bad value fails in :meth:`FederatedConfig.validate` with a message naming the value, the
+allowed range and what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["METHODS", "FederatedConfig"]
+
+#: aggregation methods the federation loop knows (the CKKS issue adds the encrypted ones)
+METHODS = ("fedavg", "flexlora")
+PARTITIONS = ("iid", "dirichlet")
+DATASETS = ("rotten_tomatoes", "bbc_news")
+MODEL_NAMES = ("minilm", "smollm2")
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    """One federated LoRA fine-tuning run.
+
+    Attributes:
+        method: aggregation, one of :data:`METHODS`. Defaults to ``"flexlora"``.
+        model: ``"minilm"`` (BERT encoder) or ``"smollm2"`` (LLaMA decoder).
+        dataset: ``"rotten_tomatoes"`` (binary sentiment) or ``"bbc_news"`` (5 topics).
+        num_clients: clients in the federation. Defaults to 10.
+        client_fraction: fraction of clients sampled each round (at least one). Defaults to 1.0.
+        ranks: LoRA ranks, assigned to clients cyclically (client i gets ``ranks[i % len]``);
+            one value = homogeneous. Defaults to ``(8,)``.
+        lora_alpha: LoRA alpha; client i's scaling is ``alpha / r_i``. Defaults to 16.
+        target_modules: adapted modules; ``None`` = the model's default (``query`` / ``q_proj``).
+        partition: ``"iid"`` or ``"dirichlet"`` (label skew). Defaults to ``"dirichlet"``.
+        dirichlet_alpha: concentration of the label Dirichlet; smaller = more skew. Defaults 0.3.
+        min_client_examples: every client gets at least this many examples. Defaults to 10.
+        rounds: federated rounds. Defaults to 10.
+        local_steps: optimizer steps per client per round. Defaults to 10.
+        batch_size: local minibatch size. Defaults to 16.
+        lr: peak AdamW learning rate, cosine-annealed over rounds to ``lr * lr_final_ratio``.
+        lr_final_ratio: final learning rate as a fraction of ``lr``. Defaults to 0.1.
+        weight_decay: AdamW weight decay. Defaults to 0.0.
+        max_length: tokens per example (truncation). Defaults to 64.
+        train_examples: use only this many (seeded) training examples; ``None`` = all.
+        eval_examples: evaluate on this many (seeded) test examples; ``None`` = all.
+        eval_every: evaluate every this many rounds (the last round always). Defaults to 1.
+        seed: seeds partition, sampling, initialisation and batches. Defaults to 0.
+    """
+
+    method: str = "flexlora"
+    model: str = "minilm"
+    dataset: str = "rotten_tomatoes"
+    num_clients: int = 10
+    client_fraction: float = 1.0
+    ranks: tuple[int, ...] = (8,)
+    lora_alpha: float = 16.0
+    target_modules: tuple[str, ...] | None = None
+    partition: str = "dirichlet"
+    dirichlet_alpha: float = 0.3
+    min_client_examples: int = 10
+    rounds: int = 10
+    local_steps: int = 10
+    batch_size: int = 16
+    lr: float = 1e-3
+    lr_final_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_length: int = 64
+    train_examples: int | None = None
+    eval_examples: int | None = 512
+    eval_every: int = 1
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        # accept lists from notebooks / JSON and store tuples, so configs hash and compare
+        object.__setattr__(self, "ranks", tuple(int(r) for r in self.ranks))
+        if self.target_modules is not None:
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+    # ------------------------------------------------------------------ derived values
+    def client_rank(self, client_id: int) -> int:
+        return self.ranks[client_id % len(self.ranks)]
+
+    @property
+    def client_ranks(self) -> tuple[int, ...]:
+        return tuple(self.client_rank(i) for i in range(self.num_clients))
+
+    @property
+    def clients_per_round(self) -> int:
+        return max(1, round(self.client_fraction * self.num_clients))
+
+    def replace(self, **changes: Any) -> FederatedConfig:
+        """A copy with ``changes`` applied (validated)."""
+        cfg = dataclasses.replace(self, **changes)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        d["ranks"] = list(self.ranks)
+        if self.target_modules is not None:
+            d["target_modules"] = list(self.target_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FederatedConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def fingerprint(self) -> str:
+        """Short hash of every field that changes results (names checkpoints)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    @property
+    def run_name(self) -> str:
+        ranks = "-".join(str(r) for r in self.ranks)
+        part = "iid" if self.partition == "iid" else f"dir{self.dirichlet_alpha:g}"
+        return f"{self.method}_{self.model}_{self.dataset}_r{ranks}_{part}_{self.fingerprint()}"
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> FederatedConfig:
+        """Raise ``ValueError`` naming the first bad value and its allowed range."""
+
+        def bad(name: str, value: Any, allowed: str) -> None:
+            raise ValueError(f"config.{name} = {value!r} is invalid: {allowed}")
+
+        if self.method not in METHODS:
+            bad("method", self.method, f"choose one of {list(METHODS)}")
+        if self.model not in MODEL_NAMES:
+            bad("model", self.model, f"choose one of {list(MODEL_NAMES)} (models ship in packages)")
+        if self.dataset not in DATASETS:
+            bad("dataset", self.dataset, f"choose one of {list(DATASETS)}")
+        if self.partition not in PARTITIONS:
+            bad("partition", self.partition, f"choose one of {list(PARTITIONS)}")
+        if self.dirichlet_alpha <= 0:
+            bad("dirichlet_alpha", self.dirichlet_alpha, "must be > 0 (0.3 is the paper's skew)")
+        if self.num_clients < 1:
+            bad("num_clients", self.num_clients, "must be >= 1")
+        if not 0 < self.client_fraction <= 1:
+            bad("client_fraction", self.client_fraction, "must be in (0, 1]")
+        if not self.ranks:
+            bad("ranks", self.ranks, "give at least one LoRA rank, e.g. (8,) or (8, 16, 32)")
+        for r in self.ranks:
+            if r < 1:
+                bad("ranks", self.ranks, f"every rank must be >= 1 (got {r})")
+        if self.lora_alpha <= 0:
+            bad("lora_alpha", self.lora_alpha, "must be > 0")
+        for name in ("rounds", "local_steps", "batch_size", "eval_every"):
+            if getattr(self, name) < 1:
+                bad(name, getattr(self, name), "must be >= 1")
+        if self.min_client_examples < 1:
+            bad("min_client_examples", self.min_client_examples, "must be >= 1")
+        if self.lr <= 0:
+            bad("lr", self.lr, "must be > 0")
+        if not 0 <= self.lr_final_ratio <= 1:
+            bad("lr_final_ratio", self.lr_final_ratio, "must be in [0, 1]")
+        if self.weight_decay < 0:
+            bad("weight_decay", self.weight_decay, "must be >= 0")
+        if self.max_length < 2:
+            bad("max_length", self.max_length, "must be >= 2 tokens")
+        for name in ("train_examples", "eval_examples"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                bad(name, v, "must be >= 1 or None (all)")
+        if self.train_examples is not None and self.num_clients * self.min_client_examples > self.train_examples:
+            bad(
+                "num_clients",
+                self.num_clients,
+                f"more clients than the data allows: {self.num_clients} clients x "
+                f"{self.min_client_examples} examples > train_examples={self.train_examples}",
+            )
+        return self

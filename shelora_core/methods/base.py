@@ -1,0 +1,125 @@
+"""The contract every method fulfils, and the plaintext wire encoding of a client upload.
+
+A method has two sides that never share a Python object:
+
+* ``client_weights(broadcast, ...)`` runs on a client: from the server's broadcast (bytes, decoded)
+  it produces the client's starting adapter for the round.
+* ``server_aggregate(uploads, ...)`` runs on the server: from the clients' uploads (bytes, decoded)
+  it produces the broadcast.
+
+Uploads and broadcasts are :class:`shelora_core.messages.Message` objects; the driver moves only
+their bytes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..aggregation import normalize_weights, weighted_mean
+from ..lora import AdapterWeights
+from ..messages import Message, MessageError, require
+
+__all__ = ["Method", "adapter_to_upload", "upload_to_adapter"]
+
+SEP = "|"
+
+
+def adapter_to_upload(
+    weights: AdapterWeights, *, method: str, round_: int, client_id: int, num_examples: int
+) -> Message:
+    """A client's plaintext upload: every layer's B and A, and the head."""
+    tensors: dict[str, np.ndarray] = {}
+    for layer, (b, a) in weights.factors.items():
+        tensors[f"{layer}{SEP}B"] = np.asarray(b, np.float32)
+        tensors[f"{layer}{SEP}A"] = np.asarray(a, np.float32)
+    for k, v in weights.head.items():
+        tensors[f"head{SEP}{k}"] = np.asarray(v, np.float32)
+    header = {
+        "method": method,
+        "round": int(round_),
+        "client_id": int(client_id),
+        "num_examples": int(num_examples),
+        "rank": int(weights.rank),
+        "alpha": float(weights.alpha),
+    }
+    return Message("upload", header, tensors)
+
+
+def upload_to_adapter(msg: Message) -> tuple[dict, AdapterWeights]:
+    """Inverse of :func:`adapter_to_upload`; checks that every layer has a B and an A of rank r."""
+    require(msg.header, "method", "round", "client_id", "num_examples", "rank", "alpha")
+    h = msg.header
+    rank = int(h["rank"])
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    head: dict[str, np.ndarray] = {}
+    for name, arr in msg.tensors.items():
+        owner, _, key = name.rpartition(SEP)
+        if owner == "head":
+            head[key] = arr
+        elif key in ("A", "B"):
+            parts.setdefault(owner, {})[key] = arr
+        else:
+            raise MessageError(f"upload tensor {name!r} is neither a LoRA factor nor the head")
+    factors = {}
+    for layer, ab in parts.items():
+        if set(ab) != {"A", "B"}:
+            raise MessageError(f"upload for layer {layer!r} lacks {({'A', 'B'} - set(ab))}")
+        b, a = ab["B"], ab["A"]
+        if b.ndim != 2 or a.ndim != 2 or b.shape[1] != rank or a.shape[0] != rank:
+            raise MessageError(
+                f"upload layer {layer!r}: B {b.shape} and A {a.shape} do not match rank {rank}"
+            )
+        factors[layer] = (b, a)
+    return h, AdapterWeights(rank=rank, alpha=float(h["alpha"]), factors=factors, head=head)
+
+
+class Method(ABC):
+    """One aggregation method (server side and client side)."""
+
+    name: str = ""
+
+    @abstractmethod
+    def server_aggregate(self, uploads: Sequence[Message], *, round_: int) -> Message:
+        """Combine the round's uploads into the broadcast."""
+
+    @abstractmethod
+    def client_weights(
+        self, broadcast: Message, *, rank: int, alpha: float
+    ) -> AdapterWeights:
+        """The client's starting adapter (of its own rank) for the next round."""
+
+    # shared helpers ---------------------------------------------------------------
+    @staticmethod
+    def _decode_uploads(uploads: Sequence[Message]) -> tuple[list[dict], list[AdapterWeights], np.ndarray]:
+        if not uploads:
+            raise ValueError("no uploads to aggregate: at least one client must answer a round")
+        decoded = [upload_to_adapter(u) for u in uploads]
+        headers = [h for h, _ in decoded]
+        weights = [w for _, w in decoded]
+        layers = set(weights[0].factors)
+        for h, w in decoded[1:]:
+            if set(w.factors) != layers:
+                raise MessageError(f"client {h['client_id']} uploaded other layers than client "
+                                   f"{headers[0]['client_id']}")
+        # p_i by sample count over the clients that answered (re-normalised on dropouts)
+        p = normalize_weights([h["num_examples"] for h in headers])
+        return headers, weights, p
+
+    @staticmethod
+    def _mean_head(weights: Sequence[AdapterWeights], p: np.ndarray) -> dict[str, np.ndarray]:
+        return {
+            k: weighted_mean([w.head[k] for w in weights], p).astype(np.float32)
+            for k in weights[0].head
+        }
+
+    @staticmethod
+    def _split(msg: Message) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
+        layers: dict[str, dict[str, np.ndarray]] = {}
+        head: dict[str, np.ndarray] = {}
+        for name, arr in msg.tensors.items():
+            owner, _, key = name.rpartition(SEP)
+            (head if owner == "head" else layers.setdefault(owner, {}))[key] = arr
+        return layers, head

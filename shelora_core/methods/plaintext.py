@@ -1,0 +1,103 @@
+"""Plaintext baselines: FedAvg of LoRA factors and FlexLoRA.
+
+* **FedAvg** (McMahan et al., 2017) averages A and B separately; heterogeneous ranks are
+  zero-padded to the largest rank (HetLoRA, Cho et al., 2024) and each client keeps the first r_i
+  components. Averaging factors is biased: mean(B) mean(A) != mean(B A).
+* **FlexLoRA** (Bai et al., NeurIPS 2024) aggregates the products, dW = sum_i p_i s_i B_i A_i,
+  takes its SVD (computed from the stacked low-rank factors, never densely) and each client
+  truncates it to its own rank: B_i = U_r S_r / s_i, A_i = V_r^T.
+
+The FlexLoRA broadcast carries the top ``r_max`` singular triplets per layer: exactly what every
+client needs (the best rank-r approximation of dW for any r <= r_max), and smaller than dW itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..aggregation import (
+    SVDFactors,
+    fedavg_factors,
+    fedavg_truncate,
+    flexlora_aggregate,
+    flexlora_redistribute,
+    lora_scaling,
+)
+from ..lora import AdapterWeights
+from ..messages import Message, MessageError, require
+from .base import SEP, Method
+
+__all__ = ["FedAvg", "FlexLoRA"]
+
+
+def _check_broadcast(msg: Message, method: str) -> None:
+    require(msg.header, "method", "round", "max_rank")
+    if msg.header["method"] != method:
+        raise MessageError(f"broadcast is for method {msg.header['method']!r}, not {method!r}")
+
+
+class FedAvg(Method):
+    name = "fedavg"
+
+    def server_aggregate(self, uploads: Sequence[Message], *, round_: int) -> Message:
+        headers, weights, p = self._decode_uploads(uploads)
+        r_max = max(w.rank for w in weights)
+        tensors: dict[str, np.ndarray] = {}
+        for layer in weights[0].factors:
+            b, a = fedavg_factors([w.factors[layer] for w in weights], p)
+            tensors[f"{layer}{SEP}B"] = b.astype(np.float32)
+            tensors[f"{layer}{SEP}A"] = a.astype(np.float32)
+        for k, v in self._mean_head(weights, p).items():
+            tensors[f"head{SEP}{k}"] = v
+        header = {"method": self.name, "round": round_, "max_rank": r_max,
+                  "clients": [h["client_id"] for h in headers]}
+        return Message("broadcast", header, tensors)
+
+    def client_weights(self, broadcast: Message, *, rank: int, alpha: float) -> AdapterWeights:
+        _check_broadcast(broadcast, self.name)
+        if rank > broadcast.header["max_rank"]:
+            raise ValueError(
+                f"client rank {rank} exceeds the broadcast's rank {broadcast.header['max_rank']}"
+            )
+        layers, head = self._split(broadcast)
+        factors = {}
+        for layer, t in layers.items():
+            b, a = fedavg_truncate(t["B"], t["A"], rank)
+            factors[layer] = (b.astype(np.float32), a.astype(np.float32))
+        return AdapterWeights(rank=rank, alpha=alpha, factors=factors, head=dict(head))
+
+
+class FlexLoRA(Method):
+    name = "flexlora"
+
+    def server_aggregate(self, uploads: Sequence[Message], *, round_: int) -> Message:
+        headers, weights, p = self._decode_uploads(uploads)
+        r_max = max(w.rank for w in weights)
+        scalings = [lora_scaling(w.alpha, w.rank) for w in weights]
+        tensors: dict[str, np.ndarray] = {}
+        for layer in weights[0].factors:
+            svd = flexlora_aggregate(
+                [w.factors[layer] for w in weights], p, scalings, max_rank=r_max
+            )
+            tensors[f"{layer}{SEP}U"] = svd.u.astype(np.float32)
+            tensors[f"{layer}{SEP}S"] = svd.s.astype(np.float32)
+            tensors[f"{layer}{SEP}Vt"] = svd.vt.astype(np.float32)
+        for k, v in self._mean_head(weights, p).items():
+            tensors[f"head{SEP}{k}"] = v
+        header = {"method": self.name, "round": round_, "max_rank": r_max,
+                  "clients": [h["client_id"] for h in headers]}
+        return Message("broadcast", header, tensors)
+
+    def client_weights(self, broadcast: Message, *, rank: int, alpha: float) -> AdapterWeights:
+        _check_broadcast(broadcast, self.name)
+        layers, head = self._split(broadcast)
+        scaling = lora_scaling(alpha, rank)
+        factors = {}
+        for layer, t in layers.items():
+            svd = SVDFactors(u=t["U"].astype(np.float64), s=t["S"].astype(np.float64),
+                             vt=t["Vt"].astype(np.float64))
+            b, a = flexlora_redistribute(svd, rank, scaling)
+            factors[layer] = (b.astype(np.float32), a.astype(np.float32))
+        return AdapterWeights(rank=rank, alpha=alpha, factors=factors, head=dict(head))
