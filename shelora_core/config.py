@@ -174,7 +174,10 @@ class FederatedConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 bad(name, v, "must be >= 1 or None (all)")
-        if self.train_examples is not None and self.num_clients * self.min_client_examples > self.train_examples:
+        if (
+            self.train_examples is not None
+            and self.num_clients * self.min_client_examples > self.train_examples
+        ):
             bad(
                 "num_clients",
                 self.num_clients,

@@ -84,8 +84,14 @@ def _seed(*parts: int) -> int:
 
 
 def local_train(
-    model: LoraModel, data: ClientData, *, steps: int, batch_size: int, lr: float,
-    weight_decay: float, seed: int,
+    model: LoraModel,
+    data: ClientData,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
 ) -> float:
     """AdamW on the active adapter and head for ``steps`` minibatches; returns the mean loss."""
     torch.manual_seed(seed)
@@ -113,7 +119,12 @@ def local_train(
 
 
 def client_step(
-    cfg: FederatedConfig, model: LoraModel, data: ClientData, *, client_id: int, round_: int,
+    cfg: FederatedConfig,
+    model: LoraModel,
+    data: ClientData,
+    *,
+    client_id: int,
+    round_: int,
     broadcast: bytes | None,
 ) -> tuple[bytes, float]:
     """One client's round: adapter from the broadcast, local training, upload bytes.
@@ -136,16 +147,26 @@ def client_step(
         weights = model.init_weights(rank, seed=cfg.seed)
     else:
         weights = method.client_weights(
-            decode(broadcast, expect_kind="broadcast"), rank=rank, alpha=cfg.lora_alpha
+            decode(broadcast, expect_kind="broadcast"),
+            rank=rank,
+            alpha=cfg.lora_alpha,
+            seed=_seed(cfg.seed, round_, client_id, 0),
         )
     model.load(weights)
     loss = local_train(
-        model, data, steps=cfg.local_steps, batch_size=cfg.batch_size,
-        lr=learning_rate(cfg, round_), weight_decay=cfg.weight_decay,
+        model,
+        data,
+        steps=cfg.local_steps,
+        batch_size=cfg.batch_size,
+        lr=learning_rate(cfg, round_),
+        weight_decay=cfg.weight_decay,
         seed=_seed(cfg.seed, round_, client_id, 1),
     )
     upload = adapter_to_upload(
-        model.read(), method=cfg.method, round_=round_, client_id=client_id,
+        model.read(),
+        method=cfg.method,
+        round_=round_,
+        client_id=client_id,
         num_examples=len(data),
     )
     return encode(upload), loss
@@ -170,7 +191,7 @@ def server_step(cfg: FederatedConfig, uploads: list[bytes], *, round_: int) -> b
                 f"upload from client {m.header.get('client_id')} is for round "
                 f"{m.header.get('round')}, not {round_}"
             )
-    return encode(method.server_aggregate(msgs, round_=round_))
+    return encode(method.server_aggregate(msgs, round_=round_, max_rank=max(cfg.client_ranks)))
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -196,7 +217,9 @@ class RunResult:
             "model": cfg.model,
             "dataset": cfg.dataset,
             "ranks": list(cfg.ranks),
-            "partition": cfg.partition if cfg.partition == "iid" else f"dirichlet({cfg.dirichlet_alpha:g})",
+            "partition": cfg.partition
+            if cfg.partition == "iid"
+            else f"dirichlet({cfg.dirichlet_alpha:g})",
             "num_clients": cfg.num_clients,
             "rounds": len(self.history),
             "local_steps": cfg.local_steps,
@@ -205,9 +228,7 @@ class RunResult:
             "best_accuracy": max(h["accuracy"] for h in evals) if evals else None,
             "upload_bytes_per_round": float(np.mean([h["upload_bytes"] for h in self.history])),
             "broadcast_bytes": self.history[-1]["broadcast_bytes"],
-            "seconds_per_client_round": float(
-                np.mean([h["client_seconds"] for h in self.history])
-            ),
+            "seconds_per_client_round": float(np.mean([h["client_seconds"] for h in self.history])),
             "config": cfg.to_dict(),
         }
 
@@ -223,7 +244,11 @@ class Federation:
     """
 
     def __init__(
-        self, config: FederatedConfig, *, results_dir: str | Path, model: LoraModel | None = None,
+        self,
+        config: FederatedConfig,
+        *,
+        results_dir: str | Path,
+        model: LoraModel | None = None,
         progress: bool | None = None,
     ) -> None:
         config.validate()
@@ -248,14 +273,22 @@ class Federation:
             test = test.subset(np.sort(pick))
         self.train, self.test = train, test
         self.parts = partition(
-            train.labels, config.num_clients, scheme=config.partition,
-            alpha=config.dirichlet_alpha, seed=config.seed, min_size=config.min_client_examples,
+            train.labels,
+            config.num_clients,
+            scheme=config.partition,
+            alpha=config.dirichlet_alpha,
+            seed=config.seed,
+            min_size=config.min_client_examples,
         )
         self.partition_counts = partition_stats(train.labels, self.parts, train.num_labels)
         if model is None:
             model = LoraModel(
-                config.model, num_labels=train.num_labels, ranks=config.ranks,
-                alpha=config.lora_alpha, target_modules=config.target_modules, seed=config.seed,
+                config.model,
+                num_labels=train.num_labels,
+                ranks=config.ranks,
+                alpha=config.lora_alpha,
+                target_modules=config.target_modules,
+                seed=config.seed,
             )
         missing = set(config.ranks) - set(model.ranks)
         if missing or model.alpha != config.lora_alpha:
@@ -273,8 +306,9 @@ class Federation:
             for p in (torch.as_tensor(p) for p in self.parts)
         ]
         enc_test = encode_dataset(tok, test, max_length=config.max_length)
-        self.test_data = ClientData(enc_test["input_ids"], enc_test["attention_mask"],
-                                    enc_test["labels"])
+        self.test_data = ClientData(
+            enc_test["input_ids"], enc_test["attention_mask"], enc_test["labels"]
+        )
 
     # -------------------------------------------------------------- paths
     @property
@@ -301,18 +335,21 @@ class Federation:
         d = self.checkpoint_dir
         d.mkdir(parents=True, exist_ok=True)
         _atomic_write(d / "broadcast.bin", broadcast)
-        state = {"round": round_, "fingerprint": self.cfg.fingerprint(),
-                 "config": self.cfg.to_dict(), "history": history}
+        state = {
+            "round": round_,
+            "fingerprint": self.cfg.fingerprint(),
+            "config": self.cfg.to_dict(),
+            "history": history,
+        }
         _atomic_write(d / "state.json", json.dumps(state, indent=1).encode())
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.metrics_path,
-                      "".join(json.dumps(h) + "\n" for h in history).encode())
+        _atomic_write(self.metrics_path, "".join(json.dumps(h) + "\n" for h in history).encode())
 
     # -------------------------------------------------------------- evaluation
     def evaluate(self, broadcast: bytes) -> dict[str, float]:
         """Accuracy and macro-F1 of the global model (the broadcast at the largest rank)."""
         method = get_method(self.cfg.method)
-        r_max = max(self.cfg.ranks)
+        r_max = max(self.cfg.client_ranks)
         weights = method.client_weights(
             decode(broadcast, expect_kind="broadcast"), rank=r_max, alpha=self.cfg.lora_alpha
         )
@@ -322,7 +359,10 @@ class Federation:
 
     # -------------------------------------------------------------- the loop
     def run(
-        self, *, resume: bool = True, stop_after_round: int | None = None,
+        self,
+        *,
+        resume: bool = True,
+        stop_after_round: int | None = None,
         on_round: Callable[[dict[str, Any]], None] | None = None,
     ) -> RunResult:
         """Run (or resume) the federation.
@@ -332,19 +372,34 @@ class Federation:
             stop_after_round: stop after this round as if interrupted (tests, notebooks).
             on_round: called with each new round's record.
         """
-        from tqdm.auto import tqdm
+        if self.progress:
+            from tqdm.auto import tqdm
+        else:
+            from tqdm import tqdm
 
         cfg = self.cfg
         start, broadcast, history = self._load_checkpoint() if resume else (0, None, [])
-        bar = tqdm(range(start + 1, cfg.rounds + 1), desc=cfg.run_name[:40], initial=start,
-                   total=cfg.rounds, disable=not self.progress, leave=False)
+        bar = tqdm(
+            range(start + 1, cfg.rounds + 1),
+            desc=cfg.run_name[:40],
+            initial=start,
+            total=cfg.rounds,
+            disable=not self.progress,
+            leave=False,
+        )
         for rnd in bar:
             t0 = time.perf_counter()
             uploads, losses, client_secs = [], [], []
             for cid in sample_clients(cfg, rnd):
                 tc = time.perf_counter()
-                up, loss = client_step(cfg, self.model, self.clients[cid], client_id=cid,
-                                       round_=rnd, broadcast=broadcast)
+                up, loss = client_step(
+                    cfg,
+                    self.model,
+                    self.clients[cid],
+                    client_id=cid,
+                    round_=rnd,
+                    broadcast=broadcast,
+                )
                 client_secs.append(time.perf_counter() - tc)
                 uploads.append(up)
                 losses.append(loss)

@@ -70,6 +70,8 @@ class LoraModel:
         target_modules: Sequence[str] | None = None,
         seed: int = 0,
     ) -> None:
+        import warnings
+
         from peft import LoraConfig, get_peft_model
 
         spec = get_spec(model_name)
@@ -118,10 +120,12 @@ class LoraModel:
                 modules_to_save=[spec.head],
                 task_type="SEQ_CLS",
             )
-            if peft_model is None:
-                peft_model = get_peft_model(base, cfg, adapter_name=adapter_name(r))
-            else:
-                peft_model.add_adapter(adapter_name(r), cfg)
+            with warnings.catch_warnings():  # transformers 5 deprecation noise from inside peft
+                warnings.simplefilter("ignore", FutureWarning)
+                if peft_model is None:
+                    peft_model = get_peft_model(base, cfg, adapter_name=adapter_name(r))
+                else:
+                    peft_model.add_adapter(adapter_name(r), cfg)
         self.model = peft_model
         self._lora_modules = {
             name: module
@@ -194,7 +198,10 @@ class LoraModel:
             )
             for layer, mod in self._lora_modules.items()
         }
-        head = {k: v.detach().cpu().numpy().copy() for k, v in self._head_module(rank).state_dict().items()}
+        head = {
+            k: v.detach().cpu().numpy().copy()
+            for k, v in self._head_module(rank).state_dict().items()
+        }
         return AdapterWeights(rank=rank, alpha=self.alpha, factors=factors, head=head)
 
     def validate(self, weights: AdapterWeights) -> None:

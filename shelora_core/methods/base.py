@@ -22,7 +22,7 @@ from ..aggregation import normalize_weights, weighted_mean
 from ..lora import AdapterWeights
 from ..messages import Message, MessageError, require
 
-__all__ = ["Method", "adapter_to_upload", "upload_to_adapter"]
+__all__ = ["Method", "adapter_to_upload", "fit_rank", "upload_to_adapter"]
 
 SEP = "|"
 
@@ -66,7 +66,7 @@ def upload_to_adapter(msg: Message) -> tuple[dict, AdapterWeights]:
     factors = {}
     for layer, ab in parts.items():
         if set(ab) != {"A", "B"}:
-            raise MessageError(f"upload for layer {layer!r} lacks {({'A', 'B'} - set(ab))}")
+            raise MessageError(f"upload for layer {layer!r} lacks { ({'A', 'B'} - set(ab)) }")
         b, a = ab["B"], ab["A"]
         if b.ndim != 2 or a.ndim != 2 or b.shape[1] != rank or a.shape[0] != rank:
             raise MessageError(
@@ -76,24 +76,56 @@ def upload_to_adapter(msg: Message) -> tuple[dict, AdapterWeights]:
     return h, AdapterWeights(rank=rank, alpha=float(h["alpha"]), factors=factors, head=head)
 
 
+def fit_rank(
+    b: np.ndarray, a: np.ndarray, rank: int, *, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Give ``(B, A)`` exactly ``rank`` components without changing ``B @ A``.
+
+    Extra components are cut off (the caller orders them by importance). Missing ones, and
+    components that are dead (zero column of B *and* zero row of A, e.g. a client of rank 32 when
+    only rank-8/16 clients answered), are re-initialised the way LoRA initialises: B column 0,
+    A row ~ U(-1/sqrt(n), 1/sqrt(n)). Their product is still zero, but they can learn again; an
+    all-zero pair would have zero gradient forever.
+    """
+    m, n = b.shape[0], a.shape[1]
+    k = min(rank, b.shape[1])
+    b_out = np.zeros((m, rank), np.float32)
+    a_out = np.zeros((rank, n), np.float32)
+    b_out[:, :k], a_out[:k] = b[:, :k], a[:k]
+    dead = ~(b_out.any(axis=0) | a_out.any(axis=1))
+    if dead.any():
+        rng = np.random.default_rng([seed, rank, m, n])
+        bound = 1.0 / np.sqrt(n)
+        a_out[dead] = rng.uniform(-bound, bound, size=(int(dead.sum()), n))
+    return b_out, a_out
+
+
 class Method(ABC):
     """One aggregation method (server side and client side)."""
 
     name: str = ""
 
     @abstractmethod
-    def server_aggregate(self, uploads: Sequence[Message], *, round_: int) -> Message:
-        """Combine the round's uploads into the broadcast."""
+    def server_aggregate(
+        self, uploads: Sequence[Message], *, round_: int, max_rank: int | None = None
+    ) -> Message:
+        """Combine the round's uploads into the broadcast.
+
+        ``max_rank`` is the largest rank of any client in the federation (public), so clients
+        that did not answer this round still find enough components in the broadcast.
+        """
 
     @abstractmethod
     def client_weights(
-        self, broadcast: Message, *, rank: int, alpha: float
+        self, broadcast: Message, *, rank: int, alpha: float, seed: int = 0
     ) -> AdapterWeights:
         """The client's starting adapter (of its own rank) for the next round."""
 
     # shared helpers ---------------------------------------------------------------
     @staticmethod
-    def _decode_uploads(uploads: Sequence[Message]) -> tuple[list[dict], list[AdapterWeights], np.ndarray]:
+    def _decode_uploads(
+        uploads: Sequence[Message],
+    ) -> tuple[list[dict], list[AdapterWeights], np.ndarray]:
         if not uploads:
             raise ValueError("no uploads to aggregate: at least one client must answer a round")
         decoded = [upload_to_adapter(u) for u in uploads]
@@ -102,8 +134,10 @@ class Method(ABC):
         layers = set(weights[0].factors)
         for h, w in decoded[1:]:
             if set(w.factors) != layers:
-                raise MessageError(f"client {h['client_id']} uploaded other layers than client "
-                                   f"{headers[0]['client_id']}")
+                raise MessageError(
+                    f"client {h['client_id']} uploaded other layers than client "
+                    f"{headers[0]['client_id']}"
+                )
         # p_i by sample count over the clients that answered (re-normalised on dropouts)
         p = normalize_weights([h["num_examples"] for h in headers])
         return headers, weights, p

@@ -27,7 +27,7 @@ from ..aggregation import (
 )
 from ..lora import AdapterWeights
 from ..messages import Message, MessageError, require
-from .base import SEP, Method
+from .base import SEP, Method, fit_rank
 
 __all__ = ["FedAvg", "FlexLoRA"]
 
@@ -41,40 +41,47 @@ def _check_broadcast(msg: Message, method: str) -> None:
 class FedAvg(Method):
     name = "fedavg"
 
-    def server_aggregate(self, uploads: Sequence[Message], *, round_: int) -> Message:
+    def server_aggregate(
+        self, uploads: Sequence[Message], *, round_: int, max_rank: int | None = None
+    ) -> Message:
         headers, weights, p = self._decode_uploads(uploads)
-        r_max = max(w.rank for w in weights)
+        r_max = max([w.rank for w in weights] + [max_rank or 0])
         tensors: dict[str, np.ndarray] = {}
         for layer in weights[0].factors:
             b, a = fedavg_factors([w.factors[layer] for w in weights], p)
-            tensors[f"{layer}{SEP}B"] = b.astype(np.float32)
-            tensors[f"{layer}{SEP}A"] = a.astype(np.float32)
+            b, a = fit_rank(b, a, r_max, seed=round_)  # zero-pad to the federation's max rank
+            tensors[f"{layer}{SEP}B"] = b
+            tensors[f"{layer}{SEP}A"] = a
         for k, v in self._mean_head(weights, p).items():
             tensors[f"head{SEP}{k}"] = v
-        header = {"method": self.name, "round": round_, "max_rank": r_max,
-                  "clients": [h["client_id"] for h in headers]}
+        header = {
+            "method": self.name,
+            "round": round_,
+            "max_rank": r_max,
+            "clients": [h["client_id"] for h in headers],
+        }
         return Message("broadcast", header, tensors)
 
-    def client_weights(self, broadcast: Message, *, rank: int, alpha: float) -> AdapterWeights:
+    def client_weights(
+        self, broadcast: Message, *, rank: int, alpha: float, seed: int = 0
+    ) -> AdapterWeights:
         _check_broadcast(broadcast, self.name)
-        if rank > broadcast.header["max_rank"]:
-            raise ValueError(
-                f"client rank {rank} exceeds the broadcast's rank {broadcast.header['max_rank']}"
-            )
         layers, head = self._split(broadcast)
         factors = {}
         for layer, t in layers.items():
-            b, a = fedavg_truncate(t["B"], t["A"], rank)
-            factors[layer] = (b.astype(np.float32), a.astype(np.float32))
+            b, a = fedavg_truncate(t["B"], t["A"], min(rank, t["B"].shape[1]))
+            factors[layer] = fit_rank(b, a, rank, seed=seed)
         return AdapterWeights(rank=rank, alpha=alpha, factors=factors, head=dict(head))
 
 
 class FlexLoRA(Method):
     name = "flexlora"
 
-    def server_aggregate(self, uploads: Sequence[Message], *, round_: int) -> Message:
+    def server_aggregate(
+        self, uploads: Sequence[Message], *, round_: int, max_rank: int | None = None
+    ) -> Message:
         headers, weights, p = self._decode_uploads(uploads)
-        r_max = max(w.rank for w in weights)
+        r_max = max([w.rank for w in weights] + [max_rank or 0])
         scalings = [lora_scaling(w.alpha, w.rank) for w in weights]
         tensors: dict[str, np.ndarray] = {}
         for layer in weights[0].factors:
@@ -86,18 +93,29 @@ class FlexLoRA(Method):
             tensors[f"{layer}{SEP}Vt"] = svd.vt.astype(np.float32)
         for k, v in self._mean_head(weights, p).items():
             tensors[f"head{SEP}{k}"] = v
-        header = {"method": self.name, "round": round_, "max_rank": r_max,
-                  "clients": [h["client_id"] for h in headers]}
+        header = {
+            "method": self.name,
+            "round": round_,
+            "max_rank": r_max,
+            "clients": [h["client_id"] for h in headers],
+        }
         return Message("broadcast", header, tensors)
 
-    def client_weights(self, broadcast: Message, *, rank: int, alpha: float) -> AdapterWeights:
+    def client_weights(
+        self, broadcast: Message, *, rank: int, alpha: float, seed: int = 0
+    ) -> AdapterWeights:
         _check_broadcast(broadcast, self.name)
         layers, head = self._split(broadcast)
         scaling = lora_scaling(alpha, rank)
         factors = {}
         for layer, t in layers.items():
-            svd = SVDFactors(u=t["U"].astype(np.float64), s=t["S"].astype(np.float64),
-                             vt=t["Vt"].astype(np.float64))
-            b, a = flexlora_redistribute(svd, rank, scaling)
-            factors[layer] = (b.astype(np.float32), a.astype(np.float32))
+            svd = SVDFactors(
+                u=t["U"].astype(np.float64),
+                s=t["S"].astype(np.float64),
+                vt=t["Vt"].astype(np.float64),
+            )
+            # the stacked update may have fewer components than this client's rank (sum of the
+            # answering clients' ranks < r): keep them all; fit_rank revives the missing ones
+            b, a = flexlora_redistribute(svd, min(rank, svd.s.shape[0]), scaling)
+            factors[layer] = fit_rank(b, a, rank, seed=seed)
         return AdapterWeights(rank=rank, alpha=alpha, factors=factors, head=dict(head))

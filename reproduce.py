@@ -1,0 +1,183 @@
+#!/usr/bin/env python
+"""Run the notebooks in order, headlessly, with papermill; leave every number and figure in results/.
+
+    python reproduce.py                      # quick profile: every notebook, minutes
+    python reproduce.py --profile paper      # the paper-scale profile: hours on 2 cores
+    python reproduce.py --only 05            # notebooks whose name contains "05"
+    python reproduce.py --set rounds=1       # override a config field in every notebook
+    python reproduce.py --readme             # only regenerate the README results table
+
+Executed copies go to ``results/<profile>/notebooks/``; JSON, per-round metrics, checkpoints and
+figures to ``results/<profile>/``. A failing notebook stops the run with a non-zero exit status and
+a message naming the notebook and the cell. Re-running resumes interrupted federated runs from
+their checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+NOTEBOOKS = ROOT / "notebooks"
+README = ROOT / "README.md"
+PROFILES = ("quick", "paper")
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def notebooks(only: list[str] | None) -> list[Path]:
+    found = sorted(p for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        found = [p for p in found if any(o in p.stem for o in only)]
+    return found
+
+
+def kernel_name() -> str:
+    """The venv's registered kernel (``make setup`` installs it), else the running interpreter's."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    specs = KernelSpecManager().find_kernel_specs()
+    return "shelora" if "shelora" in specs else "python3"
+
+
+def parse_sets(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects key=value (got {item!r}), e.g. --set rounds=1")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def run_notebook(nb: Path, out_dir: Path, params: dict, kernel: str) -> float:
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    out = out_dir / "notebooks" / nb.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        pm.execute_notebook(
+            str(nb),
+            str(out),
+            parameters=params,
+            kernel_name=kernel,
+            cwd=str(NOTEBOOKS),
+            progress_bar=False,
+            log_output=False,
+            request_save_on_cell_execute=True,
+        )
+    except PapermillExecutionError as exc:
+        raise SystemExit(
+            f"FAILED: notebook {nb.name}, cell {exc.cell_index} (execution count {exc.exec_count}): "
+            f"{exc.ename}: {exc.evalue}\nThe executed copy with the traceback is {out}"
+        ) from None
+    return time.perf_counter() - t0
+
+
+def results_table(results_dir: Path) -> str:
+    """Markdown table of results/<profile>/federated_tuning.json (generated, never hand-edited)."""
+    lines = []
+    path = results_dir / "federated_tuning.json"
+    if path.exists():
+        runs = json.loads(path.read_text())
+        meta = runs[0].get("meta", {}) if runs else {}
+        lines += [
+            f"Federated tuning (`{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}`, "
+            f"commit {str(meta.get('git_commit'))[:12]}, {meta.get('time_utc')}):",
+            "",
+            "| method | model | ranks | partition | clients | rounds x steps | final acc | macro-F1 "
+            "| upload KB / round | s / client-round |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in runs:
+            lines.append(
+                f"| {r['method']} | {r['model']} | {'/'.join(map(str, r['ranks']))} | "
+                f"{r['partition']} | {r['num_clients']} | {r['rounds']} x {r['local_steps']} | "
+                f"{r['final_accuracy']:.3f} | {r['final_macro_f1']:.3f} | "
+                f"{r['upload_bytes_per_round'] / 1e3:.0f} | {r['seconds_per_client_round']:.1f} |"
+            )
+    return "\n".join(lines) if lines else "_No results yet: run `make reproduce`._"
+
+
+def update_readme(results_root: Path) -> None:
+    if not README.exists() or START not in README.read_text():
+        return
+    parts = []
+    for profile in PROFILES:
+        d = results_root / profile
+        if (d / "federated_tuning.json").exists():
+            parts.append(f"**Profile `{profile}`**\n\n" + results_table(d))
+    body = "\n\n".join(parts) or "_No results yet: run `make reproduce`._"
+    text = README.read_text()
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    README.write_text(f"{head}{START}\n{body}\n{END}{tail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--profile", choices=PROFILES, default="quick")
+    ap.add_argument("--only", action="append", help="run notebooks whose name contains this")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a FederatedConfig field in every notebook",
+    )
+    ap.add_argument(
+        "--results-dir",
+        type=Path,
+        default=ROOT / "results",
+        help="root of the results tree (default: results/)",
+    )
+    ap.add_argument("--readme", action="store_true", help="only regenerate the README table")
+    ap.add_argument("--list", action="store_true", help="list the notebooks and exit")
+    args = ap.parse_args(argv)
+
+    if args.readme:
+        update_readme(args.results_dir)
+        return 0
+    nbs = notebooks(args.only)
+    if args.list or not nbs:
+        for nb in nbs:
+            print(nb.name)
+        if not nbs:
+            print(f"no notebook matches {args.only}", file=sys.stderr)
+            return 2
+        return 0
+    os.environ["SHELORA_QUIET"] = "1"  # no progress bars inside headless kernels (IOPub floods)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out_dir = (args.results_dir / args.profile).resolve()
+    params = {
+        "profile": args.profile,
+        "results_dir": str(out_dir),
+        "overrides": parse_sets(args.set),
+    }
+    kernel = kernel_name()
+    print(f"profile {args.profile}: {len(nbs)} notebook(s), kernel {kernel}, results in {out_dir}")
+    total = time.perf_counter()
+    for nb in nbs:
+        print(f"  {nb.name} ...", flush=True)
+        secs = run_notebook(nb, out_dir, params, kernel)
+        print(f"  {nb.name} done in {secs:.0f} s", flush=True)
+    print(f"all done in {time.perf_counter() - total:.0f} s; results in {out_dir}")
+    if args.results_dir.resolve() == (ROOT / "results").resolve():
+        update_readme(args.results_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""The federation loop: methods, determinism, resume, roles."""
+
+import json
+
+import numpy as np
+import pytest
+
+from shelora_core.aggregation import lora_scaling
+from shelora_core.federation import Federation, sample_clients, server_step
+from shelora_core.lora import AdapterWeights
+from shelora_core.messages import decode, encode
+from shelora_core.methods import get_method
+from shelora_core.methods.base import adapter_to_upload
+
+
+def _random_adapter(rank, shapes, head, seed):
+    rng = np.random.default_rng(seed)
+    f = {
+        k: (
+            rng.normal(size=(m, rank)).astype(np.float32),
+            rng.normal(size=(rank, n)).astype(np.float32),
+        )
+        for k, (m, n) in shapes.items()
+    }
+    return AdapterWeights(
+        rank=rank, alpha=16.0, factors=f, head={k: v + seed for k, v in head.items()}
+    )
+
+
+def _uploads(method, ranks, sizes, shapes=None, head=None):
+    shapes = shapes or {"l0": (12, 10), "l1": (12, 10)}
+    head = head or {"weight": np.zeros((2, 12), np.float32)}
+    ws = [_random_adapter(r, shapes, head, i) for i, r in enumerate(ranks)]
+    ups = [
+        encode(adapter_to_upload(w, method=method, round_=1, client_id=i, num_examples=n))
+        for i, (w, n) in enumerate(zip(ws, sizes, strict=False))
+    ]
+    return ws, ups
+
+
+def test_flexlora_server_step_gives_each_client_the_best_rank_r_approximation(tiny_config):
+    # Prepare: three clients with ranks 2/4/8 and 10/30/60 examples
+    cfg = tiny_config.replace(ranks=(2, 4, 8), num_clients=3)
+    ws, ups = _uploads("flexlora", (2, 4, 8), (10, 30, 60))
+    p = np.array([10, 30, 60]) / 100
+    # Execute
+    bc = decode(server_step(cfg, ups, round_=1), expect_kind="broadcast")
+    # Assert: dW = sum p_i s_i B_i A_i, truncated per client by Eckart-Young
+    dw = sum(
+        pi * lora_scaling(16.0, w.rank) * w.factors["l0"][0].astype(float) @ w.factors["l0"][1]
+        for pi, w in zip(p, ws, strict=False)
+    )
+    u, s, vt = np.linalg.svd(dw)
+    for r in (2, 4, 8):
+        mine = get_method("flexlora").client_weights(bc, rank=r, alpha=16.0)
+        b, a = mine.factors["l0"]
+        best = (u[:, :r] * s[:r]) @ vt[:r]
+        np.testing.assert_allclose(lora_scaling(16.0, r) * b.astype(float) @ a, best, atol=1e-4)
+    np.testing.assert_allclose(
+        bc.tensors["head|weight"], sum(pi * i for i, pi in enumerate(p)), atol=1e-6
+    )
+
+
+def test_fedavg_server_step_averages_zero_padded_factors(tiny_config):
+    cfg = tiny_config.replace(method="fedavg", ranks=(2, 4))
+    ws, ups = _uploads("fedavg", (2, 4), (25, 75))
+    bc = decode(server_step(cfg, ups, round_=1), expect_kind="broadcast")
+    b = bc.tensors["l0|B"]
+    expect = 0.75 * ws[1].factors["l0"][0]
+    expect[:, :2] += 0.25 * ws[0].factors["l0"][0]
+    np.testing.assert_allclose(b, expect, atol=1e-6)
+
+
+def test_server_step_refuses_an_upload_from_another_round(tiny_config):
+    _, ups = _uploads("flexlora", (2, 4), (10, 10))
+    with pytest.raises(ValueError, match="for round 1, not 2"):
+        server_step(tiny_config, ups, round_=2)
+
+
+def test_weights_renormalise_over_clients_that_answered(tiny_config):
+    # a dropout: only client 1 answers, so its update is the aggregate (p = 1)
+    ws, ups = _uploads("flexlora", (2, 4), (10, 30))
+    bc = decode(server_step(tiny_config, ups[1:], round_=1), expect_kind="broadcast")
+    mine = get_method("flexlora").client_weights(bc, rank=4, alpha=16.0)
+    b, a = mine.factors["l0"]
+    np.testing.assert_allclose(
+        b.astype(float) @ a,
+        ws[1].factors["l0"][0].astype(float) @ ws[1].factors["l0"][1],
+        atol=1e-4,
+    )
+
+
+def test_client_sampling_is_seeded_and_sized(tiny_config):
+    cfg = tiny_config.replace(num_clients=10, client_fraction=0.3, train_examples=None)
+    assert sample_clients(cfg, 1) == sample_clients(cfg, 1)
+    assert len(sample_clients(cfg, 1)) == 3
+    assert any(sample_clients(cfg, r) != sample_clients(cfg, 1) for r in range(2, 6))
+
+
+def test_two_runs_with_one_seed_give_identical_metrics(tiny_config, minilm_model, tmp_path):
+    a = Federation(tiny_config, results_dir=tmp_path / "a", model=minilm_model).run()
+    b = Federation(tiny_config, results_dir=tmp_path / "b", model=minilm_model).run()
+    keys = ("train_loss", "accuracy", "macro_f1", "upload_bytes", "broadcast_bytes")
+    assert [[h[k] for k in keys] for h in a.history] == [[h[k] for k in keys] for h in b.history]
+    c = Federation(
+        tiny_config.replace(seed=1), results_dir=tmp_path / "c", model=minilm_model
+    ).run()
+    assert [h["train_loss"] for h in c.history] != [h["train_loss"] for h in a.history]
+
+
+def test_interrupted_run_resumes_and_equals_an_uninterrupted_run(
+    tiny_config, minilm_model, tmp_path
+):
+    cfg = tiny_config.replace(rounds=3, method="fedavg")
+    full = Federation(cfg, results_dir=tmp_path / "full", model=minilm_model).run()
+    first = Federation(cfg, results_dir=tmp_path / "cut", model=minilm_model).run(
+        stop_after_round=1
+    )
+    assert len(first.history) == 1
+    resumed = Federation(cfg, results_dir=tmp_path / "cut", model=minilm_model).run()
+    keys = ("round", "train_loss", "accuracy", "upload_bytes")
+    assert [[h[k] for k in keys] for h in resumed.history] == [
+        [h[k] for k in keys] for h in full.history
+    ]
+    lines = (
+        (tmp_path / "cut" / "federated_tuning" / f"{cfg.run_name}.jsonl").read_text().splitlines()
+    )
+    assert [json.loads(x)["round"] for x in lines] == [1, 2, 3]
+
+
+def test_upload_bytes_are_measured_message_lengths(tiny_config, minilm_model, tmp_path):
+    res = Federation(tiny_config.replace(rounds=1), results_dir=tmp_path, model=minilm_model).run()
+    h = res.history[0]
+    # 2 clients with ranks 2 and 4 on 6 layers of 384 x 384, float32, plus the head and a header
+    floats = sum(6 * 2 * 384 * r for r in (2, 4)) + 2 * (2 * 384 + 2)
+    assert floats * 4 < h["upload_bytes"] < floats * 4 + 2 * 4096
+    s = res.summary()
+    assert {"method", "ranks", "partition", "final_accuracy", "rounds"} <= set(s)
