@@ -15,8 +15,10 @@ from typing import Any
 
 __all__ = ["METHODS", "FederatedConfig"]
 
-#: aggregation methods the federation loop knows (the CKKS issue adds the encrypted ones)
-METHODS = ("fedavg", "flexlora")
+#: aggregation methods the federation loop knows
+METHODS = ("fedavg", "flexlora", "shelora", "fedshield", "full_he")
+CIPHER_MODES = ("delta", "paper")
+COLUMN_ORDERS = ("w0_norm", "random")
 PARTITIONS = ("iid", "dirichlet")
 DATASETS = ("rotten_tomatoes", "bbc_news")
 MODEL_NAMES = ("minilm", "smollm2")
@@ -50,6 +52,20 @@ class FederatedConfig:
         eval_examples: evaluate on this many (seeded) test examples; ``None`` = all.
         eval_every: evaluate every this many rounds (the last round always). Defaults to 1.
         seed: seeds partition, sampling, initialisation and batches. Defaults to 0.
+        he_budgets: SHE-LoRA: encrypted columns per layer, assigned to clients cyclically like
+            ``ranks``. Defaults to ``(2, 4, 8)``.
+        cipher_mode: SHE-LoRA: ``"delta"`` (clients encrypt their pre-weighted dW columns, the
+            server only adds) or ``"paper"`` (clients encrypt A's columns, the server multiplies
+            them by plaintext p_i s_i B_i). Defaults to ``"delta"``.
+        ckks_params: a name in :data:`shelora_core.ckks.PARAM_SETS`, or ``None`` for the method's
+            default (``add_only`` for SHE-LoRA delta, ``fedshield`` for the others).
+        column_order: SHE-LoRA's ordered column list G until negotiation lands: ``"w0_norm"``
+            (columns of the frozen weight by decreasing norm: public) or ``"random"`` (seeded).
+        authors_weighting: SHE-LoRA: divide each encrypted column by its number of contributors
+            as the authors' code does (a bug: B is already weighted); for comparison only.
+        fedshield_weighted: FedShield-LLM / full HE: weighted mean by sample count (``True``) or
+            the authors' unweighted mean.
+        prune: FedShield-LLM: magnitude pruning with the paper's schedule (full HE: ``False``).
     """
 
     method: str = "flexlora"
@@ -74,17 +90,29 @@ class FederatedConfig:
     eval_examples: int | None = 512
     eval_every: int = 1
     seed: int = 0
+    he_budgets: tuple[int, ...] = (2, 4, 8)
+    cipher_mode: str = "delta"
+    ckks_params: str | None = None
+    column_order: str = "w0_norm"
+    authors_weighting: bool = False
+    fedshield_weighted: bool = True
+    prune: bool = True
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         # accept lists from notebooks / JSON and store tuples, so configs hash and compare
         object.__setattr__(self, "ranks", tuple(int(r) for r in self.ranks))
+        object.__setattr__(self, "he_budgets", tuple(int(k) for k in self.he_budgets))
         if self.target_modules is not None:
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
 
     # ------------------------------------------------------------------ derived values
     def client_rank(self, client_id: int) -> int:
         return self.ranks[client_id % len(self.ranks)]
+
+    def client_budget(self, client_id: int) -> int:
+        """SHE-LoRA: encrypted columns per layer for this client."""
+        return self.he_budgets[client_id % len(self.he_budgets)]
 
     @property
     def client_ranks(self) -> tuple[int, ...]:
@@ -104,6 +132,7 @@ class FederatedConfig:
         d = dataclasses.asdict(self)
         d.pop("extra")
         d["ranks"] = list(self.ranks)
+        d["he_budgets"] = list(self.he_budgets)
         if self.target_modules is not None:
             d["target_modules"] = list(self.target_modules)
         return d
@@ -155,6 +184,12 @@ class FederatedConfig:
         for r in self.ranks:
             if r < 1:
                 bad("ranks", self.ranks, f"every rank must be >= 1 (got {r})")
+        if self.cipher_mode not in CIPHER_MODES:
+            bad("cipher_mode", self.cipher_mode, f"choose one of {list(CIPHER_MODES)}")
+        if self.column_order not in COLUMN_ORDERS:
+            bad("column_order", self.column_order, f"choose one of {list(COLUMN_ORDERS)}")
+        if not self.he_budgets or min(self.he_budgets) < 0:
+            bad("he_budgets", self.he_budgets, "give one or more budgets >= 0 (columns per layer)")
         if self.lora_alpha <= 0:
             bad("lora_alpha", self.lora_alpha, "must be > 0")
         for name in ("rounds", "local_steps", "batch_size", "eval_every"):
