@@ -56,7 +56,9 @@ def bench_client_round(
     times, upload = [], 0
     for rep in range(repeats + 1):
         t0 = time.perf_counter()
-        up, _ = client_step(cfg, fed.model, fed.clients[0], client_id=0, round_=1, broadcast=None)
+        up, _, _ = client_step(
+            cfg, fed.model, fed.clients[0], client_id=0, round_=1, broadcast=None
+        )
         if rep:  # the first repetition warms up
             times.append(time.perf_counter() - t0)
         upload = len(up)

@@ -27,12 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from .ckks import ClientCrypto, KeyHolder, ServerCrypto
 from .config import FederatedConfig
 from .data import encode_dataset, load_dataset, partition, partition_stats
 from .lora import LoraModel
 from .messages import Message, decode, encode
-from .methods import get_method
-from .methods.base import adapter_to_upload
+from .methods import ckks_params_for, get_method
+from .methods.shelora import public_column_order
 from .metrics import classification_metrics
 from .provenance import run_meta
 
@@ -126,7 +127,8 @@ def client_step(
     client_id: int,
     round_: int,
     broadcast: bytes | None,
-) -> tuple[bytes, float]:
+    crypto: ClientCrypto | None = None,
+) -> tuple[bytes, float, dict[str, float]]:
     """One client's round: adapter from the broadcast, local training, upload bytes.
 
     Args:
@@ -137,12 +139,15 @@ def client_step(
         client_id: the client's id (its rank is ``cfg.client_rank(client_id)``).
         round_: 1-based round number.
         broadcast: the server's last broadcast, or ``None`` in the first round.
+        crypto: the client's CKKS context (secret key) for encrypted methods.
 
     Returns:
-        ``(upload_bytes, mean_training_loss)``.
+        ``(upload_bytes, mean_training_loss, seconds)`` with ``seconds`` split into
+        ``receive`` (decrypt + reparameterize), ``train`` and ``upload`` (encrypt + serialize).
     """
-    method = get_method(cfg.method)
+    method = get_method(cfg.method, cfg)
     rank = cfg.client_rank(client_id)
+    t0 = time.perf_counter()
     if broadcast is None:
         weights = model.init_weights(rank, seed=cfg.seed)
     else:
@@ -151,8 +156,10 @@ def client_step(
             rank=rank,
             alpha=cfg.lora_alpha,
             seed=_seed(cfg.seed, round_, client_id, 0),
+            crypto=crypto,
         )
     model.load(weights)
+    t1 = time.perf_counter()
     loss = local_train(
         model,
         data,
@@ -162,14 +169,23 @@ def client_step(
         weight_decay=cfg.weight_decay,
         seed=_seed(cfg.seed, round_, client_id, 1),
     )
-    upload = adapter_to_upload(
+    t2 = time.perf_counter()
+    columns = None
+    if cfg.method == "shelora":
+        columns = public_column_order(
+            model.base_weights(), max(cfg.he_budgets), order=cfg.column_order, seed=cfg.seed
+        )
+    upload = method.make_upload(
         model.read(),
-        method=cfg.method,
         round_=round_,
         client_id=client_id,
         num_examples=len(data),
+        crypto=crypto,
+        columns=columns,
     )
-    return encode(upload), loss
+    data_bytes = encode(upload)
+    t3 = time.perf_counter()
+    return data_bytes, loss, {"receive": t1 - t0, "train": t2 - t1, "upload": t3 - t2}
 
 
 # ---------------------------------------------------------------------------- server side
@@ -181,9 +197,14 @@ def sample_clients(cfg: FederatedConfig, round_: int) -> list[int]:
     return sorted(int(i) for i in rng.choice(cfg.num_clients, cfg.clients_per_round, replace=False))
 
 
-def server_step(cfg: FederatedConfig, uploads: list[bytes], *, round_: int) -> bytes:
-    """Aggregate the uploads of the clients that answered ``round_`` into broadcast bytes."""
-    method = get_method(cfg.method)
+def server_step(
+    cfg: FederatedConfig, uploads: list[bytes], *, round_: int, crypto: ServerCrypto | None = None
+) -> bytes:
+    """Aggregate the uploads of the clients that answered ``round_`` into broadcast bytes.
+
+    ``crypto`` is the server's PUBLIC CKKS context (encrypted methods); it cannot decrypt.
+    """
+    method = get_method(cfg.method, cfg)
     msgs = [decode(u, expect_kind="upload") for u in uploads]
     for m in msgs:
         if m.header.get("round") != round_:
@@ -191,7 +212,9 @@ def server_step(cfg: FederatedConfig, uploads: list[bytes], *, round_: int) -> b
                 f"upload from client {m.header.get('client_id')} is for round "
                 f"{m.header.get('round')}, not {round_}"
             )
-    return encode(method.server_aggregate(msgs, round_=round_, max_rank=max(cfg.client_ranks)))
+    return encode(
+        method.server_aggregate(msgs, round_=round_, max_rank=max(cfg.client_ranks), crypto=crypto)
+    )
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -305,6 +328,14 @@ class Federation:
             ClientData(enc["input_ids"][p], enc["attention_mask"][p], enc["labels"][p])
             for p in (torch.as_tensor(p) for p in self.parts)
         ]
+        self.client_crypto: ClientCrypto | None = None
+        self.server_crypto: ServerCrypto | None = None
+        self.key_bytes = {"public": 0, "secret": 0}
+        if get_method(config.method, config).needs_crypto:
+            secret, public = self._keys(ckks_params_for(config))
+            self.client_crypto = ClientCrypto(secret)  # what every client loads
+            self.server_crypto = ServerCrypto(public)  # what the server loads: no secret key
+            self.key_bytes = {"public": len(public), "secret": len(secret)}
         enc_test = encode_dataset(tok, test, max_length=config.max_length)
         self.test_data = ClientData(
             enc_test["input_ids"], enc_test["attention_mask"], enc_test["labels"]
@@ -318,6 +349,19 @@ class Federation:
     @property
     def metrics_path(self) -> Path:
         return self.results_dir / "federated_tuning" / f"{self.cfg.run_name}.jsonl"
+
+    def _keys(self, params: str) -> tuple[bytes, bytes]:
+        """The key holder's CKKS contexts, kept beside the checkpoint so a resumed run can read
+        the last broadcast (TenSEAL keys cannot be seeded)."""
+        d = self.checkpoint_dir / "keys"
+        sec, pub = d / "secret.ctx", d / "public.ctx"
+        if sec.exists() and pub.exists():
+            return sec.read_bytes(), pub.read_bytes()
+        kh = KeyHolder.generate(params, seed=self.cfg.seed)
+        d.mkdir(parents=True, exist_ok=True)
+        _atomic_write(sec, kh.secret_bytes())
+        _atomic_write(pub, kh.public_bytes())
+        return kh.secret_bytes(), kh.public_bytes()
 
     def _load_checkpoint(self) -> tuple[int, bytes | None, list[dict]]:
         state = self.checkpoint_dir / "state.json"
@@ -348,10 +392,13 @@ class Federation:
     # -------------------------------------------------------------- evaluation
     def evaluate(self, broadcast: bytes) -> dict[str, float]:
         """Accuracy and macro-F1 of the global model (the broadcast at the largest rank)."""
-        method = get_method(self.cfg.method)
+        method = get_method(self.cfg.method, self.cfg)
         r_max = max(self.cfg.client_ranks)
         weights = method.client_weights(
-            decode(broadcast, expect_kind="broadcast"), rank=r_max, alpha=self.cfg.lora_alpha
+            decode(broadcast, expect_kind="broadcast"),
+            rank=r_max,
+            alpha=self.cfg.lora_alpha,
+            crypto=self.client_crypto,
         )
         self.model.load(weights)
         preds, refs = self.model.predict(self.test_data.batches(64))
@@ -389,23 +436,25 @@ class Federation:
         )
         for rnd in bar:
             t0 = time.perf_counter()
-            uploads, losses, client_secs = [], [], []
+            uploads, losses, client_secs, parts = [], [], [], []
             for cid in sample_clients(cfg, rnd):
                 tc = time.perf_counter()
-                up, loss = client_step(
+                up, loss, secs = client_step(
                     cfg,
                     self.model,
                     self.clients[cid],
                     client_id=cid,
                     round_=rnd,
                     broadcast=broadcast,
+                    crypto=self.client_crypto,
                 )
                 client_secs.append(time.perf_counter() - tc)
+                parts.append(secs)
                 uploads.append(up)
                 losses.append(loss)
             download = len(broadcast) if broadcast is not None else 0
             ts = time.perf_counter()
-            broadcast = server_step(cfg, uploads, round_=rnd)
+            broadcast = server_step(cfg, uploads, round_=rnd, crypto=self.server_crypto)
             server_secs = time.perf_counter() - ts
             rec: dict[str, Any] = {
                 "round": rnd,
@@ -416,6 +465,9 @@ class Federation:
                 "download_bytes": download * len(uploads),
                 "broadcast_bytes": len(broadcast),
                 "client_seconds": float(np.mean(client_secs)),
+                "client_receive_seconds": float(np.mean([x["receive"] for x in parts])),
+                "client_upload_seconds": float(np.mean([x["upload"] for x in parts])),
+                "key_bytes_public": self.key_bytes["public"],
                 "server_seconds": server_secs,
                 "accuracy": None,
                 "macro_f1": None,

@@ -234,6 +234,15 @@ class LoraModel:
                     f"expected {v.shape}"
                 )
 
+    def base_weights(self) -> dict[str, np.ndarray]:
+        """The frozen W0 (m x n) of every adapted layer (public: part of the pretrained model)."""
+        if not hasattr(self, "_w0"):
+            self._w0 = {
+                name: mod.base_layer.weight.detach().cpu().numpy().copy()
+                for name, mod in self._lora_modules.items()
+            }
+        return self._w0
+
     # ------------------------------------------------------------------ forward helpers
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits

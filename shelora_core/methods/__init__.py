@@ -2,16 +2,43 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from .base import Method
+from .he_avg import FedShield, FullHE
 from .plaintext import FedAvg, FlexLoRA
+from .shelora import SHELoRA
 
-__all__ = ["Method", "get_method", "FedAvg", "FlexLoRA"]
+__all__ = ["FedAvg", "FedShield", "FlexLoRA", "FullHE", "Method", "SHELoRA", "get_method"]
 
-_REGISTRY: dict[str, type[Method]] = {"fedavg": FedAvg, "flexlora": FlexLoRA}
+_REGISTRY: dict[str, type[Method]] = {
+    "fedavg": FedAvg,
+    "flexlora": FlexLoRA,
+    "shelora": SHELoRA,
+    "fedshield": FedShield,
+    "full_he": FullHE,
+}
+
+#: CKKS parameter set each encrypted method uses unless the config names one
+DEFAULT_CKKS = {
+    "shelora": {"delta": "add_only", "paper": "paper_mm"},
+    "fedshield": "fedshield",
+    "full_he": "fedshield",
+}
 
 
-def get_method(name: str) -> Method:
+def get_method(name: str, cfg: Any = None) -> Method:
+    """The method called ``name``, configured by ``cfg`` (a FederatedConfig) where it needs one."""
     try:
-        return _REGISTRY[name]()
+        cls = _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(_REGISTRY)}") from None
+    return cls(cfg)
+
+
+def ckks_params_for(cfg: Any) -> str | None:
+    """The CKKS parameter-set name for ``cfg`` (``None`` for plaintext methods)."""
+    if cfg.ckks_params:
+        return cfg.ckks_params
+    d = DEFAULT_CKKS.get(cfg.method)
+    return d[cfg.cipher_mode] if isinstance(d, dict) else d

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -104,10 +105,35 @@ class Method(ABC):
     """One aggregation method (server side and client side)."""
 
     name: str = ""
+    #: whether the method needs CKKS contexts (clients: secret, server: public)
+    needs_crypto: bool = False
+
+    def __init__(self, cfg: Any = None) -> None:
+        self.cfg = cfg
+
+    def make_upload(
+        self,
+        weights: AdapterWeights,
+        *,
+        round_: int,
+        client_id: int,
+        num_examples: int,
+        crypto: Any = None,
+        columns: Any = None,
+    ) -> Message:
+        """The client's upload after local training (plaintext by default)."""
+        return adapter_to_upload(
+            weights, method=self.name, round_=round_, client_id=client_id, num_examples=num_examples
+        )
 
     @abstractmethod
     def server_aggregate(
-        self, uploads: Sequence[Message], *, round_: int, max_rank: int | None = None
+        self,
+        uploads: Sequence[Message],
+        *,
+        round_: int,
+        max_rank: int | None = None,
+        crypto: Any = None,
     ) -> Message:
         """Combine the round's uploads into the broadcast.
 
@@ -117,7 +143,7 @@ class Method(ABC):
 
     @abstractmethod
     def client_weights(
-        self, broadcast: Message, *, rank: int, alpha: float, seed: int = 0
+        self, broadcast: Message, *, rank: int, alpha: float, seed: int = 0, crypto: Any = None
     ) -> AdapterWeights:
         """The client's starting adapter (of its own rank) for the next round."""
 

@@ -42,7 +42,12 @@ class FedAvg(Method):
     name = "fedavg"
 
     def server_aggregate(
-        self, uploads: Sequence[Message], *, round_: int, max_rank: int | None = None
+        self,
+        uploads: Sequence[Message],
+        *,
+        round_: int,
+        max_rank: int | None = None,
+        crypto: object = None,
     ) -> Message:
         headers, weights, p = self._decode_uploads(uploads)
         r_max = max([w.rank for w in weights] + [max_rank or 0])
@@ -63,7 +68,7 @@ class FedAvg(Method):
         return Message("broadcast", header, tensors)
 
     def client_weights(
-        self, broadcast: Message, *, rank: int, alpha: float, seed: int = 0
+        self, broadcast: Message, *, rank: int, alpha: float, seed: int = 0, crypto: object = None
     ) -> AdapterWeights:
         _check_broadcast(broadcast, self.name)
         layers, head = self._split(broadcast)
@@ -78,7 +83,12 @@ class FlexLoRA(Method):
     name = "flexlora"
 
     def server_aggregate(
-        self, uploads: Sequence[Message], *, round_: int, max_rank: int | None = None
+        self,
+        uploads: Sequence[Message],
+        *,
+        round_: int,
+        max_rank: int | None = None,
+        crypto: object = None,
     ) -> Message:
         headers, weights, p = self._decode_uploads(uploads)
         r_max = max([w.rank for w in weights] + [max_rank or 0])
@@ -102,7 +112,7 @@ class FlexLoRA(Method):
         return Message("broadcast", header, tensors)
 
     def client_weights(
-        self, broadcast: Message, *, rank: int, alpha: float, seed: int = 0
+        self, broadcast: Message, *, rank: int, alpha: float, seed: int = 0, crypto: object = None
     ) -> AdapterWeights:
         _check_broadcast(broadcast, self.name)
         layers, head = self._split(broadcast)

@@ -1,0 +1,181 @@
+"""Encrypt everything: FedShield-LLM and the full-HE baseline.
+
+FedShield-LLM (Mia & Amini, 2025) prunes the LoRA weights by magnitude (see
+:mod:`shelora_core.pruning`), encrypts *all* of A and B with CKKS (their defaults: N=8192,
+[60, 40, 40, 60], scale 2^40) and the server averages the ciphertexts homomorphically (a weighted
+mean by sample count here; the authors' unweighted mean is selectable). Clients decrypt the
+average and keep the first r_i components (factor-wise FedAvg with zero padding for heterogeneous
+ranks). Full HE is the same without pruning: the reference for the paper's reduction percentages.
+
+Their code encrypts the pruned zeros too, and so do we: sending only the surviving weights would
+put every client's values in different slots, so ciphertexts could no longer be added slot-wise
+(and the bitmap would reveal the magnitude pattern). The classification head is averaged in
+plaintext as in every method here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..aggregation import normalize_weights
+from ..ckks import ClientCrypto, PackingLayout, ServerCrypto, check_fingerprint
+from ..config import FederatedConfig
+from ..lora import AdapterWeights
+from ..messages import Message, MessageError, require
+from ..pruning import l1_unstructured, prune_ratio
+from .base import SEP, Method, fit_rank
+
+__all__ = ["FedShield", "FullHE"]
+
+ENC = "enc"
+
+
+def factor_layout(shapes: dict[str, tuple[int, int]], r_max: int, slots: int) -> PackingLayout:
+    """Every layer's B (m x r_max) then A (r_max x n), zero-padded to r_max, densely packed."""
+    segs = []
+    for layer, (m, n) in sorted(shapes.items()):
+        segs += [(f"{layer}{SEP}B", m * r_max), (f"{layer}{SEP}A", r_max * n)]
+    return PackingLayout.build(segs, slots)
+
+
+class FedShield(Method):
+    name = "fedshield"
+    needs_crypto = True
+    prune = True
+
+    def __init__(self, cfg: FederatedConfig | None = None) -> None:
+        self.cfg = cfg or FederatedConfig(method=self.name)
+
+    def ratio(self, round_: int) -> float:
+        return prune_ratio(round_) if (self.prune and self.cfg.prune) else 0.0
+
+    def make_upload(
+        self,
+        weights: AdapterWeights,
+        *,
+        round_: int,
+        client_id: int,
+        num_examples: int,
+        crypto: ClientCrypto | None = None,
+        columns: Any = None,
+    ) -> Message:
+        if crypto is None:
+            raise ValueError(f"{self.name} uploads need the client's CKKS context")
+        r_max = max(self.cfg.client_ranks)
+        ratio = self.ratio(round_)
+        shapes = {k: (b.shape[0], a.shape[1]) for k, (b, a) in weights.factors.items()}
+        layout = factor_layout(shapes, r_max, crypto.slots)
+        arrays = {}
+        for layer, (b, a) in weights.factors.items():
+            bp = np.zeros((b.shape[0], r_max))
+            ap = np.zeros((r_max, a.shape[1]))
+            bp[:, : weights.rank] = l1_unstructured(b, ratio)
+            ap[: weights.rank] = l1_unstructured(a, ratio)
+            arrays[f"{layer}{SEP}B"] = bp.ravel()
+            arrays[f"{layer}{SEP}A"] = ap.ravel()
+        blobs = crypto.encrypt(layout.pack(arrays))
+        tensors = {f"{ENC}{SEP}{c}": np.frombuffer(x, dtype=np.uint8) for c, x in enumerate(blobs)}
+        for k, v in weights.head.items():
+            tensors[f"head{SEP}{k}"] = np.asarray(v, np.float32)
+        header = {
+            "method": self.name,
+            "round": round_,
+            "client_id": client_id,
+            "num_examples": int(num_examples),
+            "rank": weights.rank,
+            "alpha": float(weights.alpha),
+            "fingerprint": crypto.fingerprint,
+            "shapes": {k: list(v) for k, v in shapes.items()},
+            "r_max": r_max,
+            "ciphertexts": len(blobs),
+            "prune_ratio": ratio,
+        }
+        return Message("upload", header, tensors)
+
+    def server_aggregate(
+        self,
+        uploads: Sequence[Message],
+        *,
+        round_: int,
+        max_rank: int | None = None,
+        crypto: ServerCrypto | None = None,
+    ) -> Message:
+        if crypto is None:
+            raise ValueError(f"the {self.name} server needs the public CKKS context")
+        blobs, sizes = [], []
+        for u in uploads:
+            require(u.header, "fingerprint", "ciphertexts", "num_examples", "shapes", "r_max")
+            check_fingerprint(crypto.fingerprint, u.header["fingerprint"])
+            blobs.append(
+                [u.tensors[f"{ENC}{SEP}{c}"].tobytes() for c in range(u.header["ciphertexts"])]
+            )
+            sizes.append(u.header["num_examples"])
+        if any(u.header["shapes"] != uploads[0].header["shapes"] for u in uploads):
+            raise MessageError("clients uploaded different layer shapes")
+        p = (
+            normalize_weights(sizes)
+            if self.cfg.fedshield_weighted
+            else np.full(len(sizes), 1.0 / len(sizes))
+        )
+        summed = crypto.weighted_sum(blobs, [float(x) for x in p])
+        tensors = {f"{ENC}{SEP}{c}": np.frombuffer(x, dtype=np.uint8) for c, x in enumerate(summed)}
+        heads = [
+            {k.split(SEP, 1)[1]: v for k, v in u.tensors.items() if k.startswith("head" + SEP)}
+            for u in uploads
+        ]
+        for k in heads[0]:
+            tensors[f"head{SEP}{k}"] = sum(
+                pi * h[k].astype(np.float64) for pi, h in zip(p, heads, strict=True)
+            ).astype(np.float32)
+        h0 = uploads[0].header
+        header = {
+            "method": self.name,
+            "round": round_,
+            "max_rank": h0["r_max"],
+            "shapes": h0["shapes"],
+            "ciphertexts": len(summed),
+            "fingerprint": crypto.fingerprint,
+            "clients": [u.header["client_id"] for u in uploads],
+        }
+        return Message("broadcast", header, tensors)
+
+    def client_weights(
+        self,
+        broadcast: Message,
+        *,
+        rank: int,
+        alpha: float,
+        seed: int = 0,
+        crypto: ClientCrypto | None = None,
+    ) -> AdapterWeights:
+        if crypto is None:
+            raise ValueError(f"a {self.name} client needs its CKKS context to read the broadcast")
+        h = broadcast.header
+        require(h, "shapes", "max_rank", "ciphertexts", "fingerprint")
+        check_fingerprint(crypto.fingerprint, h["fingerprint"])
+        shapes = {k: tuple(v) for k, v in h["shapes"].items()}
+        r_max = int(h["max_rank"])
+        layout = factor_layout(shapes, r_max, crypto.slots)
+        blobs = [broadcast.tensors[f"{ENC}{SEP}{c}"].tobytes() for c in range(h["ciphertexts"])]
+        parts = layout.unpack(crypto.decrypt(blobs, layout.total))
+        factors = {}
+        for layer, (m, n) in shapes.items():
+            b = parts[f"{layer}{SEP}B"].reshape(m, r_max)
+            a = parts[f"{layer}{SEP}A"].reshape(r_max, n)
+            factors[layer] = fit_rank(b[:, :rank], a[:rank], rank, seed=seed)
+        head = {
+            k.split(SEP, 1)[1]: v
+            for k, v in broadcast.tensors.items()
+            if k.startswith("head" + SEP)
+        }
+        return AdapterWeights(rank=rank, alpha=alpha, factors=factors, head=head)
+
+
+class FullHE(FedShield):
+    """Every LoRA parameter encrypted, no pruning: the reference for reduction percentages."""
+
+    name = "full_he"
+    prune = False

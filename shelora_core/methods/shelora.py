@@ -1,0 +1,315 @@
+"""SHE-LoRA: selective CKKS encryption of LoRA A-matrix columns, column-aware secure aggregation.
+
+Liu et al., "SHE-LoRA: Selective Homomorphic Encryption for Federated Tuning with Heterogeneous
+LoRA", ICLR 2026. Per adapted layer, an ordered column list ``G`` is public (the negotiation's
+output; until that lands, :func:`public_column_order` derives it from the public model). Client i
+with budget ``k_i`` protects ``J_i = G[:k_i]``:
+
+* plaintext: ``B_i`` and ``A_i`` with the columns ``J_i`` zeroed;
+* encrypted, two modes:
+
+  - ``delta`` (ours, default): ``n_i s_i B_i A_i[:, J_i]`` (its dW columns, weighted by its sample
+    count). The server only ADDS ciphertexts, slot-wise; clients divide the decrypted sum by the
+    total sample count (public). No multiplicative depth: ``add_only`` CKKS parameters (N=4096,
+    32 bytes per value), no Galois keys, no server-side matrix products.
+  - ``paper`` (the authors'): each column ``A_i[:, j]`` as a ciphertext of r_i values; the server
+    multiplies it by the plaintext ``(p_i s_i B_i)^T`` (TenSEAL ``mm``, needs Galois keys) into an
+    encrypted dW column of m values and adds those.
+
+Packing (delta): segments are ordered *position-major* (position 0 of G in every layer, then
+position 1, ...), so a client's protected values are a prefix of one flat vector: a client with a
+smaller budget sends fewer ciphertexts, and the server adds ciphertext c over the clients that
+sent it. Zero-padding the last ciphertext costs nothing (a ciphertext's size does not depend on
+how many slots are used).
+
+The server broadcasts the plaintext part P = sum_i p_i s_i B_i A_i^plain exactly (its thin SVD,
+all components) and the summed ciphertexts; each client fuses P + D E_G^T and truncates to its rank
+through the low-rank SVD (:mod:`shelora_core.column_aggregation`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..aggregation import lora_scaling, lowrank_svd
+from ..ckks import ClientCrypto, PackingLayout, ServerCrypto, check_fingerprint
+from ..column_aggregation import fuse, plain_part, protected_columns, reparameterize, split_columns
+from ..config import FederatedConfig
+from ..lora import AdapterWeights
+from ..messages import Message, MessageError, require
+from .base import SEP, Method, adapter_to_upload, fit_rank, upload_to_adapter
+
+__all__ = ["SHELoRA", "public_column_order"]
+
+ENC = "enc"
+
+
+def public_column_order(
+    layer_weights: Mapping[str, np.ndarray], length: int, *, order: str = "w0_norm", seed: int = 0
+) -> dict[str, list[int]]:
+    """An ordered column list G per layer from public information only.
+
+    Stand-in until the sensitivity negotiation lands: ``"w0_norm"`` ranks the input columns of the
+    frozen weight by decreasing L2 norm; ``"random"`` is a seeded permutation.
+    """
+    out = {}
+    for i, (name, w0) in enumerate(sorted(layer_weights.items())):
+        n = w0.shape[1]
+        if length > n:
+            raise ValueError(
+                f"HE budget {length} columns exceeds layer {name!r} width {n}: lower he_budgets"
+            )
+        if order == "w0_norm":
+            cols = np.argsort(-np.linalg.norm(w0, axis=0), kind="stable")[:length]
+        elif order == "random":
+            cols = np.random.default_rng([seed, i, 7]).permutation(n)[:length]
+        else:
+            raise ValueError(f"unknown column order {order!r}; choose 'w0_norm' or 'random'")
+        out[name] = [int(c) for c in cols]
+    return out
+
+
+def delta_layout(layer_rows: Mapping[str, int], k_max: int, slots: int) -> PackingLayout:
+    """Position-major layout of the protected dW columns: ``layer#j`` has ``m_layer`` values."""
+    segments = [
+        (f"{layer}#{j}", m) for j in range(k_max) for layer, m in sorted(layer_rows.items())
+    ]
+    return PackingLayout.build(segments, slots)
+
+
+class SHELoRA(Method):
+    """SHE-LoRA's client and server steps (see the module docstring)."""
+
+    name = "shelora"
+    needs_crypto = True
+
+    def __init__(self, cfg: FederatedConfig | None = None) -> None:
+        self.cfg = cfg or FederatedConfig(method="shelora")
+        self.mode = self.cfg.cipher_mode
+
+    # ------------------------------------------------------------------ client: upload
+    def make_upload(
+        self,
+        weights: AdapterWeights,
+        *,
+        round_: int,
+        client_id: int,
+        num_examples: int,
+        crypto: ClientCrypto | None = None,
+        columns: Mapping[str, Sequence[int]] | None = None,
+    ) -> Message:
+        if crypto is None or columns is None:
+            raise ValueError(
+                "SHE-LoRA uploads need the client's CKKS context and the column list G"
+            )
+        k = self.cfg.client_budget(client_id)
+        k_max = max(self.cfg.he_budgets)
+        s = lora_scaling(weights.alpha, weights.rank)
+        plain = AdapterWeights(weights.rank, weights.alpha, {}, weights.head)
+        protected: dict[str, np.ndarray] = {}
+        for layer, (b, a) in weights.factors.items():
+            g = list(columns[layer])[:k_max]
+            a_plain, a_cols = split_columns(a, g[:k])
+            plain.factors[layer] = (b, a_plain.astype(np.float32))
+            if self.mode == "delta":
+                protected[layer] = protected_columns(b, a, g[:k], num_examples * s)  # m x k
+            else:
+                protected[layer] = a_cols.astype(np.float64)  # r x k
+        msg = adapter_to_upload(
+            plain, method=self.name, round_=round_, client_id=client_id, num_examples=num_examples
+        )
+        msg.header.update(
+            budget=k,
+            cipher_mode=self.mode,
+            fingerprint=crypto.fingerprint,
+            columns={layer: list(columns[layer])[:k_max] for layer in weights.factors},
+        )
+        blobs: list[bytes] = []
+        if k > 0 and self.mode == "delta":
+            rows = {layer: b.shape[0] for layer, (b, _) in weights.factors.items()}
+            layout = delta_layout(rows, k_max, crypto.slots)
+            flat = layout.pack(
+                {
+                    f"{layer}#{j}": (protected[layer][:, j] if j < k else np.zeros(rows[layer]))
+                    for layer in rows
+                    for j in range(k_max)
+                }
+            )
+            used = sum(rows.values()) * k  # the client's prefix of the flat vector
+            n_ct = crypto.num_ciphertexts(used)
+            flat = flat[:used]  # zero-pad the last ciphertext: free, its size does not change
+            blobs = crypto.encrypt(np.concatenate([flat, np.zeros(n_ct * crypto.slots - used)]))
+        elif k > 0:  # paper mode: one ciphertext per protected A column (r values)
+            for j in range(k):
+                for layer in sorted(protected):
+                    blobs += crypto.encrypt(protected[layer][:, j])
+        for c, blob in enumerate(blobs):
+            msg.tensors[f"{ENC}{SEP}{c}"] = np.frombuffer(blob, dtype=np.uint8)
+        msg.header["ciphertexts"] = len(blobs)
+        return msg
+
+    # ------------------------------------------------------------------ server
+    def server_aggregate(
+        self,
+        uploads: Sequence[Message],
+        *,
+        round_: int,
+        max_rank: int | None = None,
+        crypto: ServerCrypto | None = None,
+    ) -> Message:
+        if crypto is None:
+            raise ValueError("the SHE-LoRA server needs the public CKKS context")
+        plain_msgs, blobs, headers = [], [], []
+        for u in uploads:
+            require(u.header, "budget", "fingerprint", "columns", "ciphertexts", "cipher_mode")
+            check_fingerprint(crypto.fingerprint, u.header["fingerprint"])
+            if u.header["cipher_mode"] != self.mode:
+                raise MessageError(
+                    f"client {u.header.get('client_id')} used cipher mode "
+                    f"{u.header['cipher_mode']!r}, the server runs {self.mode!r}"
+                )
+            enc = [u.tensors[f"{ENC}{SEP}{c}"].tobytes() for c in range(u.header["ciphertexts"])]
+            rest = {k: v for k, v in u.tensors.items() if not k.startswith(ENC + SEP)}
+            plain_msgs.append(Message(u.kind, dict(u.header), rest))
+            blobs.append(enc)
+            headers.append(u.header)
+        columns = headers[0]["columns"]
+        for h in headers[1:]:
+            if h["columns"] != columns:
+                raise MessageError(
+                    f"client {h['client_id']} protects other columns than client "
+                    f"{headers[0]['client_id']}: the column list G must be shared"
+                )
+        _, weights, p = self._decode_uploads(plain_msgs)
+        r_max = max([w.rank for w in weights] + [max_rank or 0])
+        scalings = [lora_scaling(w.alpha, w.rank) for w in weights]
+        tensors: dict[str, np.ndarray] = {}
+        for layer in weights[0].factors:
+            svd = lowrank_svd(plain_part([w.factors[layer] for w in weights], p, scalings))
+            tensors[f"{layer}{SEP}U"] = svd.u.astype(np.float32)
+            tensors[f"{layer}{SEP}S"] = svd.s.astype(np.float32)
+            tensors[f"{layer}{SEP}Vt"] = svd.vt.astype(np.float32)
+        for k, v in self._mean_head(weights, p).items():
+            tensors[f"head{SEP}{k}"] = v
+        budgets = [int(h["budget"]) for h in headers]
+        k_max = max(self.cfg.he_budgets)
+        if self.mode == "delta":
+            summed = self._sum_prefixes(blobs, crypto)
+        else:
+            summed = self._paper_products(blobs, weights, p, scalings, budgets, crypto)
+        for c, blob in enumerate(summed):
+            tensors[f"{ENC}{SEP}{c}"] = np.frombuffer(blob, dtype=np.uint8)
+        counts = [sum(1 for k in budgets if k > j) for j in range(k_max)]
+        header: dict[str, Any] = {
+            "method": self.name,
+            "round": round_,
+            "max_rank": r_max,
+            "columns": columns,
+            "k_max": k_max,
+            "contributors": counts,
+            "ciphertexts": len(summed),
+            "total_examples": int(sum(h["num_examples"] for h in headers)),
+            "fingerprint": crypto.fingerprint,
+            "cipher_mode": self.mode,
+            "clients": [h["client_id"] for h in headers],
+        }
+        return Message("broadcast", header, tensors)
+
+    @staticmethod
+    def _sum_prefixes(blobs: list[list[bytes]], crypto: ServerCrypto) -> list[bytes]:
+        """Ciphertext c summed over the clients that sent it (budgets nest, so layouts do too)."""
+        out = []
+        for c in range(max((len(b) for b in blobs), default=0)):
+            out += crypto.add([[b[c]] for b in blobs if len(b) > c])
+        return out
+
+    def _paper_products(self, blobs, weights, p, scalings, budgets, crypto: ServerCrypto):
+        """``sum_i enc(A_i[:, j]) x (p_i s_i B_i)^T`` per (position j, layer): m values each."""
+        layers = sorted(weights[0].factors)
+        out = []
+        for j in range(max(self.cfg.he_budgets)):
+            for li, layer in enumerate(layers):
+                acc = None
+                for i, w in enumerate(weights):
+                    if budgets[i] <= j:
+                        continue
+                    vec = crypto.load(blobs[i][j * len(layers) + li])
+                    mat = (p[i] * scalings[i] * w.factors[layer][0].astype(np.float64)).T
+                    prod = vec.mm(mat.tolist())
+                    acc = prod if acc is None else acc + prod
+                if acc is None:  # no client protects this position: an encrypted zero column
+                    raise MessageError(f"no client protects position {j}; budgets {budgets}")
+                out.append(acc.serialize())
+        return out
+
+    # ------------------------------------------------------------------ client: new adapter
+    def client_weights(
+        self,
+        broadcast: Message,
+        *,
+        rank: int,
+        alpha: float,
+        seed: int = 0,
+        crypto: ClientCrypto | None = None,
+    ) -> AdapterWeights:
+        require(
+            broadcast.header,
+            "columns",
+            "k_max",
+            "contributors",
+            "ciphertexts",
+            "total_examples",
+            "fingerprint",
+        )
+        if crypto is None:
+            raise ValueError("a SHE-LoRA client needs its CKKS context to read the broadcast")
+        h = broadcast.header
+        check_fingerprint(crypto.fingerprint, h["fingerprint"])
+        layers, head = self._split(broadcast)
+        enc = layers.pop(ENC, {})
+        blobs = [enc[str(c)].tobytes() for c in range(h["ciphertexts"])]
+        rows = {layer: t["U"].shape[0] for layer, t in layers.items()}
+        k_max = int(h["k_max"])
+        if k_max == 0:  # nothing protected: SHE-LoRA degenerates to FlexLoRA
+            d = {layer: np.zeros((rows[layer], 0)) for layer in rows}
+        elif self.mode == "delta":
+            layout = delta_layout(rows, k_max, crypto.slots)
+            flat = crypto.decrypt(blobs, len(blobs) * crypto.slots)[: layout.total]
+            parts = layout.unpack(np.concatenate([flat, np.zeros(layout.total - flat.size)]))
+            d = {
+                layer: np.stack([parts[f"{layer}#{j}"] for j in range(k_max)], axis=1)
+                / float(h["total_examples"])
+                for layer in rows
+            }
+        else:
+            order = sorted(rows)
+            d = {layer: np.zeros((rows[layer], k_max)) for layer in rows}
+            for c, blob in enumerate(blobs):
+                j, li = divmod(c, len(order))
+                d[order[li]][:, j] = crypto.decrypt([blob], rows[order[li]])
+        if self.cfg.authors_weighting:  # the authors' code: also divide by the contributor count
+            counts = np.maximum(np.asarray(h["contributors"], np.float64), 1.0)
+            d = {layer: v / counts for layer, v in d.items()}
+        scaling = lora_scaling(alpha, rank)
+        factors = {}
+        for layer, t in layers.items():
+            from ..aggregation import SVDFactors
+
+            plain = SVDFactors(
+                u=t["U"].astype(np.float64),
+                s=t["S"].astype(np.float64),
+                vt=t["Vt"].astype(np.float64),
+            )
+            fused = fuse(plain, h["columns"][layer][:k_max], d[layer])
+            b, a, _ = reparameterize(fused, rank, scaling)
+            factors[layer] = fit_rank(b, a, rank, seed=seed)
+        return AdapterWeights(rank=rank, alpha=alpha, factors=factors, head=dict(head))
+
+
+def decode_upload(msg: Message):
+    """The plaintext part of an upload (what an attacker reads), without the ciphertexts."""
+    rest = {k: v for k, v in msg.tensors.items() if not k.startswith(ENC + SEP)}
+    return upload_to_adapter(Message(msg.kind, dict(msg.header), rest))

@@ -1,0 +1,198 @@
+"""Encrypted methods: SHE-LoRA (both cipher modes), FedShield-LLM, full HE."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shelora_core import FederatedConfig
+from shelora_core.aggregation import lora_scaling
+from shelora_core.ckks import CKKSError, KeyHolder
+from shelora_core.federation import server_step
+from shelora_core.lora import AdapterWeights
+from shelora_core.messages import decode, encode
+from shelora_core.methods import get_method
+from shelora_core.methods.shelora import public_column_order
+from shelora_core.pruning import l1_unstructured, prune_ratio
+
+SHAPES = {"l0": (12, 10), "l1": (8, 10)}
+HEAD = {"weight": np.zeros((2, 12), np.float32)}
+
+
+@pytest.fixture(scope="module")
+def keys():
+    return {name: KeyHolder.generate(name) for name in ("add_only", "fedshield", "paper_mm")}
+
+
+def _adapters(ranks, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        AdapterWeights(
+            rank=r,
+            alpha=16.0,
+            factors={
+                k: (
+                    rng.normal(0, 0.1, (m, r)).astype(np.float32),
+                    rng.normal(0, 0.1, (r, n)).astype(np.float32),
+                )
+                for k, (m, n) in SHAPES.items()
+            },
+            head={k: v + i for k, v in HEAD.items()},
+        )
+        for i, r in enumerate(ranks)
+    ]
+
+
+def _round(cfg, adapters, sizes, kh, columns=None):
+    """Client uploads -> server_step (public context only) -> decoded broadcast."""
+    method = get_method(cfg.method, cfg)
+    client = kh.client() if kh is not None else None
+    ups = [
+        encode(
+            method.make_upload(
+                w, round_=1, client_id=i, num_examples=n, crypto=client, columns=columns
+            )
+        )
+        for i, (w, n) in enumerate(zip(adapters, sizes, strict=True))
+    ]
+    server = kh.server() if kh is not None else None
+    return (
+        method,
+        decode(server_step(cfg, ups, round_=1, crypto=server), expect_kind="broadcast"),
+        ups,
+    )
+
+
+def _dw(w, layer):
+    b, a = w.factors[layer]
+    return lora_scaling(w.alpha, w.rank) * b.astype(np.float64) @ a
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(
+    ranks=st.lists(st.sampled_from([1, 2, 4]), min_size=1, max_size=3),
+    budgets=st.lists(st.integers(0, 5), min_size=1, max_size=3),
+    seed=st.integers(0, 100),
+)
+def test_shelora_delta_equals_flexlora_within_ckks_error(keys, ranks, budgets, seed):
+    # Prepare: heterogeneous ranks and budgets (cyclic), random columns G
+    n_clients = len(ranks)
+    budgets = (budgets * n_clients)[:n_clients] if max(budgets) > 0 else [0] * n_clients
+    base = dict(num_clients=n_clients, ranks=tuple(ranks), he_budgets=tuple(budgets))
+    she = FederatedConfig(method="shelora", cipher_mode="delta", **base)
+    flex = FederatedConfig(method="flexlora", **base)
+    adapters = _adapters(ranks, seed)
+    sizes = list(np.random.default_rng(seed).integers(5, 50, n_clients))
+    cols = public_column_order(
+        {k: np.random.default_rng(seed).normal(size=s) for k, s in SHAPES.items()},
+        max(budgets),
+        order="random",
+        seed=seed,
+    )
+    # Execute
+    m_she, bc_she, _ = _round(she, adapters, sizes, keys["add_only"], cols)
+    m_flex, bc_flex, _ = _round(flex, adapters, sizes, None)
+    # Assert: every client's reparameterized adapter gives the same dW as FlexLoRA's
+    for r in set(ranks):
+        a = m_she.client_weights(bc_she, rank=r, alpha=16.0, crypto=keys["add_only"].client())
+        b = m_flex.client_weights(bc_flex, rank=r, alpha=16.0)
+        for layer in SHAPES:
+            ref = _dw(b, layer)
+            np.testing.assert_allclose(_dw(a, layer), ref, atol=1e-5 * max(1, np.abs(ref).max()))
+
+
+def test_shelora_paper_mode_equals_flexlora_within_ckks_error(keys):
+    ranks, budgets = (2, 4), (1, 3)
+    she = FederatedConfig(
+        method="shelora", cipher_mode="paper", num_clients=2, ranks=ranks, he_budgets=budgets
+    )
+    flex = she.replace(method="flexlora")
+    adapters = _adapters(ranks, 3)
+    cols = {k: list(range(3)) for k in SHAPES}
+    m_she, bc_she, _ = _round(she, adapters, [10, 30], keys["paper_mm"], cols)
+    m_flex, bc_flex, _ = _round(flex, adapters, [10, 30], None)
+    for r in ranks:
+        a = m_she.client_weights(bc_she, rank=r, alpha=16.0, crypto=keys["paper_mm"].client())
+        b = m_flex.client_weights(bc_flex, rank=r, alpha=16.0)
+        for layer in SHAPES:
+            np.testing.assert_allclose(_dw(a, layer), _dw(b, layer), atol=1e-5)
+
+
+def test_shelora_plaintext_upload_hides_the_protected_columns(keys):
+    cfg = FederatedConfig(method="shelora", num_clients=1, ranks=(4,), he_budgets=(3,))
+    cols = {k: [7, 2, 5] for k in SHAPES}
+    _, _, ups = _round(cfg, _adapters((4,)), [10], keys["add_only"], cols)
+    msg = decode(ups[0])
+    for layer in SHAPES:
+        a_plain = msg.tensors[f"{layer}|A"]
+        assert not a_plain[:, [7, 2, 5]].any() and a_plain[:, [0, 1]].any()
+    assert msg.header["ciphertexts"] >= 1 and msg.header["columns"] == cols
+
+
+def test_authors_weighting_is_selectable_and_differs_from_the_correct_one(keys):
+    base = dict(method="shelora", num_clients=2, ranks=(2, 2), he_budgets=(2, 2))
+    cols = {k: [0, 1] for k in SHAPES}
+    adapters = _adapters((2, 2), 1)
+    out = []
+    for authors in (False, True):
+        cfg = FederatedConfig(authors_weighting=authors, **base)
+        m, bc, _ = _round(cfg, adapters, [10, 10], keys["add_only"], cols)
+        out.append(m.client_weights(bc, rank=2, alpha=16.0, crypto=keys["add_only"].client()))
+    assert not np.allclose(_dw(out[0], "l0"), _dw(out[1], "l0"))
+
+
+def test_server_cannot_decrypt_and_holds_no_secret_key(keys):
+    server = keys["add_only"].server()
+    assert not server.context.is_private()
+    with pytest.raises(PermissionError):
+        server.decrypt([], 0)
+
+
+def test_upload_under_another_key_is_refused_by_fingerprint(keys):
+    cfg = FederatedConfig(method="shelora", num_clients=1, ranks=(2,), he_budgets=(1,))
+    method = get_method("shelora", cfg)
+    other = KeyHolder.generate("add_only")
+    up = encode(
+        method.make_upload(
+            _adapters((2,))[0],
+            round_=1,
+            client_id=0,
+            num_examples=5,
+            crypto=other.client(),
+            columns={k: [0] for k in SHAPES},
+        )
+    )
+    with pytest.raises(CKKSError, match="another key"):
+        server_step(cfg, [up], round_=1, crypto=keys["add_only"].server())
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_fedshield_mean_equals_plaintext_mean(keys, weighted):
+    cfg = FederatedConfig(
+        method="full_he", num_clients=3, ranks=(2, 2, 4), fedshield_weighted=weighted
+    )
+    adapters = _adapters((2, 2, 4), 5)
+    sizes = [10, 20, 70]
+    m, bc, _ = _round(cfg, adapters, sizes, keys["fedshield"])
+    p = np.array(sizes) / 100 if weighted else np.full(3, 1 / 3)
+    got = m.client_weights(bc, rank=4, alpha=16.0, crypto=keys["fedshield"].client())
+    for layer, (mm, _) in SHAPES.items():
+        b_ref = np.zeros((mm, 4))
+        for pi, w in zip(p, adapters, strict=True):
+            b_ref[:, : w.rank] += pi * w.factors[layer][0]
+        np.testing.assert_allclose(got.factors[layer][0], b_ref, atol=1e-6)
+    np.testing.assert_allclose(got.head["weight"], sum(pi * i for i, pi in enumerate(p)), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("rnd", "ratio"), [(0, 0.0), (39, 0.0), (40, 0.2), (120, 0.35), (200, 0.5), (300, 0.5)]
+)
+def test_fedshield_pruning_schedule(rnd, ratio):
+    assert prune_ratio(rnd) == pytest.approx(ratio)
+
+
+def test_l1_unstructured_zeroes_the_smallest_fraction():
+    x = np.array([[0.5, -0.1], [0.05, -2.0]])
+    np.testing.assert_array_equal(l1_unstructured(x, 0.5), [[0.5, 0.0], [0.0, -2.0]])
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        l1_unstructured(x, 1.0)
