@@ -35,8 +35,8 @@ test: setup  ## fast tests + notebook smoke tests (< 10 min on 2 cores)
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
-bench: setup  ## speed benchmarks, JSON under results/bench/
-	$(PY) -m shelora_core.bench --out results/bench
+bench: setup  ## HE cost + training speed benchmarks, JSON under results/$(PROFILE)/
+	$(PY) -m shelora_core.bench --profile $(PROFILE)
 
 lab: setup  ## JupyterLab on the notebooks, with the venv's kernel
 	$(VENV)/bin/jupyter lab notebooks/

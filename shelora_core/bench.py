@@ -1,4 +1,6 @@
-"""Speed benchmarks (``make bench``): seconds per client-round of local LoRA training.
+"""Benchmarks (``make bench``): HE costs per method and the speed of local LoRA training.
+
+``he_cost.json``: see :mod:`shelora_core.he_cost`. ``train_speed.json``:
 
 Measured, not estimated: for each model, one client trains ``local_steps`` AdamW steps on real
 Rotten Tomatoes batches through :func:`shelora_core.federation.client_step` (so the number
@@ -6,7 +8,7 @@ includes loading the adapter from the broadcast and serialising the upload). Wri
 ``<out>/train_speed.json`` and a bar chart ``<out>/train_speed.png``. Speed targets live here,
 never in timed tests.
 
-    python -m shelora_core.bench --out results/bench
+    python -m shelora_core.bench --profile quick     # -> results/quick/{he_cost,train_speed}.json
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import json
 import statistics
 import time
 from pathlib import Path
+
+import numpy as np
 
 __all__ = ["bench_client_round", "main"]
 
@@ -81,13 +85,26 @@ def main(argv: list[str] | None = None) -> int:
     from .provenance import run_meta
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("results/bench"))
-    ap.add_argument("--only", choices=("minilm", "smollm2"))
+    ap.add_argument("--profile", choices=("quick", "paper"), default="quick")
+    ap.add_argument("--results", type=Path, default=Path("results"))
+    ap.add_argument("--only", choices=("he_cost", "train_speed"))
     args = ap.parse_args(argv)
+    args.out = args.results / args.profile
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.only != "train_speed":
+        from .he_cost import run_plan
+
+        print(f"HE cost per client-round ({args.profile}):", flush=True)
+        res = run_plan(args.profile)
+        res["meta"] = run_meta()
+        (args.out / "he_cost.json").write_text(json.dumps(res, indent=1))
+        _he_figure(res["rows"], args.out / "figures" / "he_cost.png")
+        _print_reductions(res)
+        print("wrote", args.out / "he_cost.json")
+    if args.only == "he_cost":
+        return 0
     rows = []
     for case in CASES:
-        if args.only and case[0] != args.only:
-            continue
         row = bench_client_round(*case)
         print(
             f"{row['model']:8s} r={row['rank']:<3d} batch {row['batch_size']:>2d}: "
@@ -96,13 +113,62 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         rows.append(row)
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "train_speed.json").write_text(
         json.dumps({"rows": rows, "meta": run_meta()}, indent=1)
     )
-    _figure(rows, args.out / "train_speed.png")
+    _figure(rows, args.out / "figures" / "train_speed.png")
     print("wrote", args.out / "train_speed.json")
     return 0
+
+
+def _print_reductions(res: dict) -> None:
+    paper = res["paper"]
+    print("\nSHE-LoRA vs full HE (measured here | paper v2 / v1):")
+    for r in res["rows"]:
+        if r.get("method", "").startswith("shelora") and "skipped" not in r:
+            print(
+                f"  {r['model']:14s} {r['method']:14s} upload {r['upload_change_vs_full_he_pct']:+7.2f}% "
+                f"| {paper['upload_reduction_vs_full_he']['v2']}% / "
+                f"{paper['upload_reduction_vs_full_he']['v1']}%   encryption time "
+                f"{r['encrypt_time_change_vs_full_he_pct']:+7.2f}% | "
+                f"{paper['encryption_time_reduction_vs_full_he']['v2']}% / "
+                f"{paper['encryption_time_reduction_vs_full_he']['v1']}%   upload "
+                f"{r['upload_vs_flexlora_x']:.2f}x plaintext FlexLoRA"
+            )
+
+
+def _he_figure(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .plots import save
+
+    rows = [r for r in rows if "skipped" not in r]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    metrics = [
+        ("upload_bytes", "upload per client-round (bytes)"),
+        ("client_upload_seconds", "client encryption + serialisation (s)"),
+        ("server_seconds_per_round", "server aggregation per round (s)"),
+    ]
+    width = 0.8 / len(methods)
+    for ax, (key, label) in zip(axes, metrics, strict=True):
+        for j, meth in enumerate(methods):
+            vals = [
+                next((r[key] for r in rows if r["model"] == mo and r["method"] == meth), np.nan)
+                for mo in models
+            ]
+            ax.bar(np.arange(len(models)) + j * width, vals, width, label=meth)
+        ax.set_yscale("log")
+        ax.set_xticks(np.arange(len(models)) + 0.4 - width / 2, models)
+        ax.set_title(label, fontsize=10)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Measured HE costs: ranks 8/16/32, SHE-LoRA budgets 2/4/8 columns per layer")
+    fig.tight_layout()
+    save(fig, path)
 
 
 def _figure(rows: list[dict], path: Path) -> None:

@@ -1,0 +1,258 @@
+"""Measured HE costs per method and client-round (``make bench`` -> ``he_cost.json``).
+
+Every number is measured on real messages: clients build their uploads with the method's own
+``make_upload`` (encrypting with their secret CKKS context), the uploads are serialised, the server
+aggregates them with the PUBLIC context only, and every client decrypts and reparameterizes the
+broadcast. Bytes are ``len()`` of the serialised messages; seconds are wall-clock on this machine.
+
+LoRA factors are synthetic (random, LoRA-like magnitudes) with the exact layer shapes of each
+model: costs depend on shapes, ranks and budgets, not on trained values. For the big models the
+encrypt-everything methods are measured on ``layers_measured`` of the model's identical layers
+and scaled by ``layers / layers_measured`` (bytes exactly, seconds linearly); the JSON says so in
+every such row (``scaled_from_layers``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .ckks import KeyHolder
+from .config import FederatedConfig
+from .lora import AdapterWeights
+from .messages import decode, encode
+from .methods import ckks_params_for, get_method
+from .methods.shelora import public_column_order
+
+__all__ = ["SHAPES", "ModelShape", "measure_method"]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Adapted layers of a model: ``layers`` blocks x ``modules`` square (d x d) projections."""
+
+    name: str
+    layers: int
+    modules: tuple[str, ...]
+    d: int
+
+    def layer_shapes(self, n_layers: int | None = None) -> dict[str, tuple[int, int]]:
+        n = self.layers if n_layers is None else min(n_layers, self.layers)
+        return {f"layers.{i}.{m}": (self.d, self.d) for i in range(n) for m in self.modules}
+
+
+SHAPES = {
+    "smollm2-135m": ModelShape("SmolLM2-135M", 30, ("q_proj",), 576),
+    "openllama-3b": ModelShape("OpenLLaMA-3B", 26, ("q_proj", "v_proj"), 3200),
+    "llama2-7b": ModelShape("LLaMA-2-7B", 32, ("q_proj", "v_proj"), 4096),
+    "llama2-13b": ModelShape("LLaMA-2-13B", 40, ("q_proj", "v_proj"), 5120),
+}
+
+
+def _adapters(shapes, ranks, seed):
+    rng = np.random.default_rng(seed)
+    return [
+        AdapterWeights(
+            rank=r,
+            alpha=16.0,
+            factors={
+                k: (
+                    rng.normal(0, 0.01, (m, r)).astype(np.float32),
+                    rng.normal(0, 0.02, (r, n)).astype(np.float32),
+                )
+                for k, (m, n) in shapes.items()
+            },
+            head={},
+        )
+        for r in ranks
+    ]
+
+
+def measure_method(
+    method: str,
+    shape: ModelShape,
+    *,
+    ranks=(8, 16, 32),
+    budgets=(2, 4, 8),
+    cipher_mode: str = "delta",
+    layers: int | None = None,
+    seed: int = 0,
+    keys: dict[str, KeyHolder] | None = None,
+) -> dict[str, Any]:
+    """One round of ``method`` for len(ranks) clients; per-client-round means.
+
+    Args:
+        layers: measure on this many layers (``None`` = all) and scale to the model.
+        keys: reuse key holders by parameter-set name (key generation is reported separately).
+    """
+    cfg = FederatedConfig(
+        method=method,
+        cipher_mode=cipher_mode,
+        num_clients=len(ranks),
+        ranks=tuple(ranks),
+        he_budgets=tuple(budgets),
+        seed=seed,
+    )
+    shapes = shape.layer_shapes(layers)
+    n_meas = len(shapes) // len(shape.modules)
+    scale = shape.layers / n_meas
+    m = get_method(method, cfg)
+    params = ckks_params_for(cfg)
+    kh = None
+    if params is not None:
+        keys = {} if keys is None else keys
+        kh = keys.get(params) or keys.setdefault(params, KeyHolder.generate(params))
+    client = kh.client() if kh else None
+    server = kh.server() if kh else None
+    columns = None
+    if method == "shelora":
+        w0 = {k: np.random.default_rng(1).normal(size=s) for k, s in shapes.items()}
+        columns = public_column_order(w0, max(budgets), order="random", seed=seed)
+    adapters = _adapters(shapes, ranks, seed)
+    sizes = [100 + 10 * i for i in range(len(ranks))]
+    ups, t_up = [], []
+    for i, (w, n) in enumerate(zip(adapters, sizes, strict=True)):
+        t0 = time.perf_counter()
+        ups.append(
+            encode(
+                m.make_upload(
+                    w, round_=1, client_id=i, num_examples=n, crypto=client, columns=columns
+                )
+            )
+        )
+        t_up.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    msgs = [decode(u, expect_kind="upload") for u in ups]
+    bc_msg = m.server_aggregate(msgs, round_=1, max_rank=max(ranks), crypto=server)
+    bc = encode(bc_msg)
+    t_server = time.perf_counter() - t0
+    t_down, err, rel = [], 0.0, 0.0
+    for i, r in enumerate(ranks):
+        t0 = time.perf_counter()
+        got = m.client_weights(
+            decode(bc, expect_kind="broadcast"), rank=r, alpha=16.0, crypto=client
+        )
+        t_down.append(time.perf_counter() - t0)
+        if i == len(ranks) - 1:  # accuracy of what the largest client receives, vs plaintext
+            err, rel = _max_error(cfg, adapters, sizes, got, r)
+    row = {
+        "method": method if method != "shelora" else f"shelora-{cipher_mode}",
+        "model": shape.name,
+        "layers": shape.layers,
+        "modules": list(shape.modules),
+        "d": shape.d,
+        "ranks": list(ranks),
+        "budgets": list(budgets) if method == "shelora" else None,
+        "ckks_params": params,
+        "client_upload_seconds": float(np.mean(t_up)) * scale,
+        "server_seconds_per_round": t_server * scale,
+        "client_receive_seconds": float(np.mean(t_down)) * scale,
+        "upload_bytes": float(np.mean([len(u) for u in ups])) * scale,
+        "download_bytes": len(bc) * scale,
+        "key_bytes_server": len(kh.public_bytes()) if kh else 0,
+        "key_bytes_client": len(kh.secret_bytes()) if kh else 0,
+        "encrypted_values_per_client": _encrypted_values(
+            method, cipher_mode, shapes, ranks, budgets
+        )
+        * scale,
+        "max_abs_error_vs_plaintext": err,
+        "max_rel_error_vs_plaintext": rel,
+        "layers_measured": n_meas,
+        "scaled_from_layers": n_meas != shape.layers,
+    }
+    return row
+
+
+def _encrypted_values(method, mode, shapes, ranks, budgets) -> float:
+    if method in ("fedavg", "flexlora"):
+        return 0.0
+    if method in ("fedshield", "full_he"):
+        return float(sum(max(ranks) * (mm + nn) for mm, nn in shapes.values()))
+    per = [
+        sum((mm if mode == "delta" else r) * k for mm, _ in shapes.values())
+        for r, k in zip(ranks, (list(budgets) * len(ranks))[: len(ranks)], strict=True)
+    ]
+    return float(np.mean(per))
+
+
+def _max_error(cfg, adapters, sizes, got, rank) -> tuple[float, float]:
+    """Max |dW - reference dW| for the largest client, reference = the plaintext method."""
+    ref_name = "flexlora" if cfg.method in ("shelora", "flexlora") else "fedavg"
+    ref_cfg = cfg.replace(method=ref_name)
+    ref = get_method(ref_name, ref_cfg)
+    ups = [
+        decode(encode(ref.make_upload(w, round_=1, client_id=i, num_examples=n)))
+        for i, (w, n) in enumerate(zip(adapters, sizes, strict=True))
+    ]
+    bc = ref.server_aggregate(ups, round_=1, max_rank=max(cfg.ranks))
+    want = ref.client_weights(bc, rank=rank, alpha=16.0)
+    err, top = 0.0, 0.0
+    for layer, (b, a) in got.factors.items():
+        wb, wa = want.factors[layer]
+        ref = wb.astype(np.float64) @ wa
+        err = max(err, float(np.abs(b.astype(np.float64) @ a - ref).max()))
+        top = max(top, float(np.abs(ref).max()))
+    return err, err / top if top else 0.0
+
+
+#: the paper's reported reductions against full HE (SHE-LoRA v2 / v1) and encryption seconds
+PAPER = {
+    "upload_reduction_vs_full_he": {"v2": -99.71, "v1": -94.9},
+    "encryption_time_reduction_vs_full_he": {"v2": -99.87, "v1": -99.83},
+    "encryption_seconds_openllama_3b": {"full_he": 480.0, "maskcrypt": 50.0, "shelora": 0.6},
+}
+
+#: what each bench profile measures: (model key, methods, layers for encrypt-everything/paper)
+PLAN = {
+    "quick": [("smollm2-135m", None), ("openllama-3b", 2)],
+    "paper": [("smollm2-135m", None), ("openllama-3b", 2), ("llama2-7b", 1), ("llama2-13b", 1)],
+}
+
+
+def run_plan(profile: str, *, progress: bool = True) -> dict[str, Any]:
+    """Measure every method on every model of ``profile``; add the reductions vs full HE."""
+    keys: dict[str, KeyHolder] = {}
+    rows = []
+    for model_key, sub_layers in PLAN[profile]:
+        shape = SHAPES[model_key]
+        cases = [
+            ("flexlora", "delta", None),
+            ("shelora", "delta", None),
+            ("shelora", "paper", sub_layers),
+            ("full_he", "delta", sub_layers),
+        ]
+        for method, mode, layers in cases:
+            if method == "shelora" and mode == "paper" and shape.d > 4096:
+                # ciphertext x matrix products need d <= slots (4096 at N=8192)
+                rows.append(
+                    {
+                        "method": "shelora-paper",
+                        "model": shape.name,
+                        "skipped": f"d={shape.d} exceeds 4096 slots at N=8192 (needs N=16384)",
+                    }
+                )
+                continue
+            t0 = time.perf_counter()
+            row = measure_method(method, shape, cipher_mode=mode, layers=layers, keys=keys)
+            rows.append(row)
+            if progress:
+                print(
+                    f"  {shape.name:14s} {row['method']:14s} upload {row['upload_bytes'] / 1e6:9.2f} MB"
+                    f"  encrypt {row['client_upload_seconds']:8.3f} s  server "
+                    f"{row['server_seconds_per_round']:7.2f} s  ({time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
+    for row in rows:
+        if "skipped" in row:
+            continue
+        ref = next(r for r in rows if r.get("model") == row["model"] and r["method"] == "full_he")
+        row["upload_change_vs_full_he_pct"] = 100 * (row["upload_bytes"] / ref["upload_bytes"] - 1)
+        row["encrypt_time_change_vs_full_he_pct"] = 100 * (
+            row["client_upload_seconds"] / ref["client_upload_seconds"] - 1
+        )
+        flex = next(r for r in rows if r.get("model") == row["model"] and r["method"] == "flexlora")
+        row["upload_vs_flexlora_x"] = row["upload_bytes"] / flex["upload_bytes"]
+    return {"rows": rows, "paper": PAPER}
