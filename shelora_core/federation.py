@@ -250,8 +250,21 @@ class RunResult:
             "final_macro_f1": evals[-1]["macro_f1"] if evals else None,
             "best_accuracy": max(h["accuracy"] for h in evals) if evals else None,
             "upload_bytes_per_round": float(np.mean([h["upload_bytes"] for h in self.history])),
+            "upload_bytes_per_client": float(
+                np.mean([h["upload_bytes"] / h["clients"] for h in self.history])
+            ),
             "broadcast_bytes": self.history[-1]["broadcast_bytes"],
             "seconds_per_client_round": float(np.mean([h["client_seconds"] for h in self.history])),
+            "client_upload_seconds": float(
+                np.mean([h.get("client_upload_seconds", 0.0) for h in self.history])
+            ),
+            "client_receive_seconds": float(
+                np.mean([h.get("client_receive_seconds", 0.0) for h in self.history])
+            ),
+            "server_seconds": float(np.mean([h["server_seconds"] for h in self.history])),
+            "key_bytes_public": self.history[-1].get("key_bytes_public", 0),
+            "cipher_mode": cfg.cipher_mode if cfg.method == "shelora" else None,
+            "he_budgets": list(cfg.he_budgets) if cfg.method == "shelora" else None,
             "config": cfg.to_dict(),
         }
 

@@ -53,14 +53,25 @@ def profile_config(profile: str, **overrides: Any) -> FederatedConfig:
 
 def federated_tuning_grid(profile: str, **overrides: Any) -> list[FederatedConfig]:
     """Notebook 05's runs: {FedAvg, FlexLoRA} x {homogeneous r=8, heterogeneous 8/16/32} x
-    {IID, Dirichlet 0.3} on MiniLM, plus (paper profile) the heterogeneous Dirichlet pair on
-    SmolLM2-135M with a shorter schedule (a step costs ~7x more there)."""
+    {IID, Dirichlet 0.3} on MiniLM; SHE-LoRA (delta and paper cipher modes), FedShield-LLM and
+    full HE with heterogeneous ranks under Dirichlet 0.3; plus (paper profile) the heterogeneous
+    Dirichlet FedAvg / FlexLoRA pair on SmolLM2-135M with a shorter schedule (a step costs ~7x
+    more there)."""
     base = profile_config(profile, **overrides)
     runs = []
     for method in ("fedavg", "flexlora"):
         for ranks in ((8,), (8, 16, 32)):
             for part in ("iid", "dirichlet"):
                 runs.append(base.replace(method=method, ranks=ranks, partition=part))
+    # the encrypted methods in the hardest plaintext setting (heterogeneous ranks, Dirichlet):
+    # SHE-LoRA must track FlexLoRA (same seed, same data) up to CKKS noise
+    hetero = dict(ranks=(8, 16, 32), partition="dirichlet")
+    runs += [
+        base.replace(method="shelora", cipher_mode="delta", **hetero),
+        base.replace(method="shelora", cipher_mode="paper", **hetero),
+        base.replace(method="fedshield", **hetero),
+        base.replace(method="full_he", **hetero),
+    ]
     if profile == "paper":
         for method in ("fedavg", "flexlora"):
             runs.append(

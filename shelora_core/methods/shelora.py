@@ -230,7 +230,7 @@ class SHELoRA(Method):
         """``sum_i enc(A_i[:, j]) x (p_i s_i B_i)^T`` per (position j, layer): m values each."""
         layers = sorted(weights[0].factors)
         out = []
-        for j in range(max(self.cfg.he_budgets)):
+        for j in range(max(budgets)):  # positions some answering client protects
             for li, layer in enumerate(layers):
                 acc = None
                 for i, w in enumerate(weights):
