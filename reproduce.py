@@ -106,6 +106,49 @@ def results_table(results_dir: Path) -> str:
                 f"{r['final_accuracy']:.3f} | {r['final_macro_f1']:.3f} | "
                 f"{r['upload_bytes_per_round'] / 1e3:.0f} | {r['seconds_per_client_round']:.1f} |"
             )
+    he = results_dir / "he_cost.json"
+    if he.exists():
+        data = json.loads(he.read_text())
+        meta = data.get("meta", {})
+        paper = data.get("paper", {})
+        lines += [
+            "",
+            f"HE cost per client-round (`{he.relative_to(ROOT) if he.is_relative_to(ROOT) else he}`, "
+            f"`make bench`, commit {str(meta.get('git_commit'))[:12]}; ranks 8/16/32, SHE-LoRA "
+            "budgets 2/4/8 columns per layer, synthetic factors of each model's shapes):",
+            "",
+            "| model | method | CKKS | upload MB | vs full HE | vs FlexLoRA | encrypt s | server s / round "
+            "| receive s | max rel. error |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in data["rows"]:
+            if "skipped" in r:
+                lines.append(
+                    f"| {r['model']} | {r['method']} | | _not measured: {r['skipped']}_ "
+                    "| | | | | | |"
+                )
+                continue
+            scaled = (
+                f" (x{r['layers'] / r['layers_measured']:.0f})" if r["scaled_from_layers"] else ""
+            )
+            lines.append(
+                f"| {r['model']} | {r['method']}{scaled} | {r['ckks_params'] or '-'} | "
+                f"{r['upload_bytes'] / 1e6:.2f} | {r['upload_change_vs_full_he_pct']:+.1f}% | "
+                f"{r['upload_vs_flexlora_x']:.2f}x | {r['client_upload_seconds']:.3f} | "
+                f"{r['server_seconds_per_round']:.2f} | {r['client_receive_seconds']:.2f} | "
+                f"{r['max_rel_error_vs_plaintext']:.1e} |"
+            )
+        if paper:
+            lines += [
+                "",
+                f"Paper (SHE-LoRA vs full HE): upload {paper['upload_reduction_vs_full_he']['v2']}% (v2) / "
+                f"{paper['upload_reduction_vs_full_he']['v1']}% (v1), encryption time "
+                f"{paper['encryption_time_reduction_vs_full_he']['v2']}% / "
+                f"{paper['encryption_time_reduction_vs_full_he']['v1']}%; encryption seconds per round on "
+                f"OpenLLaMA-3B: full HE ~{paper['encryption_seconds_openllama_3b']['full_he']:.0f}, "
+                f"SHE-LoRA ~{paper['encryption_seconds_openllama_3b']['shelora']}. "
+                "_(x N)_ = measured on a subset of the model's identical layers and scaled by N.",
+            ]
     return "\n".join(lines) if lines else "_No results yet: run `make reproduce`._"
 
 
@@ -115,7 +158,7 @@ def update_readme(results_root: Path) -> None:
     parts = []
     for profile in PROFILES:
         d = results_root / profile
-        if (d / "federated_tuning.json").exists():
+        if (d / "federated_tuning.json").exists() or (d / "he_cost.json").exists():
             parts.append(f"**Profile `{profile}`**\n\n" + results_table(d))
     body = "\n\n".join(parts) or "_No results yet: run `make reproduce`._"
     text = README.read_text()

@@ -196,3 +196,21 @@ def test_l1_unstructured_zeroes_the_smallest_fraction():
     np.testing.assert_array_equal(l1_unstructured(x, 0.5), [[0.5, 0.0], [0.0, -2.0]])
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         l1_unstructured(x, 1.0)
+
+
+def test_federation_gives_the_server_only_the_public_context(tiny_config, minilm_model, tmp_path):
+    from shelora_core.federation import Federation
+
+    cfg = tiny_config.replace(method="shelora", he_budgets=(1, 2), rounds=1)
+    fed = Federation(cfg, results_dir=tmp_path, model=minilm_model)
+    assert fed.client_crypto.context.is_private()
+    assert not fed.server_crypto.context.is_private()
+    with pytest.raises(PermissionError, match="no secret key"):
+        fed.server_crypto.decrypt([], 0)
+    h = fed.run().history[0]
+    assert h["key_bytes_public"] == len((fed.checkpoint_dir / "keys" / "public.ctx").read_bytes())
+    flex = Federation(
+        cfg.replace(method="flexlora"), results_dir=tmp_path, model=minilm_model
+    ).run()
+    assert h["upload_bytes"] > flex.history[0]["upload_bytes"]
+    assert h["train_loss"] == pytest.approx(flex.history[0]["train_loss"], abs=1e-6)
