@@ -96,15 +96,17 @@ def results_table(results_dir: Path) -> str:
             f"commit {str(meta.get('git_commit'))[:12]}, {meta.get('time_utc')}):",
             "",
             "| method | model | ranks | partition | clients | rounds x steps | final acc | macro-F1 "
-            "| upload KB / round | s / client-round |",
+            "| upload KB / client-round | s / client-round |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in runs:
+            method = r["method"] + (f"-{r['cipher_mode']}" if r.get("cipher_mode") else "")
             lines.append(
-                f"| {r['method']} | {r['model']} | {'/'.join(map(str, r['ranks']))} | "
+                f"| {method} | {r['model']} | {'/'.join(map(str, r['ranks']))} | "
                 f"{r['partition']} | {r['num_clients']} | {r['rounds']} x {r['local_steps']} | "
                 f"{r['final_accuracy']:.3f} | {r['final_macro_f1']:.3f} | "
-                f"{r['upload_bytes_per_round'] / 1e3:.0f} | {r['seconds_per_client_round']:.1f} |"
+                f"{r.get('upload_bytes_per_client', r['upload_bytes_per_round']) / 1e3:.0f} | "
+                f"{r['seconds_per_client_round']:.1f} |"
             )
     he = results_dir / "he_cost.json"
     if he.exists():

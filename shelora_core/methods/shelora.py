@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ..aggregation import lora_scaling, lowrank_svd
+from ..aggregation import SVDFactors, lora_scaling, lowrank_svd
 from ..ckks import ClientCrypto, PackingLayout, ServerCrypto, check_fingerprint
 from ..column_aggregation import fuse, plain_part, protected_columns, reparameterize, split_columns
 from ..config import FederatedConfig
@@ -296,8 +296,6 @@ class SHELoRA(Method):
         scaling = lora_scaling(alpha, rank)
         factors = {}
         for layer, t in layers.items():
-            from ..aggregation import SVDFactors
-
             plain = SVDFactors(
                 u=t["U"].astype(np.float64),
                 s=t["S"].astype(np.float64),
