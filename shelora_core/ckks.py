@@ -820,7 +820,7 @@ class ServerCrypto:
             "weighted_sum multiplies ciphertexts by plaintext scalars, which consumes one level of "
             f"the modulus chain, and these ciphertexts have none left (data modulus levels "
             f"{list(self.info.level_bits)} bits; TenSEAL would raise 'scale out of bounds'). "
-            "Each scalar multiplication needs one more inner prime in the chain (the 'fedshield' "
+            "Each scalar multiplication needs a longer modulus chain, one more inner prime (the 'fedshield' "
             "set [60, 40, 40, 60] allows two) - or pre-weight on the client side and use add()"
         )
 

@@ -56,7 +56,7 @@ def test_client_ranks_are_assigned_cyclically():
 
 
 def test_profiles_build_valid_grids():
-    assert len(federated_tuning_grid("quick")) == 8
+    assert len(federated_tuning_grid("quick")) == 12
     paper = federated_tuning_grid("paper")
     assert {c.model for c in paper} == {"minilm", "smollm2"}
     with pytest.raises(ValueError, match="unknown profile"):
