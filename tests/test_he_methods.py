@@ -214,3 +214,22 @@ def test_federation_gives_the_server_only_the_public_context(tiny_config, minilm
     ).run()
     assert h["upload_bytes"] > flex.history[0]["upload_bytes"]
     assert h["train_loss"] == pytest.approx(flex.history[0]["train_loss"], abs=1e-6)
+
+
+def test_upload_with_a_ciphertext_count_that_does_not_match_the_layout_is_refused(keys):
+    from shelora_core.messages import MessageError
+
+    cfg = FederatedConfig(method="shelora", num_clients=1, ranks=(2,), he_budgets=(2,))
+    method = get_method("shelora", cfg)
+    msg = method.make_upload(
+        _adapters((2,))[0],
+        round_=1,
+        client_id=0,
+        num_examples=5,
+        crypto=keys["add_only"].client(),
+        columns={k: [0, 1] for k in SHAPES},
+    )
+    msg.tensors["enc|1"] = msg.tensors["enc|0"]
+    msg.header["ciphertexts"] = 2
+    with pytest.raises(MessageError, match="sent 2 ciphertexts; its budget 2 .* need 1"):
+        server_step(cfg, [encode(msg)], round_=1, crypto=keys["add_only"].server())

@@ -171,6 +171,12 @@ class SHELoRA(Method):
                     f"client {u.header.get('client_id')} used cipher mode "
                     f"{u.header['cipher_mode']!r}, the server runs {self.mode!r}"
                 )
+            expected = self._expected_ciphertexts(u, crypto.slots)
+            if u.header["ciphertexts"] != expected:
+                raise MessageError(
+                    f"client {u.header.get('client_id')} sent {u.header['ciphertexts']} ciphertexts; "
+                    f"its budget {u.header['budget']} and layer shapes need {expected}"
+                )
             enc = [u.tensors[f"{ENC}{SEP}{c}"].tobytes() for c in range(u.header["ciphertexts"])]
             rest = {k: v for k, v in u.tensors.items() if not k.startswith(ENC + SEP)}
             plain_msgs.append(Message(u.kind, dict(u.header), rest))
@@ -217,6 +223,14 @@ class SHELoRA(Method):
             "clients": [h["client_id"] for h in headers],
         }
         return Message("broadcast", header, tensors)
+
+    def _expected_ciphertexts(self, upload: Message, slots: int) -> int:
+        """Ciphertexts an upload must carry, from public inputs: its budget and layer shapes."""
+        k = int(upload.header["budget"])
+        rows = [v.shape[0] for name, v in upload.tensors.items() if name.endswith(f"{SEP}B")]
+        if self.mode == "delta":
+            return -(-sum(rows) * k // slots)
+        return k * len(rows)
 
     @staticmethod
     def _sum_prefixes(blobs: list[list[bytes]], crypto: ServerCrypto) -> list[bytes]:
