@@ -18,7 +18,7 @@ __all__ = ["METHODS", "FederatedConfig"]
 #: aggregation methods the federation loop knows
 METHODS = ("fedavg", "flexlora", "shelora", "fedshield", "full_he")
 CIPHER_MODES = ("delta", "paper")
-COLUMN_ORDERS = ("w0_norm", "random")
+COLUMN_ORDERS = ("negotiated", "w0_norm", "random")
 PARTITIONS = ("iid", "dirichlet")
 DATASETS = ("rotten_tomatoes", "bbc_news")
 MODEL_NAMES = ("minilm", "smollm2")
@@ -59,8 +59,12 @@ class FederatedConfig:
             them by plaintext p_i s_i B_i). Defaults to ``"delta"``.
         ckks_params: a name in :data:`shelora_core.ckks.PARAM_SETS`, or ``None`` for the method's
             default (``add_only`` for SHE-LoRA delta, ``fedshield`` for the others).
-        column_order: SHE-LoRA's ordered column list G until negotiation lands: ``"w0_norm"``
-            (columns of the frozen weight by decreasing norm: public) or ``"random"`` (seeded).
+        column_order: SHE-LoRA's ordered column list G: ``"negotiated"`` (the paper: sensitivity
+            scores on each client's data, OPE, server-side negotiation before round 1),
+            ``"w0_norm"`` (columns of the frozen weight by decreasing norm: public, an ablation) or
+            ``"random"`` (seeded, an ablation).
+        calibration_examples: SHE-LoRA sensitivity: calibration examples per client (128).
+        negotiation_grid_step: SHE-LoRA negotiation: grid step of the (a, b) search (0.1).
         authors_weighting: SHE-LoRA: divide each encrypted column by its number of contributors
             as the authors' code does (a bug: B is already weighted); for comparison only.
         fedshield_weighted: FedShield-LLM / full HE: weighted mean by sample count (``True``) or
@@ -93,7 +97,9 @@ class FederatedConfig:
     he_budgets: tuple[int, ...] = (2, 4, 8)
     cipher_mode: str = "delta"
     ckks_params: str | None = None
-    column_order: str = "w0_norm"
+    column_order: str = "negotiated"
+    calibration_examples: int = 128
+    negotiation_grid_step: float = 0.1
     authors_weighting: bool = False
     fedshield_weighted: bool = True
     prune: bool = True
@@ -113,6 +119,11 @@ class FederatedConfig:
     def client_budget(self, client_id: int) -> int:
         """SHE-LoRA: encrypted columns per layer for this client."""
         return self.he_budgets[client_id % len(self.he_budgets)]
+
+    @property
+    def max_budget(self) -> int:
+        """SHE-LoRA: the largest HE budget of any client (the length of the column list G)."""
+        return max(self.client_budget(i) for i in range(self.num_clients))
 
     @property
     def client_ranks(self) -> tuple[int, ...]:

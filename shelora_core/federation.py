@@ -128,6 +128,7 @@ def client_step(
     round_: int,
     broadcast: bytes | None,
     crypto: ClientCrypto | None = None,
+    columns: dict[str, list[int]] | None = None,
 ) -> tuple[bytes, float, dict[str, float]]:
     """One client's round: adapter from the broadcast, local training, upload bytes.
 
@@ -140,6 +141,7 @@ def client_step(
         round_: 1-based round number.
         broadcast: the server's last broadcast, or ``None`` in the first round.
         crypto: the client's CKKS context (secret key) for encrypted methods.
+        columns: SHE-LoRA: the negotiated ordered column list G per layer (client-side state).
 
     Returns:
         ``(upload_bytes, mean_training_loss, seconds)`` with ``seconds`` split into
@@ -170,10 +172,11 @@ def client_step(
         seed=_seed(cfg.seed, round_, client_id, 1),
     )
     t2 = time.perf_counter()
-    columns = None
-    if cfg.method == "shelora":
+    if cfg.method == "shelora" and columns is None:
+        if cfg.column_order == "negotiated":
+            raise ValueError("SHE-LoRA with column_order='negotiated' needs the negotiated columns")
         columns = public_column_order(
-            model.base_weights(), max(cfg.he_budgets), order=cfg.column_order, seed=cfg.seed
+            model.base_weights(), cfg.max_budget, order=cfg.column_order, seed=cfg.seed
         )
     upload = method.make_upload(
         model.read(),
@@ -341,6 +344,8 @@ class Federation:
             ClientData(enc["input_ids"][p], enc["attention_mask"][p], enc["labels"][p])
             for p in (torch.as_tensor(p) for p in self.parts)
         ]
+        self.negotiation: dict[str, Any] | None = None  # SHE-LoRA: cost and outcome
+        self.columns: dict[str, list[int]] | None = None
         self.client_crypto: ClientCrypto | None = None
         self.server_crypto: ServerCrypto | None = None
         self.key_bytes = {"public": 0, "secret": 0}
@@ -362,6 +367,54 @@ class Federation:
     @property
     def metrics_path(self) -> Path:
         return self.results_dir / "federated_tuning" / f"{self.cfg.run_name}.jsonl"
+
+    def _columns(self, *, fresh: bool) -> dict[str, list[int]] | None:
+        """SHE-LoRA's column list G: negotiated once before round 1 (kept with the clients' keys
+        so a resumed run reuses it), or a public ablation order."""
+        cfg = self.cfg
+        if cfg.method != "shelora":
+            return None
+        if cfg.column_order != "negotiated":
+            return public_column_order(
+                self.model.base_weights(), cfg.max_budget, order=cfg.column_order, seed=cfg.seed
+            )
+        path = self.checkpoint_dir / "keys" / "columns.json"
+        if path.exists() and not fresh:
+            saved = json.loads(path.read_text())
+            self.negotiation = saved["negotiation"]
+            return saved["columns"]
+        from .methods.shelora_negotiation import client_columns, client_proposal, server_negotiate
+        from .ope import ColumnOPE, OPEKey
+
+        key_path = self.checkpoint_dir / "keys" / "ope.key"
+        key = OPEKey.from_bytes(key_path.read_bytes()) if key_path.exists() else OPEKey.generate()
+        key_path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(key_path, key.to_bytes())  # the clients' shared key: never sent to the server
+        ope = ColumnOPE(key)
+        t0 = time.perf_counter()
+        ups = [
+            encode(client_proposal(cfg, self.model, self.clients[i], client_id=i, ope=ope))
+            for i in range(cfg.num_clients)
+        ]
+        t1 = time.perf_counter()
+        msg, result = server_negotiate(cfg, [decode(u, expect_kind="proposal") for u in ups])
+        down = encode(msg)
+        t2 = time.perf_counter()
+        columns = client_columns(decode(down, expect_kind="negotiation"), ope)
+        self.negotiation = {
+            "proposal_bytes_per_client": float(np.mean([len(u) for u in ups])),
+            "broadcast_bytes": len(down),
+            "client_seconds": (t1 - t0) / cfg.num_clients,
+            "server_seconds": t2 - t1,
+            "coverage": result.coverage,
+            "risk": result.risk,
+            "tiers": {layer: [(t.a, t.b) for t in tiers] for layer, tiers in result.tiers.items()},
+        }
+        _atomic_write(
+            path,
+            json.dumps({"columns": columns, "negotiation": self.negotiation}, indent=1).encode(),
+        )
+        return columns
 
     def _keys(self, params: str) -> tuple[bytes, bytes]:
         """The key holder's CKKS contexts, kept beside the checkpoint so a resumed run can read
@@ -439,6 +492,7 @@ class Federation:
 
         cfg = self.cfg
         start, broadcast, history = self._load_checkpoint() if resume else (0, None, [])
+        self.columns = self._columns(fresh=not resume)
         bar = tqdm(
             range(start + 1, cfg.rounds + 1),
             desc=cfg.run_name[:40],
@@ -460,6 +514,7 @@ class Federation:
                     round_=rnd,
                     broadcast=broadcast,
                     crypto=self.client_crypto,
+                    columns=self.columns,
                 )
                 client_secs.append(time.perf_counter() - tc)
                 parts.append(secs)
@@ -497,7 +552,10 @@ class Federation:
             if stop_after_round is not None and rnd >= stop_after_round:
                 break
         bar.close()
-        return RunResult(cfg, history, self.partition_counts, meta=run_meta(cfg.seed))
+        meta = run_meta(cfg.seed)
+        if self.negotiation is not None:
+            meta["negotiation"] = self.negotiation
+        return RunResult(cfg, history, self.partition_counts, meta=meta)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

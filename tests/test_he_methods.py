@@ -233,3 +233,37 @@ def test_upload_with_a_ciphertext_count_that_does_not_match_the_layout_is_refuse
     msg.header["ciphertexts"] = 2
     with pytest.raises(MessageError, match="sent 2 ciphertexts; its budget 2 .* need 1"):
         server_step(cfg, [encode(msg)], round_=1, crypto=keys["add_only"].server())
+
+
+def test_shelora_negotiates_its_columns_before_round_one_and_resume_reuses_them(
+    tiny_config, minilm_model, tmp_path
+):
+    import ast
+    from pathlib import Path
+
+    from shelora_core.federation import Federation
+
+    cfg = tiny_config.replace(
+        method="shelora", he_budgets=(1, 3), rounds=1, calibration_examples=16
+    )
+    fed = Federation(cfg, results_dir=tmp_path, model=minilm_model)
+    res = fed.run()
+    neg = res.meta["negotiation"]
+    assert neg["proposal_bytes_per_client"] > 0 and neg["broadcast_bytes"] > 0
+    for layer, cols in fed.columns.items():
+        assert len(cols) == 3 and len(set(cols)) == 3
+        assert all(0 <= c < minilm_model.layer_shapes[layer][1] for c in cols)
+    again = Federation(cfg, results_dir=tmp_path, model=minilm_model)
+    again.run()
+    assert again.columns == fed.columns
+    # the server side of the negotiation never touches the OPE module (it cannot hold the key)
+    src = Path(__file__).parents[1] / "shelora_core" / "negotiation.py"
+    names = {
+        a.name
+        for n in ast.walk(ast.parse(src.read_text()))
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+        for a in n.names
+    }
+    mods = {n.module for n in ast.walk(ast.parse(src.read_text())) if isinstance(n, ast.ImportFrom)}
+    assert not any("ope" == (m or "").rsplit(".", 1)[-1] or "pyope" in (m or "") for m in mods)
+    assert "pyope" not in names

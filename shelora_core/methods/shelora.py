@@ -106,7 +106,7 @@ class SHELoRA(Method):
                 "SHE-LoRA uploads need the client's CKKS context and the column list G"
             )
         k = self.cfg.client_budget(client_id)
-        k_max = max(self.cfg.he_budgets)
+        k_max = self.cfg.max_budget
         s = lora_scaling(weights.alpha, weights.rank)
         plain = AdapterWeights(weights.rank, weights.alpha, {}, weights.head)
         protected: dict[str, np.ndarray] = {}
@@ -201,7 +201,7 @@ class SHELoRA(Method):
         for k, v in self._mean_head(weights, p).items():
             tensors[f"head{SEP}{k}"] = v
         budgets = [int(h["budget"]) for h in headers]
-        k_max = max(self.cfg.he_budgets)
+        k_max = self.cfg.max_budget
         if self.mode == "delta":
             summed = self._sum_prefixes(blobs, crypto)
         else:
