@@ -23,9 +23,32 @@ from ..aggregation import normalize_weights, weighted_mean
 from ..lora import AdapterWeights
 from ..messages import Message, MessageError, require
 
-__all__ = ["Method", "adapter_to_upload", "fit_rank", "upload_to_adapter"]
+__all__ = [
+    "Method",
+    "adapter_to_upload",
+    "attach_ciphertexts",
+    "fit_rank",
+    "split_ciphertexts",
+    "upload_to_adapter",
+]
 
 SEP = "|"
+#: tensor-name prefix of serialized CKKS ciphertexts inside a message (``enc|0``, ``enc|1``, ...)
+ENC = "enc"
+
+
+def attach_ciphertexts(tensors: dict[str, np.ndarray], blobs: Sequence[bytes]) -> None:
+    """Store serialized ciphertexts in a message's tensors as uint8 arrays ``enc|c``."""
+    for c, blob in enumerate(blobs):
+        tensors[f"{ENC}{SEP}{c}"] = np.frombuffer(blob, dtype=np.uint8)
+
+
+def split_ciphertexts(msg: Message) -> tuple[Message, list[bytes]]:
+    """``(msg without its ciphertexts, the ciphertexts in order)``; the count is in the header."""
+    require(msg.header, "ciphertexts")
+    blobs = [msg.tensors[f"{ENC}{SEP}{c}"].tobytes() for c in range(msg.header["ciphertexts"])]
+    rest = {k: v for k, v in msg.tensors.items() if not k.startswith(ENC + SEP)}
+    return Message(msg.kind, dict(msg.header), rest), blobs
 
 
 def adapter_to_upload(
@@ -167,6 +190,29 @@ class Method(ABC):
         # p_i by sample count over the clients that answered (re-normalised on dropouts)
         p = normalize_weights([h["num_examples"] for h in headers])
         return headers, weights, p
+
+    def _broadcast(
+        self,
+        tensors: dict[str, np.ndarray],
+        weights: Sequence[AdapterWeights],
+        p: np.ndarray,
+        headers: Sequence[dict],
+        *,
+        round_: int,
+        r_max: int,
+        **extra: Any,
+    ) -> Message:
+        """The broadcast: ``tensors`` plus the plaintext-averaged head, and the common header."""
+        for k, v in self._mean_head(weights, p).items():
+            tensors[f"head{SEP}{k}"] = v
+        header = {
+            "method": self.name,
+            "round": round_,
+            "max_rank": r_max,
+            **extra,
+            "clients": [h["client_id"] for h in headers],
+        }
+        return Message("broadcast", header, tensors)
 
     @staticmethod
     def _mean_head(weights: Sequence[AdapterWeights], p: np.ndarray) -> dict[str, np.ndarray]:

@@ -20,17 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from ..aggregation import normalize_weights
+from ..aggregation import normalize_weights, weighted_mean
 from ..ckks import ClientCrypto, PackingLayout, ServerCrypto, check_fingerprint
 from ..config import FederatedConfig
 from ..lora import AdapterWeights
 from ..messages import Message, MessageError, require
 from ..pruning import l1_unstructured, prune_ratio
-from .base import SEP, Method, fit_rank
+from .base import SEP, Method, attach_ciphertexts, fit_rank, split_ciphertexts
 
 __all__ = ["FedShield", "FullHE"]
-
-ENC = "enc"
 
 
 def factor_layout(shapes: dict[str, tuple[int, int]], r_max: int, slots: int) -> PackingLayout:
@@ -77,7 +75,8 @@ class FedShield(Method):
             arrays[f"{layer}{SEP}B"] = bp.ravel()
             arrays[f"{layer}{SEP}A"] = ap.ravel()
         blobs = crypto.encrypt(layout.pack(arrays))
-        tensors = {f"{ENC}{SEP}{c}": np.frombuffer(x, dtype=np.uint8) for c, x in enumerate(blobs)}
+        tensors: dict[str, np.ndarray] = {}
+        attach_ciphertexts(tensors, blobs)
         for k, v in weights.head.items():
             tensors[f"head{SEP}{k}"] = np.asarray(v, np.float32)
         header = {
@@ -109,9 +108,7 @@ class FedShield(Method):
         for u in uploads:
             require(u.header, "fingerprint", "ciphertexts", "num_examples", "shapes", "r_max")
             check_fingerprint(crypto.fingerprint, u.header["fingerprint"])
-            blobs.append(
-                [u.tensors[f"{ENC}{SEP}{c}"].tobytes() for c in range(u.header["ciphertexts"])]
-            )
+            blobs.append(split_ciphertexts(u)[1])
             sizes.append(u.header["num_examples"])
         if any(u.header["shapes"] != uploads[0].header["shapes"] for u in uploads):
             raise MessageError("clients uploaded different layer shapes")
@@ -121,15 +118,11 @@ class FedShield(Method):
             else np.full(len(sizes), 1.0 / len(sizes))
         )
         summed = crypto.weighted_sum(blobs, [float(x) for x in p])
-        tensors = {f"{ENC}{SEP}{c}": np.frombuffer(x, dtype=np.uint8) for c, x in enumerate(summed)}
-        heads = [
-            {k.split(SEP, 1)[1]: v for k, v in u.tensors.items() if k.startswith("head" + SEP)}
-            for u in uploads
-        ]
+        tensors = {}
+        attach_ciphertexts(tensors, summed)
+        heads = [self._split(u)[1] for u in uploads]
         for k in heads[0]:
-            tensors[f"head{SEP}{k}"] = sum(
-                pi * h[k].astype(np.float64) for pi, h in zip(p, heads, strict=True)
-            ).astype(np.float32)
+            tensors[f"head{SEP}{k}"] = weighted_mean([h[k] for h in heads], p).astype(np.float32)
         h0 = uploads[0].header
         header = {
             "method": self.name,
@@ -159,18 +152,14 @@ class FedShield(Method):
         shapes = {k: tuple(v) for k, v in h["shapes"].items()}
         r_max = int(h["max_rank"])
         layout = factor_layout(shapes, r_max, crypto.slots)
-        blobs = [broadcast.tensors[f"{ENC}{SEP}{c}"].tobytes() for c in range(h["ciphertexts"])]
+        plain, blobs = split_ciphertexts(broadcast)
         parts = layout.unpack(crypto.decrypt(blobs, layout.total))
         factors = {}
         for layer, (m, n) in shapes.items():
             b = parts[f"{layer}{SEP}B"].reshape(m, r_max)
             a = parts[f"{layer}{SEP}A"].reshape(r_max, n)
             factors[layer] = fit_rank(b[:, :rank], a[:rank], rank, seed=seed)
-        head = {
-            k.split(SEP, 1)[1]: v
-            for k, v in broadcast.tensors.items()
-            if k.startswith("head" + SEP)
-        }
+        _, head = self._split(plain)
         return AdapterWeights(rank=rank, alpha=alpha, factors=factors, head=head)
 
 

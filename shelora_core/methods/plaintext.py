@@ -57,15 +57,7 @@ class FedAvg(Method):
             b, a = fit_rank(b, a, r_max, seed=round_)  # zero-pad to the federation's max rank
             tensors[f"{layer}{SEP}B"] = b
             tensors[f"{layer}{SEP}A"] = a
-        for k, v in self._mean_head(weights, p).items():
-            tensors[f"head{SEP}{k}"] = v
-        header = {
-            "method": self.name,
-            "round": round_,
-            "max_rank": r_max,
-            "clients": [h["client_id"] for h in headers],
-        }
-        return Message("broadcast", header, tensors)
+        return self._broadcast(tensors, weights, p, headers, round_=round_, r_max=r_max)
 
     def client_weights(
         self, broadcast: Message, *, rank: int, alpha: float, seed: int = 0, crypto: object = None
@@ -101,15 +93,7 @@ class FlexLoRA(Method):
             tensors[f"{layer}{SEP}U"] = svd.u.astype(np.float32)
             tensors[f"{layer}{SEP}S"] = svd.s.astype(np.float32)
             tensors[f"{layer}{SEP}Vt"] = svd.vt.astype(np.float32)
-        for k, v in self._mean_head(weights, p).items():
-            tensors[f"head{SEP}{k}"] = v
-        header = {
-            "method": self.name,
-            "round": round_,
-            "max_rank": r_max,
-            "clients": [h["client_id"] for h in headers],
-        }
-        return Message("broadcast", header, tensors)
+        return self._broadcast(tensors, weights, p, headers, round_=round_, r_max=r_max)
 
     def client_weights(
         self, broadcast: Message, *, rank: int, alpha: float, seed: int = 0, crypto: object = None

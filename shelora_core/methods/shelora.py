@@ -30,7 +30,6 @@ through the low-rank SVD (:mod:`shelora_core.column_aggregation`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 
@@ -40,11 +39,17 @@ from ..column_aggregation import fuse, plain_part, protected_columns, reparamete
 from ..config import FederatedConfig
 from ..lora import AdapterWeights
 from ..messages import Message, MessageError, require
-from .base import SEP, Method, adapter_to_upload, fit_rank, upload_to_adapter
+from .base import (
+    SEP,
+    Method,
+    adapter_to_upload,
+    attach_ciphertexts,
+    fit_rank,
+    split_ciphertexts,
+    upload_to_adapter,
+)
 
 __all__ = ["SHELoRA", "public_column_order"]
-
-ENC = "enc"
 
 
 def public_column_order(
@@ -146,8 +151,7 @@ class SHELoRA(Method):
             for j in range(k):
                 for layer in sorted(protected):
                     blobs += crypto.encrypt(protected[layer][:, j])
-        for c, blob in enumerate(blobs):
-            msg.tensors[f"{ENC}{SEP}{c}"] = np.frombuffer(blob, dtype=np.uint8)
+        attach_ciphertexts(msg.tensors, blobs)
         msg.header["ciphertexts"] = len(blobs)
         return msg
 
@@ -177,9 +181,8 @@ class SHELoRA(Method):
                     f"client {u.header.get('client_id')} sent {u.header['ciphertexts']} ciphertexts; "
                     f"its budget {u.header['budget']} and layer shapes need {expected}"
                 )
-            enc = [u.tensors[f"{ENC}{SEP}{c}"].tobytes() for c in range(u.header["ciphertexts"])]
-            rest = {k: v for k, v in u.tensors.items() if not k.startswith(ENC + SEP)}
-            plain_msgs.append(Message(u.kind, dict(u.header), rest))
+            plain, enc = split_ciphertexts(u)
+            plain_msgs.append(plain)
             blobs.append(enc)
             headers.append(u.header)
         columns = headers[0]["columns"]
@@ -198,31 +201,29 @@ class SHELoRA(Method):
             tensors[f"{layer}{SEP}U"] = svd.u.astype(np.float32)
             tensors[f"{layer}{SEP}S"] = svd.s.astype(np.float32)
             tensors[f"{layer}{SEP}Vt"] = svd.vt.astype(np.float32)
-        for k, v in self._mean_head(weights, p).items():
-            tensors[f"head{SEP}{k}"] = v
         budgets = [int(h["budget"]) for h in headers]
         k_max = self.cfg.max_budget
         if self.mode == "delta":
             summed = self._sum_prefixes(blobs, crypto)
         else:
             summed = self._paper_products(blobs, weights, p, scalings, budgets, crypto)
-        for c, blob in enumerate(summed):
-            tensors[f"{ENC}{SEP}{c}"] = np.frombuffer(blob, dtype=np.uint8)
+        attach_ciphertexts(tensors, summed)
         counts = [sum(1 for k in budgets if k > j) for j in range(k_max)]
-        header: dict[str, Any] = {
-            "method": self.name,
-            "round": round_,
-            "max_rank": r_max,
-            "columns": columns,
-            "k_max": k_max,
-            "contributors": counts,
-            "ciphertexts": len(summed),
-            "total_examples": int(sum(h["num_examples"] for h in headers)),
-            "fingerprint": crypto.fingerprint,
-            "cipher_mode": self.mode,
-            "clients": [h["client_id"] for h in headers],
-        }
-        return Message("broadcast", header, tensors)
+        return self._broadcast(
+            tensors,
+            weights,
+            p,
+            headers,
+            round_=round_,
+            r_max=r_max,
+            columns=columns,
+            k_max=k_max,
+            contributors=counts,
+            ciphertexts=len(summed),
+            total_examples=int(sum(h["num_examples"] for h in headers)),
+            fingerprint=crypto.fingerprint,
+            cipher_mode=self.mode,
+        )
 
     def _expected_ciphertexts(self, upload: Message, slots: int) -> int:
         """Ciphertexts an upload must carry, from public inputs: its budget and layer shapes."""
@@ -282,9 +283,8 @@ class SHELoRA(Method):
             raise ValueError("a SHE-LoRA client needs its CKKS context to read the broadcast")
         h = broadcast.header
         check_fingerprint(crypto.fingerprint, h["fingerprint"])
-        layers, head = self._split(broadcast)
-        enc = layers.pop(ENC, {})
-        blobs = [enc[str(c)].tobytes() for c in range(h["ciphertexts"])]
+        plain, blobs = split_ciphertexts(broadcast)
+        layers, head = self._split(plain)
         rows = {layer: t["U"].shape[0] for layer, t in layers.items()}
         k_max = int(h["k_max"])
         if k_max == 0:  # nothing protected: SHE-LoRA degenerates to FlexLoRA
@@ -323,5 +323,4 @@ class SHELoRA(Method):
 
 def decode_upload(msg: Message):
     """The plaintext part of an upload (what an attacker reads), without the ciphertexts."""
-    rest = {k: v for k, v in msg.tensors.items() if not k.startswith(ENC + SEP)}
-    return upload_to_adapter(Message(msg.kind, dict(msg.header), rest))
+    return upload_to_adapter(split_ciphertexts(msg)[0])
