@@ -8,7 +8,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["accuracy_curves", "partition_heatmap", "save"]
+__all__ = [
+    "accuracy_curves",
+    "column_list_chart",
+    "layer_spectra",
+    "objective_heatmaps",
+    "ope_leakage",
+    "partition_heatmap",
+    "save",
+    "score_distributions",
+]
 
 
 def partition_heatmap(
@@ -74,6 +83,252 @@ def accuracy_curves(
     axes[0][0].set_ylabel("test accuracy")
     axes[0][-1].legend(fontsize=8, loc="lower right")
     fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _short(layer: str) -> str:
+    """``bert.encoder.layer.3.attention.self.query`` -> ``L3.query`` (for axis labels)."""
+    parts = layer.split(".")
+    num = next((p for p in parts if p.isdigit()), "")
+    return f"L{num}.{parts[-1]}" if num else parts[-1]
+
+
+def layer_spectra(
+    norms: Mapping[str, np.ndarray], *, top: int = 8, title: str = "", max_lines: int = 12
+):
+    """Activation norms ``||X_j||`` per layer: sorted spectra and the top features' energy share.
+
+    Left: each layer's norms sorted in decreasing order, divided by the layer's median (log scale),
+    so a few massive-activation features stand out as the head of the curve. Right: the share of
+    ``E||x||^2 = sum_j ||X_j||^2`` carried by the ``top`` largest features of each layer, beside the
+    share they would carry if all features were equal (``top / n``).
+
+    Args:
+        norms: layer name -> ``||X_j||`` (n,), in layer order.
+        top: how many of the largest features the right panel counts.
+        title: figure title.
+        max_lines: at most this many layers are drawn on the left (evenly spaced).
+    """
+    import matplotlib.pyplot as plt
+
+    names = list(norms)
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 3.6))
+    step = max(1, int(np.ceil(len(names) / max_lines)))
+    cmap = plt.get_cmap("viridis")
+    for i, name in enumerate(names[::step]):
+        v = np.sort(np.asarray(norms[name], np.float64))[::-1]
+        ax0.plot(
+            np.arange(1, v.size + 1),
+            v / np.median(v),
+            color=cmap(i / max(1, len(names[::step]) - 1)),
+            lw=1.2,
+            label=_short(name),
+        )
+    ax0.set_xscale("log")
+    ax0.set_yscale("log")
+    ax0.axvline(top, color="grey", ls=":", lw=1)
+    ax0.set_xlabel("feature rank (by ||X_j||)")
+    ax0.set_ylabel("||X_j|| / median")
+    ax0.legend(fontsize=7, ncol=2)
+    ax0.grid(alpha=0.3)
+    shares, uniform = [], []
+    for name in names:
+        e = np.sort(np.asarray(norms[name], np.float64) ** 2)[::-1]
+        shares.append(e[:top].sum() / e.sum())
+        uniform.append(min(top, e.size) / e.size)
+    x = np.arange(len(names))
+    ax1.bar(x, shares, color="tab:red", label=f"top {top} features")
+    ax1.plot(x, uniform, "k_", ms=12, mew=2, label="if all features were equal")
+    ax1.set_xticks(x, [_short(n) for n in names], rotation=90 if len(names) > 8 else 0, fontsize=7)
+    ax1.set_ylabel("share of E||x||^2")
+    ax1.set_ylim(0, 1)
+    ax1.legend(fontsize=8)
+    ax1.grid(alpha=0.3, axis="y")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def score_distributions(scores: Mapping[str, Mapping[str, np.ndarray]], *, title: str = ""):
+    """Per-layer distributions of column scores (log10), one panel per scoring variant.
+
+    Args:
+        scores: variant -> layer name -> scores (n,). Zero scores are clipped to the smallest
+            positive score of the layer before the logarithm.
+        title: figure title.
+    """
+    import matplotlib.pyplot as plt
+
+    variants = list(scores)
+    fig, axes = plt.subplots(
+        1, len(variants), figsize=(5.5 * len(variants), 3.6), squeeze=False, sharey=True
+    )
+    for ax, variant in zip(axes[0], variants, strict=True):
+        names = list(scores[variant])
+        data = []
+        for name in names:
+            s = np.asarray(scores[variant][name], np.float64)
+            pos = s[s > 0]
+            floor = pos.min() if pos.size else 1e-12
+            data.append(np.log10(np.maximum(s, floor)))
+        ax.boxplot(data, whis=(1, 99), flierprops={"markersize": 2, "alpha": 0.5})
+        ax.set_xticks(
+            range(1, len(names) + 1),
+            [_short(n) for n in names],
+            rotation=90 if len(names) > 8 else 0,
+            fontsize=7,
+        )
+        ax.set_title(variant)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].set_ylabel("log10 S_j (box: quartiles, whiskers: 1-99%)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def objective_heatmaps(panels: Sequence[Mapping[str, Any]], *, title: str = ""):
+    """The negotiation's (a, b) landscape: one heat map of the objective per panel.
+
+    Args:
+        panels: dicts with ``a`` and ``b`` (axes), ``z`` (``Z[ib, ia]``, NaN off the simplex),
+            ``title`` and optionally ``chosen`` (the chosen ``(a, b)``, marked with a star).
+        title: figure title.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.6), squeeze=False)
+    finite = [p["z"][np.isfinite(p["z"])] for p in panels]
+    lo = min((float(f.min()) for f in finite if f.size), default=0.0)
+    hi = max((float(f.max()) for f in finite if f.size), default=1.0)
+    im = None
+    for ax, p in zip(axes[0], panels, strict=True):
+        a, b = np.asarray(p["a"]), np.asarray(p["b"])
+        da, db = (a[1] - a[0]) / 2 if a.size > 1 else 0.5, (b[1] - b[0]) / 2 if b.size > 1 else 0.5
+        im = ax.imshow(
+            np.ma.masked_invalid(p["z"]),
+            origin="lower",
+            extent=(a[0] - da, a[-1] + da, b[0] - db, b[-1] + db),
+            cmap="viridis",
+            vmin=lo,
+            vmax=hi if hi > lo else lo + 1e-9,
+            aspect="equal",
+        )
+        if p.get("chosen") is not None:
+            ax.plot(*p["chosen"], marker="*", color="red", ms=14, mec="white")
+        ax.set_xlabel("a (share from the tier's Clients list)")
+        ax.set_title(p.get("title", ""), fontsize=9)
+    axes[0][0].set_ylabel("b (share from Common)")
+    fig.colorbar(im, ax=axes[0].tolist(), label="min Coverage - max Risk")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+_SOURCE_COLORS = {
+    "clients": "tab:blue",
+    "common": "tab:orange",
+    "sensitivity": "tab:green",
+    "filler": "tab:grey",
+}
+
+
+def column_list_chart(
+    columns: Mapping[str, Sequence[int]],
+    sources: Mapping[str, Sequence[str]],
+    budgets: Sequence[int],
+    *,
+    title: str = "",
+):
+    """The negotiated ordered list G per layer: position -> column, coloured by source.
+
+    Args:
+        columns: layer -> ordered column indices (decrypted, i.e. the clients' view).
+        sources: layer -> per position the list it came from (``clients``, ``common``,
+            ``sensitivity`` or ``filler``).
+        budgets: the clients' budgets; a vertical line marks the end of every prefix ``G[:k]``.
+        title: figure title.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    names = list(columns)
+    width = max((len(c) for c in columns.values()), default=0)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.42 * width + 2.5), 0.42 * len(names) + 1.6))
+    for row, name in enumerate(names):
+        for pos, (col, src) in enumerate(zip(columns[name], sources[name], strict=True)):
+            ax.add_patch(
+                plt.Rectangle((pos, row), 1, 1, color=_SOURCE_COLORS.get(src, "white"), alpha=0.75)
+            )
+            ax.text(pos + 0.5, row + 0.5, str(col), ha="center", va="center", fontsize=6.5)
+    for k in sorted({int(k) for k in budgets if k > 0}):
+        ax.axvline(k, color="black", lw=1.5)
+        ax.text(k - 0.05, -0.08, f"k={k}", ha="right", va="bottom", fontsize=8)
+    ax.set_xlim(0, max(width, 1))
+    ax.set_ylim(len(names), -0.6)
+    ax.set_yticks(np.arange(len(names)) + 0.5, [_short(n) for n in names], fontsize=8)
+    ax.set_xlabel("position in G (a client with budget k encrypts positions < k)")
+    ax.legend(
+        handles=[Patch(color=c, alpha=0.75, label=s) for s, c in _SOURCE_COLORS.items()],
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+        fontsize=8,
+        title="taken from",
+    )
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def ope_leakage(
+    true_indices: Sequence[int],
+    estimates: Sequence[int],
+    n: int,
+    *,
+    proposed: tuple[Sequence[int], Sequence[int]] | None = None,
+    title: str = "",
+):
+    """What the server learns from OPE index ciphertexts: its estimate against the truth.
+
+    Left: estimate vs true index (the diagonal is perfect recovery). Right: histogram of the
+    absolute error, beside the error distribution of guessing a uniform column (no leakage).
+
+    Args:
+        true_indices: column indices that were encrypted.
+        estimates: the server's estimates (same order).
+        n: layer width.
+        proposed: optional ``(true, estimates)`` of the columns clients actually proposed,
+            highlighted on the left.
+        title: figure title.
+    """
+    import matplotlib.pyplot as plt
+
+    j = np.asarray(true_indices, np.int64)
+    e = np.asarray(estimates, np.int64)
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 3.8))
+    ax0.scatter(j, e, s=4, alpha=0.5, label="all columns")
+    if proposed is not None:
+        ax0.scatter(*proposed, s=18, color="tab:red", label="proposed columns")
+    ax0.plot([0, n - 1], [0, n - 1], color="grey", lw=1, ls=":")
+    ax0.set_xlabel("true column index")
+    ax0.set_ylabel("server's estimate from the ciphertext")
+    ax0.legend(fontsize=8)
+    ax0.grid(alpha=0.3)
+    err = np.abs(e - j)
+    grid = np.arange(n)
+    rand = np.abs(grid[None, :] - j[:, None]).ravel()
+    bins = np.linspace(0, n, 49)
+    ax1.hist(rand, bins=bins, density=True, alpha=0.5, color="grey", label="uniform random guess")
+    ax1.hist(err, bins=bins, density=True, alpha=0.8, color="tab:blue", label="OPE estimate")
+    ax1.set_yscale("log")
+    ax1.set_xlabel("|estimate - true index| (columns)")
+    ax1.set_ylabel("density")
+    ax1.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig
 

@@ -19,6 +19,8 @@ TINY = [
 ]
 #: what each notebook records (its JSON) when run with the quick profile
 RECORDS = {
+    "01_sensitivity": "sensitivity.json",
+    "02_negotiation": "negotiation.json",
     "03_encryption": "encryption.json",
     "04_aggregation": "aggregation.json",
     "05_federated_tuning": "federated_tuning.json",
@@ -67,6 +69,95 @@ def test_quick_profile_executes_notebook_and_records(tmp_path, name):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     record = json.loads((tmp_path / "quick" / RECORDS[name]).read_text())
     assert record["meta"]["versions"]["tenseal"] == "0.3.18"
+
+
+#: tiny federations for the sensitivity / negotiation notebooks (2 clients, short texts)
+TINY_CLIENTS = [
+    "num_clients=2",
+    "train_examples=120",
+    "eval_examples=32",
+    "min_client_examples=10",
+    "max_length=32",
+]
+
+
+def _sets(*items):
+    return [a for s in items for a in ("--set", s)]
+
+
+@pytest.mark.smoke
+def test_quick_profile_executes_notebook_01_and_records_sensitivity(tmp_path):
+    proc = _run(
+        tmp_path,
+        "01",
+        *_sets(
+            *TINY_CLIENTS,
+            "minilm_sizes=(8,16)",
+            "smollm2_sizes=(4,)",
+            "smollm2_clients=1",
+            "ks=(2,4,8)",
+            "train_steps=2",
+        ),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rec = json.loads((tmp_path / "quick" / "sensitivity.json").read_text())
+    assert set(rec["models"]) == {"minilm", "smollm2"}
+    mini = rec["models"]["minilm"]
+    assert mini["width"] == 384 and mini["layers"] == 6 and mini["reference_size"] == 16
+    assert set(mini["client_overlap"]) == {"2", "4", "8"}
+    for k, v in mini["client_overlap"].items():
+        assert mini["random_overlap"][k] == pytest.approx(int(k) / 384)
+        assert mini["random_overlap"][k] < v <= 1
+    for layer in mini["massive"].values():
+        assert layer["share"] > 2 * layer["uniform_share"]
+    assert mini["calibration_overlap"]["16"] == 1.0
+    assert all(0 <= v <= 1 for v in mini["variant_overlap"].values())
+    assert rec["models"]["smollm2"]["width"] == 576
+    assert rec["models"]["smollm2"]["client_overlap_matrix"] is None  # one client: no pairs
+    assert rec["after_training"]["train_steps"] == 2 and rec["after_training"]["rel_change_A"] > 0
+    assert rec["meta"]["versions"]["torch"].startswith("2.13.0")
+    for name in ("sensitivity_spectra_minilm", "sensitivity_client_overlap"):
+        assert (tmp_path / "quick" / "figures" / f"{name}.png").stat().st_size > 10_000
+
+
+@pytest.mark.smoke
+def test_quick_profile_executes_notebook_02_and_records_negotiation(tmp_path):
+    proc = _run(
+        tmp_path,
+        "02",
+        *_sets(
+            *TINY_CLIENTS,
+            "calibration_examples=16",
+            "wide_budgets=(4,8)",
+            "random_seeds=1",
+            "leakage_keys=1",
+            "public_examples=16",
+        ),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rec = json.loads((tmp_path / "quick" / "negotiation.json").read_text())
+    assert [c["budget"] for c in rec["clients"]] == [2, 4]
+    assert len(rec["cost"]["proposal_bytes"]) == 2 and rec["cost"]["broadcast_bytes"] > 0
+    for layer, cols in rec["columns"].items():  # one ordered list of the largest budget per layer
+        assert len(cols) == 4 and len(set(cols)) == 4 and all(0 <= j < 384 for j in cols)
+        assert [t["budget"] for t in rec["tiers"][layer]] == [2, 4]
+        for t in rec["tiers"][layer]:
+            assert 0 <= t["a"] <= 1 and 0 <= t["b"] <= 1 - t["a"] + 1e-9
+    assert set(rec["coverage_per_client"]) == {"0", "1"}
+    assert all(0 <= v <= 1 for v in rec["coverage_per_client"].values())
+    assert all(0 <= v <= 1 for v in rec["risk_per_client"].values())
+    assert rec["grid_vs_random"]["main"]["tier1_random_better"] == 0
+    assert rec["edge_cases"]["identical_proposals"] == {"coverage": [1.0], "risk": [0.0]}
+    assert rec["edge_cases"]["single_client"]["coverage"] == 1.0
+    assert rec["edge_cases"]["budget_zero"]["prefix_length"] == 0
+    assert "lower its HE budget" in rec["edge_cases"]["budget_above_width"]
+    leak = rec["ope_leakage"]
+    assert leak["exact_hit_rate_random_guess"] == pytest.approx(1 / 384)
+    for v in leak["all_columns"].values():
+        assert v["mae"] < 0.25 * v["mae_random_guess"] and 0 <= v["exact_hit_rate"] < 0.5
+    assert 0 <= rec["public_model_guess"]["hit_rate"] <= 1
+    assert rec["meta"]["versions"]["torch"].startswith("2.13.0")
+    assert (tmp_path / "quick" / "figures" / "negotiation_ope_leakage.png").stat().st_size > 10_000
 
 
 @pytest.mark.smoke
