@@ -52,10 +52,21 @@ def parse_sets(items: list[str]) -> dict:
         if not sep:
             raise SystemExit(f"--set expects key=value (got {item!r}), e.g. --set rounds=1")
         try:
-            out[key] = ast.literal_eval(value)
+            out[key] = _jsonable(ast.literal_eval(value))
         except (ValueError, SyntaxError):
             out[key] = value
     return out
+
+
+def _jsonable(value):
+    """Tuples -> lists (recursively): papermill writes unknown types into the notebook as
+    strings, so ``--set ranks=(8,16)`` would arrive as the text "(8, 16)"; the config turns
+    lists back into tuples."""
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
 
 
 def run_notebook(nb: Path, out_dir: Path, params: dict, kernel: str) -> float:

@@ -182,3 +182,13 @@ def test_unknown_notebook_filter_exits_2(tmp_path):
         text=True,
     )
     assert proc.returncode == 2 and "no notebook matches" in proc.stderr
+
+
+def test_set_values_reach_notebooks_as_literals_tuples_as_lists():
+    sys.path.insert(0, str(ROOT))
+    try:
+        from reproduce import parse_sets
+    finally:
+        sys.path.pop(0)
+    got = parse_sets(["ranks=(8, 16)", "rounds=2", "name=abc", "nested={'a': (1, (2,))}"])
+    assert got == {"ranks": [8, 16], "rounds": 2, "name": "abc", "nested": {"a": [1, [2]]}}
