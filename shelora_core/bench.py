@@ -123,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_reductions(res: dict) -> None:
     paper = res["paper"]
-    print("\nSHE-LoRA vs full HE (measured here | paper v2 / v1):")
+    print("\nSHE-LoRA and MaskCrypt vs full HE (measured here | paper v2 / v1 for SHE-LoRA):")
     for r in res["rows"]:
-        if r.get("method", "").startswith("shelora") and "skipped" not in r:
+        if r.get("method", "").startswith(("shelora", "maskcrypt")) and "skipped" not in r:
             print(
                 f"  {r['model']:14s} {r['method']:14s} upload {r['upload_change_vs_full_he_pct']:+7.2f}% "
                 f"| {paper['upload_reduction_vs_full_he']['v2']}% / "
@@ -135,6 +135,14 @@ def _print_reductions(res: dict) -> None:
                 f"{paper['encryption_time_reduction_vs_full_he']['v1']}%   upload "
                 f"{r['upload_vs_flexlora_x']:.2f}x plaintext FlexLoRA"
             )
+            if "mask_upload_bytes" in r:
+                print(
+                    f"  {'':14s} {'':14s} + mask exchange per round: proposal "
+                    f"{r['mask_upload_bytes'] / 1e6:.2f} MB up, consensus "
+                    f"{r['mask_download_bytes'] / 1e6:.2f} MB down, scoring "
+                    f"{r['client_mask_seconds']:.3f} s, consensus "
+                    f"{r['consensus_server_seconds']:.3f} s"
+                )
 
 
 def _he_figure(rows: list[dict], path: Path) -> None:
@@ -166,7 +174,10 @@ def _he_figure(rows: list[dict], path: Path) -> None:
         ax.set_xticks(np.arange(len(models)) + 0.4 - width / 2, models)
         ax.set_title(label, fontsize=10)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Measured HE costs: ranks 8/16/32, SHE-LoRA budgets 2/4/8 columns per layer")
+    fig.suptitle(
+        "Measured HE costs: ranks 8/16/32, SHE-LoRA budgets 2/4/8 columns per layer "
+        "(MaskCrypt: as many values)"
+    )
     fig.tight_layout()
     save(fig, path)
 

@@ -16,12 +16,33 @@ from typing import Any
 __all__ = ["METHODS", "FederatedConfig"]
 
 #: aggregation methods the federation loop knows
-METHODS = ("fedavg", "flexlora", "shelora", "fedshield", "full_he")
+METHODS = ("fedavg", "flexlora", "shelora", "fedshield", "full_he", "maskcrypt")
 CIPHER_MODES = ("delta", "paper")
+PROTECT_MODES = ("encrypt", "withhold")
 COLUMN_ORDERS = ("negotiated", "w0_norm", "random")
 PARTITIONS = ("iid", "dirichlet")
 DATASETS = ("rotten_tomatoes", "bbc_news")
 MODEL_NAMES = ("minilm", "smollm2")
+
+#: ``(out, in)`` = ``(m, n)`` of every LoRA target module of the shipped models (public: the
+#: pretrained architectures; SmolLM2 has grouped-query attention, so k/v project to 3 x 64 = 192).
+#: Budgets are checked against these before any model is loaded; ``tests/test_config.py`` checks
+#: the MiniLM entries against the loaded model.
+LAYER_SHAPES: dict[str, dict[str, tuple[int, int]]] = {
+    "minilm": {"query": (384, 384), "key": (384, 384), "value": (384, 384)},
+    "smollm2": {
+        "q_proj": (576, 576),
+        "k_proj": (192, 576),
+        "v_proj": (192, 576),
+        "o_proj": (576, 576),
+    },
+}
+_DEFAULT_TARGETS = {"minilm": ("query",), "smollm2": ("q_proj",)}
+
+#: fields added after runs were first recorded, with their defaults: they enter
+#: :meth:`FederatedConfig.fingerprint` only when set to another value, so the runs (names,
+#: checkpoints, results) of every configuration that does not use them keep their identity
+_LATE_FIELDS: dict[str, Any] = {"shelora_protect": "encrypt", "renegotiate_every": None}
 
 
 @dataclass(frozen=True)
@@ -29,7 +50,10 @@ class FederatedConfig:
     """One federated LoRA fine-tuning run.
 
     Attributes:
-        method: aggregation, one of :data:`METHODS`. Defaults to ``"flexlora"``.
+        method: aggregation, one of :data:`METHODS`. Defaults to ``"flexlora"``. ``"maskcrypt"``
+            is the MaskCrypt baseline (:mod:`shelora_core.methods.maskcrypt`): per-weight selective
+            HE of the zero-padded LoRA factors, encrypting per client as many values as SHE-LoRA
+            does at the same ``he_budgets`` and ``cipher_mode``.
         model: ``"minilm"`` (BERT encoder) or ``"smollm2"`` (LLaMA decoder).
         dataset: ``"rotten_tomatoes"`` (binary sentiment) or ``"bbc_news"`` (5 topics).
         num_clients: clients in the federation. Defaults to 10.
@@ -53,23 +77,35 @@ class FederatedConfig:
         eval_every: evaluate every this many rounds (the last round always). Defaults to 1.
         seed: seeds partition, sampling, initialisation and batches. Defaults to 0.
         he_budgets: SHE-LoRA: encrypted columns per layer, assigned to clients cyclically like
-            ``ranks``. Defaults to ``(2, 4, 8)``.
+            ``ranks``. Defaults to ``(2, 4, 8)``. MaskCrypt encrypts the same number of values.
         cipher_mode: SHE-LoRA: ``"delta"`` (clients encrypt their pre-weighted dW columns, the
             server only adds) or ``"paper"`` (clients encrypt A's columns, the server multiplies
-            them by plaintext p_i s_i B_i). Defaults to ``"delta"``.
+            them by plaintext p_i s_i B_i). Defaults to ``"delta"``. MaskCrypt: ``"delta"``
+            matches SHE-LoRA delta's count (k_i x m values per layer) and clients pre-weight
+            (additions only); ``"paper"`` matches SHE-LoRA paper's count (k_i x r_i values per
+            layer) and the server weights the ciphertexts (MaskCrypt's own protocol).
         ckks_params: a name in :data:`shelora_core.ckks.PARAM_SETS`, or ``None`` for the method's
-            default (``add_only`` for SHE-LoRA delta, ``fedshield`` for the others).
+            default (``add_only`` for SHE-LoRA and MaskCrypt delta, ``paper_mm`` for SHE-LoRA
+            paper, ``fedshield`` for the others).
         column_order: SHE-LoRA's ordered column list G: ``"negotiated"`` (the paper: sensitivity
             scores on each client's data, OPE, server-side negotiation before round 1),
             ``"w0_norm"`` (columns of the frozen weight by decreasing norm: public, an ablation) or
             ``"random"`` (seeded, an ablation).
-        calibration_examples: SHE-LoRA sensitivity: calibration examples per client (128).
+        calibration_examples: examples per client for SHE-LoRA's sensitivity scores and for
+            MaskCrypt's gradient (128).
         negotiation_grid_step: SHE-LoRA negotiation: grid step of the (a, b) search (0.1).
         authors_weighting: SHE-LoRA: divide each encrypted column by its number of contributors
             as the authors' code does (a bug: B is already weighted); for comparison only.
         fedshield_weighted: FedShield-LLM / full HE: weighted mean by sample count (``True``) or
             the authors' unweighted mean.
         prune: FedShield-LLM: magnitude pruning with the paper's schedule (full HE: ``False``).
+        shelora_protect: SHE-LoRA: what happens to each client's columns ``G[:k_i]``:
+            ``"encrypt"`` (the paper) or ``"withhold"`` (an ablation: they are not sent at all,
+            no CKKS; the server averages each column over the clients that did send it and
+            leaves it zero where nobody did). Defaults to ``"encrypt"``.
+        renegotiate_every: SHE-LoRA with ``column_order="negotiated"``: re-run sensitivity ->
+            OPE -> negotiation on the current global adapter before rounds 1, 1+K, 1+2K, ...
+            (K = this value); ``None`` negotiates once, before round 1. Defaults to ``None``.
     """
 
     method: str = "flexlora"
@@ -103,6 +139,8 @@ class FederatedConfig:
     authors_weighting: bool = False
     fedshield_weighted: bool = True
     prune: bool = True
+    shelora_protect: str = "encrypt"
+    renegotiate_every: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -111,6 +149,9 @@ class FederatedConfig:
         object.__setattr__(self, "he_budgets", tuple(int(k) for k in self.he_budgets))
         if self.target_modules is not None:
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        k = self.renegotiate_every
+        if k is not None and not isinstance(k, bool) and float(k) == int(k):
+            object.__setattr__(self, "renegotiate_every", int(k))
 
     # ------------------------------------------------------------------ derived values
     def client_rank(self, client_id: int) -> int:
@@ -124,6 +165,12 @@ class FederatedConfig:
     def max_budget(self) -> int:
         """SHE-LoRA: the largest HE budget of any client (the length of the column list G)."""
         return max(self.client_budget(i) for i in range(self.num_clients))
+
+    def negotiation_round(self, round_: int) -> int:
+        """SHE-LoRA: the round before which the column list G used in ``round_`` was negotiated
+        (1, 1 + K, 1 + 2K, ... with K = ``renegotiate_every``; always 1 when it is ``None``)."""
+        k = self.renegotiate_every
+        return 1 if k is None else 1 + k * ((int(round_) - 1) // k)
 
     @property
     def client_ranks(self) -> tuple[int, ...]:
@@ -159,8 +206,16 @@ class FederatedConfig:
         return cfg
 
     def fingerprint(self) -> str:
-        """Short hash of every field that changes results (names checkpoints)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        """Short hash of every field that changes results (names checkpoints).
+
+        Fields in ``_LATE_FIELDS`` count only when they differ from their default, so adding a
+        field never renames the runs that do not use it.
+        """
+        d = self.to_dict()
+        for name, default in _LATE_FIELDS.items():
+            if d[name] == default:
+                del d[name]
+        blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
     @property
@@ -199,8 +254,26 @@ class FederatedConfig:
             bad("cipher_mode", self.cipher_mode, f"choose one of {list(CIPHER_MODES)}")
         if self.column_order not in COLUMN_ORDERS:
             bad("column_order", self.column_order, f"choose one of {list(COLUMN_ORDERS)}")
+        if self.shelora_protect not in PROTECT_MODES:
+            bad(
+                "shelora_protect",
+                self.shelora_protect,
+                f"choose one of {list(PROTECT_MODES)} ('withhold' drops the selected columns "
+                "instead of encrypting them: an ablation)",
+            )
+        if self.renegotiate_every is not None and (
+            isinstance(self.renegotiate_every, bool) or int(self.renegotiate_every) < 1
+        ):
+            bad(
+                "renegotiate_every",
+                self.renegotiate_every,
+                "must be an integer >= 1 (rounds between negotiations) or None (negotiate once, "
+                "before round 1)",
+            )
         if not self.he_budgets or min(self.he_budgets) < 0:
             bad("he_budgets", self.he_budgets, "give one or more budgets >= 0 (columns per layer)")
+        if self.method in ("shelora", "maskcrypt"):
+            self._check_budgets_fit(bad)
         if self.lora_alpha <= 0:
             bad("lora_alpha", self.lora_alpha, "must be > 0")
         for name in ("rounds", "local_steps", "batch_size", "eval_every"):
@@ -231,3 +304,44 @@ class FederatedConfig:
                 f"{self.min_client_examples} examples > train_examples={self.train_examples}",
             )
         return self
+
+    def _check_budgets_fit(self, bad: Any) -> None:
+        """Budgets against the model's layer shapes (:data:`LAYER_SHAPES`; unknown targets are
+        left to the model loader). A SHE-LoRA budget counts columns of a layer, so it must not
+        exceed the narrowest layer's width n. MaskCrypt encrypts, per client, as many values as
+        SHE-LoRA would (k_i x m per layer in delta mode, k_i x r_i in paper mode), chosen among
+        the entries of its zero-padded factors, r_max x (m + n) per layer: more cannot exist."""
+        shapes = LAYER_SHAPES.get(self.model, {})
+        targets = self.target_modules or _DEFAULT_TARGETS.get(self.model, ())
+        known = [shapes[t] for t in targets if t in shapes]
+        if not known:
+            return
+        width = min(n for _, n in known)
+        if max(self.he_budgets) > width:
+            bad(
+                "he_budgets",
+                self.he_budgets,
+                f"a budget counts columns of a layer and the narrowest adapted layer of "
+                f"{self.model} ({', '.join(targets)}) has {width}: lower every budget to "
+                f"<= {width}",
+            )
+        if self.method != "maskcrypt":
+            return
+        r_max = max(self.client_ranks)
+        room = sum(r_max * (m + n) for m, n in known)  # per transformer block
+        for i in range(min(self.num_clients, len(self.ranks) * len(self.he_budgets))):
+            k = self.client_budget(i)
+            per_col = (
+                sum(m for m, _ in known)
+                if self.cipher_mode == "delta"
+                else (self.client_rank(i) * len(known))
+            )
+            if k * per_col > room:
+                bad(
+                    "he_budgets",
+                    self.he_budgets,
+                    f"MaskCrypt client {i} would encrypt {k * per_col} values per transformer "
+                    f"block (budget {k} x {per_col}, SHE-LoRA {self.cipher_mode} mode's count) "
+                    f"but its zero-padded LoRA factors hold only {room} (r_max {r_max} x (m + n)): "
+                    f"lower he_budgets to <= {room // per_col} or raise the ranks",
+                )

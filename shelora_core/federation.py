@@ -11,6 +11,18 @@ adapter from the last broadcast (or the common initial adapter in round 1), trai
 server weighs clients by sample count over those that answered, aggregates and broadcasts. The
 global model (the broadcast at the largest rank) is evaluated on held-out data. After every round
 a checkpoint is written atomically; running the same configuration again resumes from it.
+
+Two methods add an exchange to the plain client-step / server-step round:
+
+* SHE-LoRA (``column_order="negotiated"``) negotiates its column list G before round 1 and, with
+  ``renegotiate_every=K``, again before rounds 1+K, 1+2K, ... on the current global adapter
+  (sensitivity -> OPE -> server negotiation; the cost lands in that round's record). Every G is
+  kept with the clients' keys (``keys/columns.json`` for round 1, ``keys/columns_r<round>.json``
+  after), so a resumed run uses the same lists.
+* MaskCrypt exchanges masks inside every round: :func:`client_step` returns the client's mask
+  proposal and keeps its trained adapter in a client-side ``state``; :func:`server_consensus`
+  merges the proposals; :func:`client_upload` encrypts with the consensus; :func:`server_step`
+  aggregates (costs recorded as ``consensus_*``).
 """
 
 from __future__ import annotations
@@ -33,11 +45,20 @@ from .data import encode_dataset, load_dataset, partition, partition_stats
 from .lora import LoraModel
 from .messages import Message, decode, encode
 from .methods import ckks_params_for, get_method
-from .methods.shelora import public_column_order
+from .methods.shelora import public_columns
 from .metrics import classification_metrics
 from .provenance import run_meta
 
-__all__ = ["ClientData", "Federation", "RunResult", "client_step", "server_step"]
+__all__ = [
+    "ClientData",
+    "Federation",
+    "RunResult",
+    "client_step",
+    "client_upload",
+    "local_gradient",
+    "server_consensus",
+    "server_step",
+]
 
 
 def quiet() -> bool:
@@ -119,6 +140,43 @@ def local_train(
     return float(np.mean(losses))
 
 
+def local_gradient(
+    model: LoraModel, data: ClientData, *, num_examples: int, batch_size: int, seed: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``(dL/dB, dL/dA)`` per layer of the active adapter, L = mean loss on a calibration batch.
+
+    The batch is ``num_examples`` of the client's examples (seeded,
+    :func:`shelora_core.sensitivity.calibration_indices`), evaluated in eval mode (no dropout) at
+    the adapter currently loaded. MaskCrypt scores its weights with it.
+    """
+    from .sensitivity import calibration_indices
+
+    idx = torch.as_tensor(calibration_indices(len(data), num_examples, seed=seed))
+    params = model.trainable_parameters()  # per layer lora_A then lora_B, then the head
+    lora = params[: 2 * len(model.layer_names)]
+    for i, layer in enumerate(model.layer_names):
+        m, n = model.layer_shapes[layer]
+        a, b = lora[2 * i], lora[2 * i + 1]
+        if tuple(a.shape) != (model.active_rank, n) or tuple(b.shape) != (m, model.active_rank):
+            raise RuntimeError(f"unexpected LoRA parameter order at layer {layer!r}")
+    model.model.eval()
+    for prm in params:
+        prm.grad = None
+    for start in range(0, len(idx), batch_size):
+        b = data.batch(idx[start : start + batch_size])
+        loss = torch.nn.functional.cross_entropy(
+            model.logits(b["input_ids"], b["attention_mask"]), b["labels"], reduction="sum"
+        ) / len(idx)
+        loss.backward()
+    grads = {}
+    for i, layer in enumerate(model.layer_names):
+        a, b = lora[2 * i], lora[2 * i + 1]
+        grads[layer] = (b.grad.detach().numpy().copy(), a.grad.detach().numpy().copy())
+    for prm in params:
+        prm.grad = None
+    return grads
+
+
 def client_step(
     cfg: FederatedConfig,
     model: LoraModel,
@@ -129,8 +187,12 @@ def client_step(
     broadcast: bytes | None,
     crypto: ClientCrypto | None = None,
     columns: dict[str, list[int]] | None = None,
+    state: dict[str, Any] | None = None,
 ) -> tuple[bytes, float, dict[str, float]]:
     """One client's round: adapter from the broadcast, local training, upload bytes.
+
+    For MaskCrypt (``needs_consensus``) the bytes are the client's mask proposal instead; the
+    trained adapter stays in ``state`` (client-side, never sent) for :func:`client_upload`.
 
     Args:
         cfg: the run's public configuration.
@@ -142,10 +204,12 @@ def client_step(
         broadcast: the server's last broadcast, or ``None`` in the first round.
         crypto: the client's CKKS context (secret key) for encrypted methods.
         columns: SHE-LoRA: the negotiated ordered column list G per layer (client-side state).
+        state: MaskCrypt: a dict the client keeps between its two steps of a round.
 
     Returns:
         ``(upload_bytes, mean_training_loss, seconds)`` with ``seconds`` split into
-        ``receive`` (decrypt + reparameterize), ``train`` and ``upload`` (encrypt + serialize).
+        ``receive`` (decrypt + reparameterize), ``train`` and ``upload`` (encrypt + serialize);
+        MaskCrypt: ``mask`` (gradient, scores, proposal) instead of ``upload``.
     """
     method = get_method(cfg.method, cfg)
     rank = cfg.client_rank(client_id)
@@ -172,12 +236,29 @@ def client_step(
         seed=_seed(cfg.seed, round_, client_id, 1),
     )
     t2 = time.perf_counter()
-    if cfg.method == "shelora" and columns is None:
-        if cfg.column_order == "negotiated":
-            raise ValueError("SHE-LoRA with column_order='negotiated' needs the negotiated columns")
-        columns = public_column_order(
-            model.base_weights(), cfg.max_budget, order=cfg.column_order, seed=cfg.seed
+    if method.needs_consensus:
+        if state is None:
+            raise ValueError(
+                f"{cfg.method}: pass a client-side state dict; the trained adapter waits there "
+                "for the mask consensus (client_upload)"
+            )
+        trained = model.read()
+        grads = local_gradient(
+            model,
+            data,
+            num_examples=cfg.calibration_examples,
+            batch_size=cfg.batch_size,
+            seed=_seed(cfg.seed, round_, client_id, 2),
         )
+        proposal = method.make_proposal(trained, weights, grads, round_=round_, client_id=client_id)
+        state.update(weights=trained, round=round_, client_id=client_id, num_examples=len(data))
+        data_bytes = encode(proposal)
+        t3 = time.perf_counter()
+        return data_bytes, loss, {"receive": t1 - t0, "train": t2 - t1, "mask": t3 - t2}
+    if cfg.method == "shelora" and columns is None:
+        columns = public_columns(cfg, model.base_weights())
+        if columns is None:
+            raise ValueError("SHE-LoRA with column_order='negotiated' needs the negotiated columns")
     upload = method.make_upload(
         model.read(),
         round_=round_,
@@ -191,7 +272,37 @@ def client_step(
     return data_bytes, loss, {"receive": t1 - t0, "train": t2 - t1, "upload": t3 - t2}
 
 
+def client_upload(
+    cfg: FederatedConfig,
+    consensus: bytes,
+    *,
+    state: dict[str, Any],
+    crypto: ClientCrypto | None = None,
+) -> tuple[bytes, float]:
+    """MaskCrypt's second client step: encrypt the consensus entries of the adapter kept in
+    ``state`` by :func:`client_step`; returns ``(upload_bytes, seconds)``."""
+    t0 = time.perf_counter()
+    method = get_method(cfg.method, cfg)
+    msg = method.make_upload(
+        state["weights"],
+        round_=state["round"],
+        client_id=state["client_id"],
+        num_examples=state["num_examples"],
+        crypto=crypto,
+        columns=decode(consensus, expect_kind="mask_consensus"),
+    )
+    data = encode(msg)
+    return data, time.perf_counter() - t0
+
+
 # ---------------------------------------------------------------------------- server side
+def server_consensus(cfg: FederatedConfig, proposals: list[bytes], *, round_: int) -> bytes:
+    """MaskCrypt: merge the round's mask proposals into the consensus (broadcast bytes)."""
+    method = get_method(cfg.method, cfg)
+    msgs = [decode(b, expect_kind="mask_proposal") for b in proposals]
+    return encode(method.server_consensus(msgs, round_=round_))
+
+
 def sample_clients(cfg: FederatedConfig, round_: int) -> list[int]:
     """The clients asked to train in ``round_`` (seeded; sorted)."""
     if cfg.clients_per_round >= cfg.num_clients:
@@ -201,11 +312,17 @@ def sample_clients(cfg: FederatedConfig, round_: int) -> list[int]:
 
 
 def server_step(
-    cfg: FederatedConfig, uploads: list[bytes], *, round_: int, crypto: ServerCrypto | None = None
+    cfg: FederatedConfig,
+    uploads: list[bytes],
+    *,
+    round_: int,
+    crypto: ServerCrypto | None = None,
+    consensus: bytes | None = None,
 ) -> bytes:
     """Aggregate the uploads of the clients that answered ``round_`` into broadcast bytes.
 
     ``crypto`` is the server's PUBLIC CKKS context (encrypted methods); it cannot decrypt.
+    ``consensus``: MaskCrypt, the mask consensus the server itself broadcast this round.
     """
     method = get_method(cfg.method, cfg)
     msgs = [decode(u, expect_kind="upload") for u in uploads]
@@ -215,12 +332,23 @@ def server_step(
                 f"upload from client {m.header.get('client_id')} is for round "
                 f"{m.header.get('round')}, not {round_}"
             )
+    extra: dict[str, Any] = {}
+    if method.needs_consensus:
+        if consensus is None:
+            raise ValueError(f"{cfg.method}'s server step needs this round's mask consensus")
+        extra["consensus"] = decode(consensus, expect_kind="mask_consensus")
     return encode(
-        method.server_aggregate(msgs, round_=round_, max_rank=max(cfg.client_ranks), crypto=crypto)
+        method.server_aggregate(
+            msgs, round_=round_, max_rank=max(cfg.client_ranks), crypto=crypto, **extra
+        )
     )
 
 
 # ---------------------------------------------------------------------------- the loop
+#: methods whose encrypted share is set by ``he_budgets`` and ``cipher_mode``
+_BUDGETED = ("shelora", "maskcrypt")
+
+
 @dataclass
 class RunResult:
     """What a run leaves: the config, one record per round and a summary."""
@@ -266,8 +394,24 @@ class RunResult:
             ),
             "server_seconds": float(np.mean([h["server_seconds"] for h in self.history])),
             "key_bytes_public": self.history[-1].get("key_bytes_public", 0),
-            "cipher_mode": cfg.cipher_mode if cfg.method == "shelora" else None,
-            "he_budgets": list(cfg.he_budgets) if cfg.method == "shelora" else None,
+            "cipher_mode": cfg.cipher_mode if cfg.method in _BUDGETED else None,
+            "he_budgets": list(cfg.he_budgets) if cfg.method in _BUDGETED else None,
+            "shelora_protect": cfg.shelora_protect if cfg.method == "shelora" else None,
+            "negotiations": sum(1 for h in self.history if "negotiation_upload_bytes" in h),
+            "negotiation_bytes": int(
+                sum(
+                    h.get("negotiation_upload_bytes", 0) + h.get("negotiation_broadcast_bytes", 0)
+                    for h in self.history
+                )
+            ),
+            "consensus_bytes_per_round": float(
+                np.mean(
+                    [
+                        h.get("consensus_upload_bytes", 0) + h.get("consensus_broadcast_bytes", 0)
+                        for h in self.history
+                    ]
+                )
+            ),
             "config": cfg.to_dict(),
         }
 
@@ -368,21 +512,41 @@ class Federation:
     def metrics_path(self) -> Path:
         return self.results_dir / "federated_tuning" / f"{self.cfg.run_name}.jsonl"
 
-    def _columns(self, *, fresh: bool) -> dict[str, list[int]] | None:
-        """SHE-LoRA's column list G: negotiated once before round 1 (kept with the clients' keys
-        so a resumed run reuses it), or a public ablation order."""
+    def _columns_path(self, round_: int) -> Path:
+        """Where the column list negotiated before ``round_`` is kept (with the clients' keys)."""
+        name = "columns.json" if round_ == 1 else f"columns_r{round_}.json"
+        return self.checkpoint_dir / "keys" / name
+
+    def _columns(
+        self, *, fresh: bool, round_: int = 1, broadcast: bytes | None = None
+    ) -> dict[str, list[int]] | None:
+        """SHE-LoRA's column list G for ``round_``: a public ablation order, or the list
+        negotiated before round ``cfg.negotiation_round(round_)``.
+
+        A negotiated list is kept with the clients' keys, so a resumed run reuses it; it is
+        negotiated now (``self.negotiation`` then holds its cost) when ``round_`` is that round
+        and no list is kept, or when ``fresh``. A re-negotiation scores the current global
+        adapter, each client's reparameterization of ``broadcast``.
+        """
         cfg = self.cfg
         if cfg.method != "shelora":
             return None
-        if cfg.column_order != "negotiated":
-            return public_column_order(
-                self.model.base_weights(), cfg.max_budget, order=cfg.column_order, seed=cfg.seed
-            )
-        path = self.checkpoint_dir / "keys" / "columns.json"
+        public = public_columns(cfg, self.model.base_weights())
+        if public is not None:
+            return public
+        e = cfg.negotiation_round(round_)
+        path = self._columns_path(e)
         if path.exists() and not fresh:
             saved = json.loads(path.read_text())
             self.negotiation = saved["negotiation"]
             return saved["columns"]
+        if e != round_:
+            raise RuntimeError(
+                f"round {round_} uses the column list negotiated before round {e}, but {path} is "
+                f"missing; delete {self.checkpoint_dir} to start the run over"
+            )
+        if e > 1 and broadcast is None:
+            raise ValueError("a re-negotiation scores the global adapter: pass the last broadcast")
         from .methods.shelora_negotiation import client_columns, client_proposal, server_negotiate
         from .ope import ColumnOPE, OPEKey
 
@@ -391,18 +555,32 @@ class Federation:
         key_path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(key_path, key.to_bytes())  # the clients' shared key: never sent to the server
         ope = ColumnOPE(key)
+        method = get_method(cfg.method, cfg)
         t0 = time.perf_counter()
-        ups = [
-            encode(client_proposal(cfg, self.model, self.clients[i], client_id=i, ope=ope))
-            for i in range(cfg.num_clients)
-        ]
+        ups = []
+        for i in range(cfg.num_clients):
+            weights = None  # before round 1: the client's initial adapter
+            if broadcast is not None:  # the current global adapter at the client's rank
+                weights = method.client_weights(
+                    decode(broadcast, expect_kind="broadcast"),
+                    rank=cfg.client_rank(i),
+                    alpha=cfg.lora_alpha,
+                    seed=_seed(cfg.seed, round_, i, 0),
+                    crypto=self.client_crypto,
+                )
+            prop = client_proposal(
+                cfg, self.model, self.clients[i], client_id=i, ope=ope, weights=weights
+            )
+            ups.append(encode(prop))
         t1 = time.perf_counter()
         msg, result = server_negotiate(cfg, [decode(u, expect_kind="proposal") for u in ups])
         down = encode(msg)
         t2 = time.perf_counter()
         columns = client_columns(decode(down, expect_kind="negotiation"), ope)
         self.negotiation = {
+            "round": e,
             "proposal_bytes_per_client": float(np.mean([len(u) for u in ups])),
+            "upload_bytes": int(sum(len(u) for u in ups)),
             "broadcast_bytes": len(down),
             "client_seconds": (t1 - t0) / cfg.num_clients,
             "server_seconds": t2 - t1,
@@ -415,6 +593,17 @@ class Federation:
             json.dumps({"columns": columns, "negotiation": self.negotiation}, indent=1).encode(),
         )
         return columns
+
+    def _negotiation_record(self) -> dict[str, Any]:
+        """The cost of the negotiation held in ``self.negotiation``, for a round's record."""
+        n = self.negotiation or {}
+        up = n.get("upload_bytes", n.get("proposal_bytes_per_client", 0) * self.cfg.num_clients)
+        return {
+            "negotiation_upload_bytes": int(up),
+            "negotiation_broadcast_bytes": int(n.get("broadcast_bytes", 0)),
+            "negotiation_client_seconds": float(n.get("client_seconds", 0.0)),
+            "negotiation_server_seconds": float(n.get("server_seconds", 0.0)),
+        }
 
     def _keys(self, params: str) -> tuple[bytes, bytes]:
         """The key holder's CKKS contexts, kept beside the checkpoint so a resumed run can read
@@ -491,8 +680,12 @@ class Federation:
             from tqdm import tqdm
 
         cfg = self.cfg
+        method = get_method(cfg.method, cfg)
         start, broadcast, history = self._load_checkpoint() if resume else (0, None, [])
-        self.columns = self._columns(fresh=not resume)
+        first = min(start + 1, cfg.rounds)
+        self.columns = self._columns(fresh=not resume, round_=first, broadcast=broadcast)
+        negotiated = cfg.method == "shelora" and cfg.column_order == "negotiated"
+        neg_round = cfg.negotiation_round(first)
         bar = tqdm(
             range(start + 1, cfg.rounds + 1),
             desc=cfg.run_name[:40],
@@ -502,10 +695,17 @@ class Federation:
             leave=False,
         )
         for rnd in bar:
+            extra: dict[str, Any] = {}
+            if negotiated and cfg.negotiation_round(rnd) != neg_round:  # re-negotiate before rnd
+                neg_round = cfg.negotiation_round(rnd)
+                self.columns = self._columns(fresh=not resume, round_=rnd, broadcast=broadcast)
+            if negotiated and neg_round == rnd:  # G was negotiated before this round: its cost
+                extra.update(self._negotiation_record())
             t0 = time.perf_counter()
-            uploads, losses, client_secs, parts = [], [], [], []
+            uploads, losses, client_secs, parts, states = [], [], [], [], []
             for cid in sample_clients(cfg, rnd):
                 tc = time.perf_counter()
+                state: dict[str, Any] | None = {} if method.needs_consensus else None
                 up, loss, secs = client_step(
                     cfg,
                     self.model,
@@ -515,14 +715,37 @@ class Federation:
                     broadcast=broadcast,
                     crypto=self.client_crypto,
                     columns=self.columns,
+                    state=state,
                 )
                 client_secs.append(time.perf_counter() - tc)
                 parts.append(secs)
                 uploads.append(up)
                 losses.append(loss)
+                states.append(state)
             download = len(broadcast) if broadcast is not None else 0
+            consensus = None
+            if method.needs_consensus:  # MaskCrypt: masks -> consensus -> encrypted uploads
+                proposals = uploads
+                ts = time.perf_counter()
+                consensus = server_consensus(cfg, proposals, round_=rnd)
+                extra["consensus_server_seconds"] = time.perf_counter() - ts
+                uploads = []
+                for j, st in enumerate(states):
+                    tc = time.perf_counter()
+                    up, parts[j]["upload"] = client_upload(
+                        cfg, consensus, state=st, crypto=self.client_crypto
+                    )
+                    client_secs[j] += time.perf_counter() - tc
+                    uploads.append(up)
+                extra.update(
+                    consensus_upload_bytes=int(sum(len(x) for x in proposals)),
+                    consensus_broadcast_bytes=len(consensus),
+                    client_mask_seconds=float(np.mean([x["mask"] for x in parts])),
+                )
             ts = time.perf_counter()
-            broadcast = server_step(cfg, uploads, round_=rnd, crypto=self.server_crypto)
+            broadcast = server_step(
+                cfg, uploads, round_=rnd, crypto=self.server_crypto, consensus=consensus
+            )
             server_secs = time.perf_counter() - ts
             rec: dict[str, Any] = {
                 "round": rnd,
@@ -539,6 +762,7 @@ class Federation:
                 "server_seconds": server_secs,
                 "accuracy": None,
                 "macro_f1": None,
+                **extra,
             }
             if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
                 rec.update(self.evaluate(broadcast))

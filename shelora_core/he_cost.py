@@ -10,6 +10,12 @@ model: costs depend on shapes, ranks and budgets, not on trained values. For the
 encrypt-everything methods are measured on ``layers_measured`` of the model's identical layers
 and scaled by ``layers / layers_measured`` (bytes exactly, seconds linearly); the JSON says so in
 every such row (``scaled_from_layers``).
+
+MaskCrypt rows add the per-round mask exchange: ``mask_upload_bytes`` (a client's ranked mask
+proposal), ``mask_download_bytes`` (the consensus), ``client_mask_seconds`` (scoring and
+proposing; its gradient comes from a synthetic array here, so the backward pass a real client
+runs is not included) and ``consensus_server_seconds``. MaskCrypt encrypts per client exactly as
+many values as SHE-LoRA at the same budgets and cipher mode (``encrypted_values_per_client``).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from .config import FederatedConfig
 from .lora import AdapterWeights
 from .messages import decode, encode
 from .methods import ckks_params_for, get_method
-from .methods.shelora import public_column_order
+from .methods.shelora import public_column_order, shelora_encrypted_values
 
 __all__ = ["SHAPES", "ModelShape", "measure_method"]
 
@@ -113,6 +119,28 @@ def measure_method(
         columns = public_column_order(w0, max(budgets), order="random", seed=seed)
     adapters = _adapters(shapes, ranks, seed)
     sizes = [100 + 10 * i for i in range(len(ranks))]
+    mask_row: dict[str, Any] = {}
+    if m.needs_consensus:  # MaskCrypt: proposals -> consensus before the uploads
+        starts = _adapters(shapes, ranks, seed + 1)  # the adversary's estimates (synthetic)
+        grads = _adapters(shapes, ranks, seed + 2)  # synthetic gradients of the same shapes
+        props, t_mask = [], []
+        for i, (w, w0, g) in enumerate(zip(adapters, starts, grads, strict=True)):
+            t0 = time.perf_counter()
+            props.append(encode(m.make_proposal(w, w0, g.factors, round_=1, client_id=i)))
+            t_mask.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        cons = encode(
+            m.server_consensus([decode(b, expect_kind="mask_proposal") for b in props], round_=1)
+        )
+        t_cons = time.perf_counter() - t0
+        columns = decode(cons, expect_kind="mask_consensus")
+        mask_row = {
+            "mask_upload_bytes": float(np.mean([len(b) for b in props])) * scale,
+            "mask_download_bytes": len(cons) * scale,
+            "client_mask_seconds": float(np.mean(t_mask)) * scale,
+            "consensus_server_seconds": t_cons * scale,
+            "consensus_union_size": int(columns.header["union_size"]),
+        }
     ups, t_up = [], []
     for i, (w, n) in enumerate(zip(adapters, sizes, strict=True)):
         t0 = time.perf_counter()
@@ -126,7 +154,8 @@ def measure_method(
         t_up.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     msgs = [decode(u, expect_kind="upload") for u in ups]
-    bc_msg = m.server_aggregate(msgs, round_=1, max_rank=max(ranks), crypto=server)
+    extra = {"consensus": columns} if m.needs_consensus else {}
+    bc_msg = m.server_aggregate(msgs, round_=1, max_rank=max(ranks), crypto=server, **extra)
     bc = encode(bc_msg)
     t_server = time.perf_counter() - t0
     t_down, err, rel = [], 0.0, 0.0
@@ -139,13 +168,13 @@ def measure_method(
         if i == len(ranks) - 1:  # accuracy of what the largest client receives, vs plaintext
             err, rel = _max_error(cfg, adapters, sizes, got, r)
     row = {
-        "method": method if method != "shelora" else f"shelora-{cipher_mode}",
+        "method": f"{method}-{cipher_mode}" if method in ("shelora", "maskcrypt") else method,
         "model": shape.name,
         "layers": shape.layers,
         "modules": list(shape.modules),
         "d": shape.d,
         "ranks": list(ranks),
-        "budgets": list(budgets) if method == "shelora" else None,
+        "budgets": list(budgets) if method in ("shelora", "maskcrypt") else None,
         "ckks_params": params,
         "client_upload_seconds": float(np.mean(t_up)) * scale,
         "server_seconds_per_round": t_server * scale,
@@ -154,27 +183,23 @@ def measure_method(
         "download_bytes": len(bc) * scale,
         "key_bytes_server": len(kh.public_bytes()) if kh else 0,
         "key_bytes_client": len(kh.secret_bytes()) if kh else 0,
-        "encrypted_values_per_client": _encrypted_values(
-            method, cipher_mode, shapes, ranks, budgets
-        )
-        * scale,
+        "encrypted_values_per_client": _encrypted_values(cfg, shapes) * scale,
         "max_abs_error_vs_plaintext": err,
         "max_rel_error_vs_plaintext": rel,
         "layers_measured": n_meas,
         "scaled_from_layers": n_meas != shape.layers,
+        **mask_row,
     }
     return row
 
 
-def _encrypted_values(method, mode, shapes, ranks, budgets) -> float:
-    if method in ("fedavg", "flexlora"):
+def _encrypted_values(cfg: FederatedConfig, shapes) -> float:
+    """Mean values a client encrypts per round (SHE-LoRA and MaskCrypt: the same count)."""
+    if cfg.method in ("fedavg", "flexlora"):
         return 0.0
-    if method in ("fedshield", "full_he"):
-        return float(sum(max(ranks) * (mm + nn) for mm, nn in shapes.values()))
-    per = [
-        sum((mm if mode == "delta" else r) * k for mm, _ in shapes.values())
-        for r, k in zip(ranks, (list(budgets) * len(ranks))[: len(ranks)], strict=True)
-    ]
+    if cfg.method in ("fedshield", "full_he"):
+        return float(sum(max(cfg.ranks) * (mm + nn) for mm, nn in shapes.values()))
+    per = [shelora_encrypted_values(cfg, i, shapes) for i in range(cfg.num_clients)]
     return float(np.mean(per))
 
 
@@ -222,6 +247,9 @@ def run_plan(profile: str, *, progress: bool = True) -> dict[str, Any]:
             ("flexlora", "delta", None),
             ("shelora", "delta", None),
             ("shelora", "paper", sub_layers),
+            # MaskCrypt at SHE-LoRA's budgets (same encrypted values per client); all layers
+            ("maskcrypt", "delta", None),
+            ("maskcrypt", "paper", None),
             ("full_he", "delta", sub_layers),
         ]
         for method, mode, layers in cases:

@@ -22,6 +22,9 @@ from shelora_core.profiles import federated_tuning_grid, profile_config
         ("rounds", 0, ">= 1"),
         ("lr", 0.0, "> 0"),
         ("max_length", 1, ">= 2"),
+        ("renegotiate_every", 0, "integer >= 1"),
+        ("renegotiate_every", -3, "or None"),
+        ("shelora_protect", "drop", "'withhold'"),
     ],
 )
 def test_bad_config_value_raises_naming_value(field, value, needle):
@@ -29,6 +32,34 @@ def test_bad_config_value_raises_naming_value(field, value, needle):
         FederatedConfig(**{field: value}).validate()
     assert field in str(err.value)
     assert needle in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        # k m = 8 x 384 values per block > r_max (m + n) = 2 x 768 entries of the padded factors
+        (dict(method="maskcrypt", ranks=(2,), he_budgets=(8,)), "lower he_budgets to <= 4"),
+        (dict(method="maskcrypt", ranks=(2,), he_budgets=(1, 8)), "client 1 would encrypt 3072"),
+        (dict(method="shelora", he_budgets=(2, 500)), "has 384: lower every budget to <= 384"),
+        (dict(method="maskcrypt", he_budgets=(385,), ranks=(256,)), "<= 384"),
+    ],
+)
+def test_budget_larger_than_the_layer_raises_naming_the_limit(changes, needle):
+    with pytest.raises(ValueError, match="config.he_budgets") as err:
+        FederatedConfig(**changes).validate()
+    assert needle in str(err.value)
+
+
+def test_maskcrypt_budget_that_fits_validates():
+    FederatedConfig(method="maskcrypt", ranks=(2, 4), he_budgets=(1, 2)).validate()
+    FederatedConfig(method="maskcrypt", cipher_mode="paper", ranks=(2,), he_budgets=(8,)).validate()
+
+
+def test_layer_shapes_table_matches_the_loaded_model(minilm_model):
+    from shelora_core.config import LAYER_SHAPES
+
+    for name, shape in minilm_model.layer_shapes.items():
+        assert LAYER_SHAPES["minilm"][name.rsplit(".", 1)[-1]] == shape
 
 
 def test_more_clients_than_examples_raises():
@@ -41,6 +72,22 @@ def test_fingerprint_changes_with_results_relevant_fields_only():
     assert a.fingerprint() == FederatedConfig().fingerprint()
     assert a.fingerprint() != a.replace(seed=1).fingerprint()
     assert a.fingerprint() != a.replace(ranks=(8, 16)).fingerprint()
+
+
+def test_new_fields_leave_the_fingerprints_of_existing_runs_unchanged():
+    # pinned before shelora_protect / renegotiate_every / maskcrypt existed
+    assert FederatedConfig().fingerprint() == "d8a3745210b6"
+    she = FederatedConfig(method="shelora")
+    assert she.fingerprint() == "03541a168596"
+    assert she.replace(shelora_protect="withhold").fingerprint() != she.fingerprint()
+    assert she.replace(renegotiate_every=5).fingerprint() != she.fingerprint()
+    assert she.replace(shelora_protect="encrypt", renegotiate_every=None) == she
+
+
+def test_negotiation_rounds_every_k():
+    cfg = FederatedConfig(method="shelora", renegotiate_every=3)
+    assert [cfg.negotiation_round(r) for r in range(1, 9)] == [1, 1, 1, 4, 4, 4, 7, 7]
+    assert {FederatedConfig().negotiation_round(r) for r in range(1, 9)} == {1}
 
 
 def test_config_roundtrips_through_dict():

@@ -136,3 +136,112 @@ def test_upload_bytes_are_measured_message_lengths(tiny_config, minilm_model, tm
     assert floats * 4 < h["upload_bytes"] < floats * 4 + 2 * 4096
     s = res.summary()
     assert {"method", "ranks", "partition", "final_accuracy", "rounds"} <= set(s)
+
+
+def test_shelora_ablations_run_through_the_federation(tiny_config, minilm_model, tmp_path):
+    # Prepare: withhold + sensitivity-ranked (negotiated) columns vs encrypt + random columns
+    base = tiny_config.replace(
+        method="shelora",
+        he_budgets=(1, 2),
+        rounds=1,
+        local_steps=1,
+        calibration_examples=8,
+        eval_examples=16,
+    )
+    withhold = Federation(
+        base.replace(shelora_protect="withhold"), results_dir=tmp_path, model=minilm_model
+    )
+    encrypt = Federation(
+        base.replace(column_order="random"), results_dir=tmp_path, model=minilm_model
+    )
+    # Execute
+    w, e = withhold.run().history[0], encrypt.run().history[0]
+    # Assert: withholding needs no keys and sends fewer bytes; round 1 trains the same adapters
+    assert withhold.client_crypto is None and withhold.server_crypto is None
+    assert w["key_bytes_public"] == 0 < e["key_bytes_public"]
+    assert w["upload_bytes"] < e["upload_bytes"]
+    assert w["train_loss"] == pytest.approx(e["train_loss"], abs=1e-6)
+    assert w["accuracy"] is not None and e["accuracy"] is not None
+    assert w["negotiation_upload_bytes"] > 0 and "negotiation_upload_bytes" not in e
+    assert withhold.columns != encrypt.columns  # negotiated vs random G
+    bc = decode((withhold.checkpoint_dir / "broadcast.bin").read_bytes())
+    assert bc.header["protect"] == "withhold" and bc.header["ciphertexts"] == 0
+
+
+def test_maskcrypt_runs_through_the_federation_with_a_mask_exchange(
+    tiny_config, minilm_model, tmp_path
+):
+    cfg = tiny_config.replace(
+        method="maskcrypt",
+        he_budgets=(1, 2),
+        rounds=1,
+        local_steps=1,
+        calibration_examples=8,
+        eval_examples=16,
+    )
+    fed = Federation(cfg, results_dir=tmp_path, model=minilm_model)
+    res = fed.run()
+    h = res.history[0]
+    assert not fed.server_crypto.context.is_private()
+    assert h["consensus_upload_bytes"] > 0 and h["consensus_broadcast_bytes"] > 0
+    assert h["client_mask_seconds"] > 0 and h["accuracy"] is not None
+    bc = decode((fed.checkpoint_dir / "broadcast.bin").read_bytes())
+    # budgets 1 and 2 columns of 384-row layers on 6 layers: 2 x 384 x 6 values at most
+    assert bc.header["encrypted_values"] == 2 * 384 * 6
+    s = res.summary()
+    assert s["cipher_mode"] == "delta" and s["consensus_bytes_per_round"] > 0
+
+
+def test_renegotiation_every_k_rounds_records_its_cost_and_resume_reuses_each_list(
+    tiny_config, minilm_model, tmp_path
+):
+    # Prepare: 3 rounds, negotiations before rounds 1 and 3, interrupted after round 2
+    cfg = tiny_config.replace(
+        method="shelora",
+        he_budgets=(1, 2),
+        rounds=3,
+        local_steps=1,
+        calibration_examples=8,
+        renegotiate_every=2,
+        eval_examples=16,
+    )
+    first = Federation(cfg, results_dir=tmp_path, model=minilm_model)
+    keys = first.checkpoint_dir / "keys"
+    # Execute
+    cut = first.run(stop_after_round=2).history
+    g1 = json.loads((keys / "columns.json").read_text())["columns"]
+    assert not (keys / "columns_r3.json").exists()
+    ope_key = (keys / "ope.key").read_bytes()
+    resumed = Federation(cfg, results_dir=tmp_path, model=minilm_model)
+    full = resumed.run().history
+    # Assert: the cost of each negotiation sits in the record of the round it precedes
+    assert [("negotiation_upload_bytes" in h) for h in full] == [True, False, True]
+    assert full[:2] == cut
+    assert full[2]["negotiation_broadcast_bytes"] > 0
+    g3 = json.loads((keys / "columns_r3.json").read_text())["columns"]
+    assert resumed.columns == g3 and (keys / "ope.key").read_bytes() == ope_key
+    assert json.loads((keys / "columns.json").read_text())["columns"] == g1
+    bc = decode((resumed.checkpoint_dir / "broadcast.bin").read_bytes())
+    assert bc.header["columns"] == {k: v[:2] for k, v in g3.items()}
+    # a finished run reloads the list of its last negotiation
+    again = Federation(cfg, results_dir=tmp_path, model=minilm_model)
+    assert len(again.run().history) == 3 and again.columns == g3
+
+
+@pytest.mark.slow
+def test_renegotiated_run_interrupted_before_a_negotiation_equals_an_uninterrupted_one(
+    tiny_config, minilm_model, tmp_path
+):
+    cfg = tiny_config.replace(
+        method="shelora", he_budgets=(1, 2), rounds=3, calibration_examples=8, renegotiate_every=2
+    )
+    full = Federation(cfg, results_dir=tmp_path / "full", model=minilm_model)
+    ref = full.run().history
+    Federation(cfg, results_dir=tmp_path / "cut", model=minilm_model).run(stop_after_round=2)
+    resumed = Federation(cfg, results_dir=tmp_path / "cut", model=minilm_model)
+    got = resumed.run().history
+    # equal up to CKKS noise (each run has its own keys and encryption randomness)
+    assert [h["train_loss"] for h in got] == pytest.approx([h["train_loss"] for h in ref], abs=1e-5)
+    assert [h["accuracy"] for h in got] == [h["accuracy"] for h in ref]
+    assert [("negotiation_upload_bytes" in h) for h in got] == [True, False, True]
+    assert resumed.columns == full.columns

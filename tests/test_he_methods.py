@@ -267,3 +267,58 @@ def test_shelora_negotiates_its_columns_before_round_one_and_resume_reuses_them(
     mods = {n.module for n in ast.walk(ast.parse(src.read_text())) if isinstance(n, ast.ImportFrom)}
     assert not any("ope" == (m or "").rsplit(".", 1)[-1] or "pyope" in (m or "") for m in mods)
     assert "pyope" not in names
+
+
+def test_withhold_ablation_averages_each_column_over_the_clients_that_sent_it(keys):
+    # Prepare: budgets 1 and 2 over G = [3, 5]: nobody sends column 3, only client 0 sends 5
+    base = dict(num_clients=2, ranks=(2, 4), he_budgets=(1, 2))
+    cfg = FederatedConfig(method="shelora", shelora_protect="withhold", **base)
+    adapters, sizes, cols = _adapters((2, 4), 7), [10, 30], {k: [3, 5] for k in SHAPES}
+    # Execute: no CKKS at all
+    m, bc, ups = _round(cfg, adapters, sizes, None, cols)
+    # Assert: the broadcast dW by hand
+    p = np.array(sizes) / 40
+    for layer in SHAPES:
+        want = sum(pi * _dw(w, layer) for pi, w in zip(p, adapters, strict=True))
+        want[:, 3] = 0.0
+        want[:, 5] = _dw(adapters[0], layer)[:, 5]
+        u, s, vt = (bc.tensors[f"{layer}|{x}"].astype(np.float64) for x in ("U", "S", "Vt"))
+        np.testing.assert_allclose((u * s) @ vt, want, atol=1e-5)
+        a_plain = decode(ups[1]).tensors[f"{layer}|A"]
+        assert not a_plain[:, [3, 5]].any() and a_plain[:, [0, 1]].any()
+    assert all(decode(u).header["ciphertexts"] == 0 for u in ups)
+    assert get_method("shelora", cfg).needs_crypto is False
+    from shelora_core.methods import ckks_params_for
+
+    assert ckks_params_for(cfg) is None
+    # the client reads the broadcast without keys; encrypting costs bytes withholding does not
+    got = m.client_weights(bc, rank=4, alpha=16.0)
+    assert set(got.factors) == set(SHAPES)
+    enc = FederatedConfig(method="shelora", **base)
+    _, _, enc_ups = _round(enc, adapters, sizes, keys["add_only"], cols)
+    assert sum(map(len, ups)) < sum(map(len, enc_ups))
+
+
+def test_one_helper_gives_the_public_column_orders():
+    from shelora_core.methods.shelora import public_columns
+
+    w0 = {k: np.random.default_rng(0).normal(size=s) for k, s in SHAPES.items()}
+    for order in ("w0_norm", "random"):
+        cfg = FederatedConfig(method="shelora", column_order=order, he_budgets=(1, 3))
+        assert public_columns(cfg, w0) == public_column_order(w0, 3, order=order, seed=0)
+    assert public_columns(FederatedConfig(method="shelora"), w0) is None  # negotiated
+    assert public_columns(FederatedConfig(method="flexlora", column_order="random"), w0) is None
+
+
+def test_he_cost_measures_maskcrypt_at_shelora_budget(keys):
+    from shelora_core.he_cost import ModelShape, measure_method
+
+    shape = ModelShape("tiny", layers=2, modules=("q",), d=16)
+    kw = dict(ranks=(2, 4), budgets=(1, 2), keys=keys)
+    she = measure_method("shelora", shape, **kw)
+    mc = measure_method("maskcrypt", shape, **kw)
+    assert mc["method"] == "maskcrypt-delta" and mc["ckks_params"] == "add_only"
+    # mean over clients of k_i x m per layer: (1 + 2) / 2 x 16 x 2 layers
+    assert mc["encrypted_values_per_client"] == she["encrypted_values_per_client"] == 48
+    assert mc["mask_upload_bytes"] > 0 and mc["mask_download_bytes"] > 0
+    assert mc["max_abs_error_vs_plaintext"] < 1e-5  # vs plaintext FedAvg

@@ -6,10 +6,21 @@ from typing import Any
 
 from .base import Method
 from .he_avg import FedShield, FullHE
+from .maskcrypt import MaskCrypt
 from .plaintext import FedAvg, FlexLoRA
 from .shelora import SHELoRA
 
-__all__ = ["FedAvg", "FedShield", "FlexLoRA", "FullHE", "Method", "SHELoRA", "get_method"]
+__all__ = [
+    "FedAvg",
+    "FedShield",
+    "FlexLoRA",
+    "FullHE",
+    "MaskCrypt",
+    "Method",
+    "SHELoRA",
+    "ckks_params_for",
+    "get_method",
+]
 
 _REGISTRY: dict[str, type[Method]] = {
     "fedavg": FedAvg,
@@ -17,6 +28,7 @@ _REGISTRY: dict[str, type[Method]] = {
     "shelora": SHELoRA,
     "fedshield": FedShield,
     "full_he": FullHE,
+    "maskcrypt": MaskCrypt,
 }
 
 #: CKKS parameter set each encrypted method uses unless the config names one
@@ -24,6 +36,8 @@ DEFAULT_CKKS = {
     "shelora": {"delta": "add_only", "paper": "paper_mm"},
     "fedshield": "fedshield",
     "full_he": "fedshield",
+    # delta: clients pre-weight, the server only adds; paper: the server multiplies by p_i
+    "maskcrypt": {"delta": "add_only", "paper": "fedshield"},
 }
 
 
@@ -37,7 +51,10 @@ def get_method(name: str, cfg: Any = None) -> Method:
 
 
 def ckks_params_for(cfg: Any) -> str | None:
-    """The CKKS parameter-set name for ``cfg`` (``None`` for plaintext methods)."""
+    """The CKKS parameter-set name for ``cfg`` (``None`` for plaintext methods and for SHE-LoRA's
+    withhold ablation, which sends no ciphertext)."""
+    if cfg.method == "shelora" and getattr(cfg, "shelora_protect", "encrypt") == "withhold":
+        return None
     if cfg.ckks_params:
         return cfg.ckks_params
     d = DEFAULT_CKKS.get(cfg.method)

@@ -9,6 +9,10 @@ A method has two sides that never share a Python object:
 
 Uploads and broadcasts are :class:`shelora_core.messages.Message` objects; the driver moves only
 their bytes.
+
+A method with ``needs_consensus`` (MaskCrypt) adds an exchange inside the round: after training the
+client sends ``make_proposal(...)``, the server answers ``server_consensus(...)``, and the client's
+``make_upload`` and the server's ``server_aggregate`` both take that consensus.
 """
 
 from __future__ import annotations
@@ -130,6 +134,8 @@ class Method(ABC):
     name: str = ""
     #: whether the method needs CKKS contexts (clients: secret, server: public)
     needs_crypto: bool = False
+    #: whether a round has a proposal -> consensus exchange before the upload (MaskCrypt)
+    needs_consensus: bool = False
 
     def __init__(self, cfg: Any = None) -> None:
         self.cfg = cfg

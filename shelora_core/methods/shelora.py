@@ -25,6 +25,18 @@ how many slots are used).
 The server broadcasts the plaintext part P = sum_i p_i s_i B_i A_i^plain exactly (its thin SVD,
 all components) and the summed ciphertexts; each client fuses P + D E_G^T and truncates to its rank
 through the low-rank SVD (:mod:`shelora_core.column_aggregation`).
+
+Ablation ``shelora_protect="withhold"`` (the reviewers' question: what does encryption buy over
+simply dropping the sensitive columns?): client i sends exactly the plaintext part above and NO
+ciphertexts (no CKKS at all). The server aggregates, for every column ``c`` of every layer,
+
+    dW[:, c] = sum_{i in S_c} (p_i / q_c) s_i B_i A_i[:, c],   q_c = sum_{i in S_c} p_i,
+
+where ``S_c`` are the clients that sent column c (for ``c = G[j]``: the clients with ``k_i <= j``;
+for columns outside G: everybody, q_c = 1, i.e. FlexLoRA). A column nobody sent (``j < min k_i``)
+is zero in the global update: the clients' local training of it is discarded every round. The
+re-weighting by ``1 / q_c`` is a scaling of the rows of the stacked right factor, so the aggregate
+stays low-rank and is broadcast like FlexLoRA's.
 """
 
 from __future__ import annotations
@@ -33,7 +45,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ..aggregation import SVDFactors, lora_scaling, lowrank_svd
+from ..aggregation import LowRankUpdate, SVDFactors, lora_scaling, lowrank_svd
 from ..ckks import ClientCrypto, PackingLayout, ServerCrypto, check_fingerprint
 from ..column_aggregation import fuse, plain_part, protected_columns, reparameterize, split_columns
 from ..config import FederatedConfig
@@ -49,7 +61,13 @@ from .base import (
     upload_to_adapter,
 )
 
-__all__ = ["SHELoRA", "public_column_order"]
+__all__ = [
+    "SHELoRA",
+    "public_column_order",
+    "public_columns",
+    "shelora_encrypted_values",
+    "withheld_column_weights",
+]
 
 
 def public_column_order(
@@ -77,6 +95,51 @@ def public_column_order(
     return out
 
 
+def public_columns(
+    cfg: FederatedConfig, layer_weights: Mapping[str, np.ndarray]
+) -> dict[str, list[int]] | None:
+    """G when the config takes it from public information, else ``None``.
+
+    The one place that turns ``cfg.column_order`` into columns without a negotiation: the
+    ablation orders ``"w0_norm"`` and ``"random"`` (``cfg.max_budget`` columns per layer of the
+    frozen weights ``layer_weights``). ``None`` for methods other than SHE-LoRA and for
+    ``"negotiated"``, whose G only the negotiation produces.
+    """
+    if cfg.method != "shelora" or cfg.column_order == "negotiated":
+        return None
+    return public_column_order(layer_weights, cfg.max_budget, order=cfg.column_order, seed=cfg.seed)
+
+
+def shelora_encrypted_values(
+    cfg: FederatedConfig, client_id: int, shapes: Mapping[str, tuple[int, int]]
+) -> int:
+    """Values client ``client_id`` encrypts per round under SHE-LoRA (its HE budget in values).
+
+    ``delta``: k_i protected dW columns of m values in every layer, ``sum_layers k_i * m``;
+    ``paper``: k_i protected A columns of r_i values, ``k_i * r_i * layers``. MaskCrypt encrypts
+    exactly this many (:mod:`shelora_core.methods.maskcrypt`), so costs compare like with like.
+
+    Args:
+        cfg: the run (budgets, ranks and cipher mode; ``cfg.method`` is not consulted).
+        client_id: the client.
+        shapes: ``(m, n)`` of every adapted layer.
+    """
+    k = cfg.client_budget(client_id)
+    if cfg.cipher_mode == "delta":
+        return int(sum(k * m for m, _ in shapes.values()))
+    return int(k * cfg.client_rank(client_id) * len(shapes))
+
+
+def withheld_column_weights(budgets: Sequence[int], p: Sequence[float], k_max: int) -> np.ndarray:
+    """``1 / q_j`` per position j of G for the withhold ablation (0 where nobody sent G[j]).
+
+    ``q_j = sum of p_i over the clients with k_i <= j``, i.e. that sent column G[j] in plaintext.
+    """
+    budgets_arr, p_arr = np.asarray(budgets), np.asarray(p, np.float64)
+    q = np.array([p_arr[budgets_arr <= j].sum() for j in range(k_max)])
+    return np.divide(1.0, q, out=np.zeros_like(q), where=q > 0)
+
+
 def delta_layout(layer_rows: Mapping[str, int], k_max: int, slots: int) -> PackingLayout:
     """Position-major layout of the protected dW columns: ``layer#j`` has ``m_layer`` values."""
     segments = [
@@ -94,6 +157,8 @@ class SHELoRA(Method):
     def __init__(self, cfg: FederatedConfig | None = None) -> None:
         self.cfg = cfg or FederatedConfig(method="shelora")
         self.mode = self.cfg.cipher_mode
+        self.withhold = self.cfg.shelora_protect == "withhold"
+        self.needs_crypto = not self.withhold  # the withhold ablation sends no ciphertext
 
     # ------------------------------------------------------------------ client: upload
     def make_upload(
@@ -106,7 +171,7 @@ class SHELoRA(Method):
         crypto: ClientCrypto | None = None,
         columns: Mapping[str, Sequence[int]] | None = None,
     ) -> Message:
-        if crypto is None or columns is None:
+        if columns is None or (crypto is None and not self.withhold):
             raise ValueError(
                 "SHE-LoRA uploads need the client's CKKS context and the column list G"
             )
@@ -119,6 +184,8 @@ class SHELoRA(Method):
             g = list(columns[layer])[:k_max]
             a_plain, a_cols = split_columns(a, g[:k])
             plain.factors[layer] = (b, a_plain.astype(np.float32))
+            if self.withhold:
+                continue
             if self.mode == "delta":
                 protected[layer] = protected_columns(b, a, g[:k], num_examples * s)  # m x k
             else:
@@ -126,11 +193,12 @@ class SHELoRA(Method):
         msg = adapter_to_upload(
             plain, method=self.name, round_=round_, client_id=client_id, num_examples=num_examples
         )
+        cols = {layer: list(columns[layer])[:k_max] for layer in weights.factors}
+        if self.withhold:  # the columns G[:k] are simply not sent
+            msg.header.update(budget=k, protect="withhold", columns=cols, ciphertexts=0)
+            return msg
         msg.header.update(
-            budget=k,
-            cipher_mode=self.mode,
-            fingerprint=crypto.fingerprint,
-            columns={layer: list(columns[layer])[:k_max] for layer in weights.factors},
+            budget=k, cipher_mode=self.mode, fingerprint=crypto.fingerprint, columns=cols
         )
         blobs: list[bytes] = []
         if k > 0 and self.mode == "delta":
@@ -143,7 +211,12 @@ class SHELoRA(Method):
                     for j in range(k_max)
                 }
             )
-            used = sum(rows.values()) * k  # the client's prefix of the flat vector
+            # the client's prefix of the flat vector: sum over layers of k x m values
+            used = shelora_encrypted_values(
+                self.cfg,
+                client_id,
+                {layer: (b.shape[0], a.shape[1]) for layer, (b, a) in weights.factors.items()},
+            )
             n_ct = crypto.num_ciphertexts(used)
             flat = flat[:used]  # zero-pad the last ciphertext: free, its size does not change
             blobs = crypto.encrypt(np.concatenate([flat, np.zeros(n_ct * crypto.slots - used)]))
@@ -164,6 +237,8 @@ class SHELoRA(Method):
         max_rank: int | None = None,
         crypto: ServerCrypto | None = None,
     ) -> Message:
+        if self.withhold:
+            return self._aggregate_withheld(uploads, round_=round_, max_rank=max_rank)
         if crypto is None:
             raise ValueError("the SHE-LoRA server needs the public CKKS context")
         plain_msgs, blobs, headers = [], [], []
@@ -225,6 +300,54 @@ class SHELoRA(Method):
             cipher_mode=self.mode,
         )
 
+    def _aggregate_withheld(
+        self, uploads: Sequence[Message], *, round_: int, max_rank: int | None
+    ) -> Message:
+        """The withhold ablation: each column averaged over the clients that sent it."""
+        headers = []
+        for u in uploads:
+            require(u.header, "budget", "columns", "protect")
+            if u.header["protect"] != "withhold" or u.header.get("ciphertexts", 0):
+                raise MessageError(
+                    f"client {u.header.get('client_id')} sent a {u.header['protect']!r} upload "
+                    "with ciphertexts; the server runs the withhold ablation"
+                )
+            headers.append(u.header)
+        columns = headers[0]["columns"]
+        if any(h["columns"] != columns for h in headers[1:]):
+            raise MessageError("clients withhold other columns: the column list G must be shared")
+        _, weights, p = self._decode_uploads(uploads)
+        r_max = max([w.rank for w in weights] + [max_rank or 0])
+        scalings = [lora_scaling(w.alpha, w.rank) for w in weights]
+        budgets = [int(h["budget"]) for h in headers]
+        k_max = self.cfg.max_budget
+        inv_q = withheld_column_weights(budgets, p, k_max)
+        tensors: dict[str, np.ndarray] = {}
+        for layer in weights[0].factors:
+            stacked = plain_part([w.factors[layer] for w in weights], p, scalings)
+            right = stacked.right.copy()
+            g = list(columns[layer])[:k_max]
+            right[:, g] *= inv_q[: len(g)]  # re-weight column G[j] over its senders
+            svd = lowrank_svd(LowRankUpdate(left=stacked.left, right=right))
+            tensors[f"{layer}{SEP}U"] = svd.u.astype(np.float32)
+            tensors[f"{layer}{SEP}S"] = svd.s.astype(np.float32)
+            tensors[f"{layer}{SEP}Vt"] = svd.vt.astype(np.float32)
+        return self._broadcast(
+            tensors,
+            weights,
+            p,
+            headers,
+            round_=round_,
+            r_max=r_max,
+            columns=columns,
+            k_max=0,  # nothing encrypted: clients fuse no column
+            withheld=k_max,
+            contributors=[sum(1 for k in budgets if k <= j) for j in range(k_max)],
+            ciphertexts=0,
+            total_examples=int(sum(h["num_examples"] for h in headers)),
+            protect="withhold",
+        )
+
     def _expected_ciphertexts(self, upload: Message, slots: int) -> int:
         """Ciphertexts an upload must carry, from public inputs: its budget and layer shapes."""
         k = int(upload.header["budget"])
@@ -271,18 +394,16 @@ class SHELoRA(Method):
         crypto: ClientCrypto | None = None,
     ) -> AdapterWeights:
         require(
-            broadcast.header,
-            "columns",
-            "k_max",
-            "contributors",
-            "ciphertexts",
-            "total_examples",
-            "fingerprint",
+            broadcast.header, "columns", "k_max", "contributors", "ciphertexts", "total_examples"
         )
-        if crypto is None:
-            raise ValueError("a SHE-LoRA client needs its CKKS context to read the broadcast")
         h = broadcast.header
-        check_fingerprint(crypto.fingerprint, h["fingerprint"])
+        if h.get("protect") == "withhold" and int(h["k_max"]) == 0:
+            crypto = None  # nothing to decrypt
+        elif crypto is None:
+            raise ValueError("a SHE-LoRA client needs its CKKS context to read the broadcast")
+        else:
+            require(h, "fingerprint")
+            check_fingerprint(crypto.fingerprint, h["fingerprint"])
         plain, blobs = split_ciphertexts(broadcast)
         layers, head = self._split(plain)
         rows = {layer: t["U"].shape[0] for layer, t in layers.items()}
