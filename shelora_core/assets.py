@@ -49,6 +49,12 @@ class ModelSpec:
         default_targets: the targets used when a config gives none (the paper adapts q, DAGER q).
         head: the name of the classification head module (trained in plaintext, averaged).
         gguf_file: GGUF file name inside the package, or ``None`` for a plain HF folder.
+        pooling: what the classification head reads: ``"mean"`` (mean of the last hidden states
+            over non-padding tokens, the pooling the model was trained with: all-MiniLM-L6-v2's
+            ``1_Pooling`` config) or ``"native"`` (the transformers class's own: the last
+            non-padding token for LLaMA).
+        encoder: attribute name of the backbone inside the ``...ForSequenceClassification``
+            model (used by ``"mean"`` pooling).
     """
 
     name: str
@@ -59,6 +65,8 @@ class ModelSpec:
     default_targets: tuple[str, ...]
     head: str
     gguf_file: str | None = None
+    pooling: str = "native"
+    encoder: str = "model"
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -70,6 +78,11 @@ MODELS: dict[str, ModelSpec] = {
         target_modules=("query", "key", "value"),
         default_targets=("query",),
         head="classifier",
+        # BERT's pooler reads [CLS], which the sentence-transformers training never tuned: its
+        # output barely varies between sentences (logit std 0.02 over the test set), and
+        # federated training from it stayed at the majority class; mean pooling is the model's own
+        pooling="mean",
+        encoder="bert",
     ),
     "smollm2": ModelSpec(
         name="smollm2",

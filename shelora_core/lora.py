@@ -151,13 +151,21 @@ class LoraModel:
         wrapper = self.model.base_model.model.get_submodule(self.spec.head)
         return wrapper.modules_to_save[adapter_name(rank)]
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+    def adapter_parameters(self) -> list[torch.nn.Parameter]:
+        """The active adapter's LoRA factors (A and B of every target layer)."""
         name = adapter_name(self.active_rank)
         params = []
         for mod in self._lora_modules.values():
             params += [mod.lora_A[name].weight, mod.lora_B[name].weight]
-        params += list(self._head_module(self.active_rank).parameters())
         return params
+
+    def head_parameters(self) -> list[torch.nn.Parameter]:
+        """The active adapter's classification head."""
+        return list(self._head_module(self.active_rank).parameters())
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """Everything local training updates: the adapter, then the head."""
+        return self.adapter_parameters() + self.head_parameters()
 
     def init_weights(self, rank: int, *, seed: int) -> AdapterWeights:
         """The round-0 adapter: A ~ U(-1/sqrt(n), 1/sqrt(n)) (peft's default), B = 0.
@@ -245,7 +253,16 @@ class LoraModel:
 
     # ------------------------------------------------------------------ forward helpers
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        """Class logits with the active adapter; the head reads the pooling of the model's spec."""
+        if self.spec.pooling == "native":
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        inner = self.model.base_model.model  # the ...ForSequenceClassification, LoRA injected
+        hidden = getattr(inner, self.spec.encoder)(
+            input_ids=input_ids, attention_mask=attention_mask
+        ).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return getattr(inner, self.spec.head)(inner.dropout(pooled))
 
     @torch.no_grad()
     def predict(

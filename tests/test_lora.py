@@ -77,3 +77,29 @@ def test_rank_larger_than_layer_width_and_unknown_target_are_refused():
         LoraModel("minilm", num_labels=2, ranks=(4,), target_modules=("q_proj",))
     with pytest.raises(ValueError, match="unknown model"):
         LoraModel("gpt2", num_labels=2, ranks=(4,))
+
+
+def test_minilm_head_reads_the_masked_mean_so_padding_does_not_change_logits(minilm_model):
+    # all-MiniLM-L6-v2 was trained with mean pooling; BERT's [CLS] pooler output barely varies
+    # between sentences, so the head reads the mean of the non-padding hidden states
+    minilm_model.load(minilm_model.init_weights(2, seed=0))
+    ids = torch.tensor([[101, 2204, 3185, 102]])
+    padded = torch.tensor([[101, 2204, 3185, 102, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        short = minilm_model.logits(ids, torch.ones_like(ids))
+        long = minilm_model.logits(padded, mask)
+        inner = minilm_model.model.base_model.model
+        hidden = inner.bert(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        by_hand = minilm_model.head_parameters()
+        w, b = by_hand[0], by_hand[1]
+        expected = hidden.mean(1) @ w.T + b
+    torch.testing.assert_close(long, short, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(short, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_and_head_parameters_partition_the_trainable_ones(minilm_model):
+    minilm_model.load(minilm_model.init_weights(4, seed=0))
+    ad, hd = minilm_model.adapter_parameters(), minilm_model.head_parameters()
+    assert len(ad) == 2 * len(minilm_model.layer_names) and len(hd) == 2
+    assert [id(p) for p in minilm_model.trainable_parameters()] == [id(p) for p in ad + hd]
