@@ -95,23 +95,43 @@ def run_notebook(nb: Path, out_dir: Path, params: dict, kernel: str) -> float:
     return time.perf_counter() - t0
 
 
+def _rel(path: Path) -> Path:
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
 def results_table(results_dir: Path) -> str:
     """Markdown table of results/<profile>/federated_tuning.json (generated, never hand-edited)."""
     lines = []
     path = results_dir / "federated_tuning.json"
+    runs, where = [], ""
     if path.exists():
         runs = json.loads(path.read_text())
         meta = runs[0].get("meta", {}) if runs else {}
+        where = (
+            f"Federated tuning (`{_rel(path)}`, "
+            f"commit {str(meta.get('git_commit'))[:12]}, {meta.get('time_utc')}):"
+        )
+    else:  # notebook 05 has not finished this profile: the runs that did, one summary each
+        done = sorted((results_dir / "federated_tuning").glob("*.summary.json"))
+        runs = [json.loads(p.read_text()) for p in done]
+        commits = sorted({str(r.get("meta", {}).get("git_commit"))[:12] for r in runs})
+        where = (
+            f"Federated tuning, the {len(runs)} runs of notebook 05's grid finished so far "
+            f"(`{_rel(results_dir / 'federated_tuning')}/*.summary.json`, commit(s) "
+            f"{', '.join(commits)}):"
+        )
+    if runs:
         lines += [
-            f"Federated tuning (`{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}`, "
-            f"commit {str(meta.get('git_commit'))[:12]}, {meta.get('time_utc')}):",
+            where,
             "",
             "| method | model | ranks | partition | clients | rounds x steps | final acc | macro-F1 "
             "| upload KB / client-round | s / client-round |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in runs:
-            method = r["method"] + (f"-{r['cipher_mode']}" if r.get("cipher_mode") else "")
+            method = r.get("variant") or (
+                r["method"] + (f"-{r['cipher_mode']}" if r.get("cipher_mode") else "")
+            )
             lines.append(
                 f"| {method} | {r['model']} | {'/'.join(map(str, r['ranks']))} | "
                 f"{r['partition']} | {r['num_clients']} | {r['rounds']} x {r['local_steps']} | "
@@ -162,6 +182,36 @@ def results_table(results_dir: Path) -> str:
                 f"SHE-LoRA ~{paper['encryption_seconds_openllama_3b']['shelora']}. "
                 "_(x N)_ = measured on a subset of the model's identical layers and scaled by N.",
             ]
+    neg = results_dir / "negotiation.json"
+    if neg.exists():
+        d = json.loads(neg.read_text())
+        cfg, leak, guess = d["config"], d["ope_leakage"], d["public_model_guess"]
+        gvr = d["grid_vs_random"]["wide"]
+        cov = d["coverage_per_client"].values()
+        risk = d["risk_max_per_client"].values()
+        top = leak["all_columns"][str(leak["max_index"])]
+        lines += [
+            "",
+            f"Negotiation (`{_rel(neg)}`, commit {str(d['meta'].get('git_commit'))[:12]}; "
+            f"{cfg['model']}, {cfg['num_clients']} clients, ranks "
+            f"{'/'.join(map(str, cfg['ranks']))}, budgets {'/'.join(map(str, cfg['he_budgets']))}, "
+            f"{cfg['partition']}):",
+            "",
+            "| measurement | value |",
+            "|---|---|",
+            f"| mean Coverage per client (min .. max) | {min(cov):.3f} .. {max(cov):.3f} |",
+            f"| max Risk per client (worst) | {max(risk):.3f} |",
+            f"| (a, b) grid vs {gvr['runs']} random searches (wide budgets), grid better / equal "
+            f"/ random better: first tier; final list (tiers are searched greedily) | "
+            f"{gvr['tier1_grid_better']} / {gvr['tier1_equal']} / {gvr['tier1_random_better']}; "
+            f"{gvr['final_grid_better']} / {gvr['final_equal']} / {gvr['final_random_better']} |",
+            f"| OPE order leak: server's estimate of column indices from ciphertexts alone, mean "
+            f"abs. error (random guess) | {top['mae']:.2f} ({top['mae_random_guess']:.1f}) of "
+            f"{d['width']} columns |",
+            f"| columns a server holding only the public model predicts among the clients' "
+            f"proposals ({guess['public_examples']} public examples; random) | "
+            f"{guess['hit_rate']:.1%} ({guess['hit_rate_random']:.1%}) |",
+        ]
     return "\n".join(lines) if lines else "_No results yet: run `make reproduce`._"
 
 
@@ -171,7 +221,8 @@ def update_readme(results_root: Path) -> None:
     parts = []
     for profile in PROFILES:
         d = results_root / profile
-        if (d / "federated_tuning.json").exists() or (d / "he_cost.json").exists():
+        finished = any((d / "federated_tuning").glob("*.summary.json"))
+        if finished or (d / "federated_tuning.json").exists() or (d / "he_cost.json").exists():
             parts.append(f"**Profile `{profile}`**\n\n" + results_table(d))
     body = "\n\n".join(parts) or "_No results yet: run `make reproduce`._"
     text = README.read_text()

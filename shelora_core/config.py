@@ -18,6 +18,7 @@ __all__ = ["METHODS", "FederatedConfig"]
 #: aggregation methods the federation loop knows
 METHODS = ("fedavg", "flexlora", "shelora", "fedshield", "full_he", "maskcrypt")
 CIPHER_MODES = ("delta", "paper")
+LOSSES = ("ce", "logit_adjusted")
 PROTECT_MODES = ("encrypt", "withhold")
 COLUMN_ORDERS = ("negotiated", "w0_norm", "random")
 PARTITIONS = ("iid", "dirichlet")
@@ -42,7 +43,12 @@ _DEFAULT_TARGETS = {"minilm": ("query",), "smollm2": ("q_proj",)}
 #: fields added after runs were first recorded, with their defaults: they enter
 #: :meth:`FederatedConfig.fingerprint` only when set to another value, so the runs (names,
 #: checkpoints, results) of every configuration that does not use them keep their identity
-_LATE_FIELDS: dict[str, Any] = {"shelora_protect": "encrypt", "renegotiate_every": None}
+_LATE_FIELDS: dict[str, Any] = {
+    "shelora_protect": "encrypt",
+    "renegotiate_every": None,
+    "loss": "ce",
+    "head_lr_scale": 1.0,
+}
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,13 @@ class FederatedConfig:
         lr: peak AdamW learning rate, cosine-annealed over rounds to ``lr * lr_final_ratio``.
         lr_final_ratio: final learning rate as a fraction of ``lr``. Defaults to 0.1.
         weight_decay: AdamW weight decay. Defaults to 0.0.
+        loss: local training loss: ``"ce"`` (cross-entropy, the papers') or
+            ``"logit_adjusted"`` (cross-entropy on ``logits + log(local label prior)``, Menon et
+            al. 2021 / FedLC: each client's label skew is absorbed by the offset instead of the
+            shared head, so the head learns the balanced decision rule; prediction uses the plain
+            logits). Defaults to ``"ce"``.
+        head_lr_scale: the classification head's learning rate is ``lr`` times this (the adapter
+            uses ``lr``). Defaults to 1.0.
         max_length: tokens per example (truncation). Defaults to 64.
         train_examples: use only this many (seeded) training examples; ``None`` = all.
         eval_examples: evaluate on this many (seeded) test examples; ``None`` = all.
@@ -125,6 +138,8 @@ class FederatedConfig:
     lr: float = 1e-3
     lr_final_ratio: float = 0.1
     weight_decay: float = 0.0
+    loss: str = "ce"
+    head_lr_scale: float = 1.0
     max_length: int = 64
     train_examples: int | None = None
     eval_examples: int | None = 512
@@ -219,6 +234,22 @@ class FederatedConfig:
         return hashlib.sha256(blob).hexdigest()[:12]
 
     @property
+    def variant(self) -> str:
+        """Short label of the method and its protection choices, e.g. ``shelora-delta``,
+        ``shelora-delta-random``, ``shelora-delta-withhold``, ``maskcrypt-delta``."""
+        if self.method not in ("shelora", "maskcrypt"):
+            return self.method
+        parts = [self.method, self.cipher_mode]
+        if self.method == "shelora":
+            if self.column_order != "negotiated":
+                parts.append(self.column_order)
+            if self.shelora_protect != "encrypt":
+                parts.append(self.shelora_protect)
+            if self.renegotiate_every is not None:
+                parts.append(f"reneg{self.renegotiate_every}")
+        return "-".join(parts)
+
+    @property
     def run_name(self) -> str:
         ranks = "-".join(str(r) for r in self.ranks)
         part = "iid" if self.partition == "iid" else f"dir{self.dirichlet_alpha:g}"
@@ -287,6 +318,10 @@ class FederatedConfig:
             bad("lr_final_ratio", self.lr_final_ratio, "must be in [0, 1]")
         if self.weight_decay < 0:
             bad("weight_decay", self.weight_decay, "must be >= 0")
+        if self.loss not in LOSSES:
+            bad("loss", self.loss, f"choose one of {list(LOSSES)}")
+        if not self.head_lr_scale > 0:
+            bad("head_lr_scale", self.head_lr_scale, "must be > 0 (1.0 = the adapter's lr)")
         if self.max_length < 2:
             bad("max_length", self.max_length, "must be >= 2 tokens")
         for name in ("train_examples", "eval_examples"):

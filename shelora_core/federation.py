@@ -55,7 +55,9 @@ __all__ = [
     "RunResult",
     "client_step",
     "client_upload",
+    "batch_loss",
     "local_gradient",
+    "log_label_prior",
     "server_consensus",
     "server_step",
 ]
@@ -105,6 +107,31 @@ def _seed(*parts: int) -> int:
     return int(np.random.default_rng(list(parts)).integers(2**31 - 1))
 
 
+def log_label_prior(labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """``log`` of a client's label frequencies, add-one smoothed (no label has prior 0)."""
+    counts = torch.bincount(labels, minlength=num_labels).to(torch.float32) + 1.0
+    return torch.log(counts / counts.sum())
+
+
+def batch_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    loss: str = "ce",
+    log_prior: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The local training loss: cross-entropy, or cross-entropy on ``logits + log_prior``
+    (``"logit_adjusted"``: the client's label skew goes into the offset, not into the head)."""
+    if loss == "logit_adjusted":
+        if log_prior is None:
+            raise ValueError("loss='logit_adjusted' needs the client's log label prior")
+        logits = logits + log_prior
+    elif loss != "ce":
+        raise ValueError(f"loss = {loss!r} is unknown; choose 'ce' or 'logit_adjusted'")
+    return torch.nn.functional.cross_entropy(logits, labels, reduction=reduction)
+
+
 def local_train(
     model: LoraModel,
     data: ClientData,
@@ -114,12 +141,19 @@ def local_train(
     lr: float,
     weight_decay: float,
     seed: int,
+    loss: str = "ce",
+    head_lr_scale: float = 1.0,
 ) -> float:
-    """AdamW on the active adapter and head for ``steps`` minibatches; returns the mean loss."""
+    """AdamW on the active adapter (learning rate ``lr``) and head (``lr * head_lr_scale``) for
+    ``steps`` minibatches; returns the mean loss (see :func:`batch_loss` for ``loss``)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    params = model.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    groups = [{"params": model.adapter_parameters(), "lr": lr}]
+    groups.append({"params": model.head_parameters(), "lr": lr * head_lr_scale})
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    log_prior = None
+    if loss == "logit_adjusted":
+        log_prior = log_label_prior(data.labels, model.num_labels)
     model.model.train()
     order = torch.randperm(len(data), generator=gen)
     pos, losses = 0, []
@@ -129,13 +163,16 @@ def local_train(
         idx = order[pos : pos + batch_size]
         pos += batch_size
         b = data.batch(idx)
-        loss = torch.nn.functional.cross_entropy(
-            model.logits(b["input_ids"], b["attention_mask"]), b["labels"]
+        value = batch_loss(
+            model.logits(b["input_ids"], b["attention_mask"]),
+            b["labels"],
+            loss=loss,
+            log_prior=log_prior,
         )
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         opt.step()
-        losses.append(loss.item())
+        losses.append(value.item())
     model.model.eval()
     return float(np.mean(losses))
 
@@ -234,6 +271,8 @@ def client_step(
         lr=learning_rate(cfg, round_),
         weight_decay=cfg.weight_decay,
         seed=_seed(cfg.seed, round_, client_id, 1),
+        loss=cfg.loss,
+        head_lr_scale=cfg.head_lr_scale,
     )
     t2 = time.perf_counter()
     if method.needs_consensus:
@@ -345,6 +384,10 @@ def server_step(
 
 
 # ---------------------------------------------------------------------------- the loop
+#: stamped on every round record; bumped when the code changes what one configuration computes
+#: (2: MiniLM's head reads mean pooling), so a finished run from older code is never reused
+RESULTS_VERSION = 2
+
 #: methods whose encrypted share is set by ``he_budgets`` and ``cipher_mode``
 _BUDGETED = ("shelora", "maskcrypt")
 
@@ -368,6 +411,7 @@ class RunResult:
         return {
             "run_name": cfg.run_name,
             "method": cfg.method,
+            "variant": cfg.variant,
             "model": cfg.model,
             "dataset": cfg.dataset,
             "ranks": list(cfg.ranks),
@@ -644,6 +688,28 @@ class Federation:
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(self.metrics_path, "".join(json.dumps(h) + "\n" for h in history).encode())
 
+    @property
+    def summary_path(self) -> Path:
+        """Written when the run completes: its :meth:`RunResult.summary` and meta (a finished run
+        is documented even when the notebook that collects all runs has not finished)."""
+        return self.metrics_path.with_name(f"{self.cfg.run_name}.summary.json")
+
+    def _save_summary(self, result: RunResult) -> None:
+        rec = {**result.summary(), "meta": result.meta}
+        self.summary_path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.summary_path, json.dumps(rec, indent=1, default=str).encode())
+
+    def completed_history(self) -> list[dict[str, Any]] | None:
+        """This configuration's records from its JSONL when it holds every round from this code
+        (:data:`RESULTS_VERSION`), else ``None``."""
+        if not self.metrics_path.exists():
+            return None
+        lines = self.metrics_path.read_text().splitlines()
+        history = [json.loads(x) for x in lines if x.strip()]
+        complete = [h.get("round") for h in history] == list(range(1, self.cfg.rounds + 1))
+        current = all(h.get("results_version") == RESULTS_VERSION for h in history)
+        return history if complete and current else None
+
     # -------------------------------------------------------------- evaluation
     def evaluate(self, broadcast: bytes) -> dict[str, float]:
         """Accuracy and macro-F1 of the global model (the broadcast at the largest rank)."""
@@ -666,6 +732,7 @@ class Federation:
         resume: bool = True,
         stop_after_round: int | None = None,
         on_round: Callable[[dict[str, Any]], None] | None = None,
+        reuse_complete: bool = False,
     ) -> RunResult:
         """Run (or resume) the federation.
 
@@ -673,6 +740,9 @@ class Federation:
             resume: continue from the last checkpoint of this exact configuration, if any.
             stop_after_round: stop after this round as if interrupted (tests, notebooks).
             on_round: called with each new round's record.
+            reuse_complete: when this configuration's per-round JSONL already holds every round
+                (from this code's :data:`RESULTS_VERSION`), return it without training: the
+                paper profile's hours-long runs survive without their (uncommitted) checkpoints.
         """
         if self.progress:
             from tqdm.auto import tqdm
@@ -680,6 +750,17 @@ class Federation:
             from tqdm import tqdm
 
         cfg = self.cfg
+        if resume and reuse_complete:
+            done = self.completed_history()
+            if done is not None:
+                saved = {}
+                if self.summary_path.exists():  # the provenance of the run that computed it
+                    saved = json.loads(self.summary_path.read_text()).get("meta", {})
+                meta = {**saved, "reused": True}
+                result = RunResult(cfg, done, self.partition_counts, meta=meta)
+                if not saved:
+                    self._save_summary(result)
+                return result
         method = get_method(cfg.method, cfg)
         start, broadcast, history = self._load_checkpoint() if resume else (0, None, [])
         first = min(start + 1, cfg.rounds)
@@ -762,6 +843,7 @@ class Federation:
                 "server_seconds": server_secs,
                 "accuracy": None,
                 "macro_f1": None,
+                "results_version": RESULTS_VERSION,
                 **extra,
             }
             if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
@@ -779,7 +861,10 @@ class Federation:
         meta = run_meta(cfg.seed)
         if self.negotiation is not None:
             meta["negotiation"] = self.negotiation
-        return RunResult(cfg, history, self.partition_counts, meta=meta)
+        result = RunResult(cfg, history, self.partition_counts, meta=meta)
+        if len(history) == cfg.rounds:
+            self._save_summary(result)
+        return result
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -19,6 +19,8 @@ from shelora_core.profiles import federated_tuning_grid, profile_config
         ("partition", "shards", "iid"),
         ("client_fraction", 0.0, "(0, 1]"),
         ("num_clients", 0, ">= 1"),
+        ("loss", "focal", "logit_adjusted"),
+        ("head_lr_scale", 0.0, "must be > 0"),
         ("rounds", 0, ">= 1"),
         ("lr", 0.0, "> 0"),
         ("max_length", 1, ">= 2"),
@@ -81,6 +83,8 @@ def test_new_fields_leave_the_fingerprints_of_existing_runs_unchanged():
     assert she.fingerprint() == "03541a168596"
     assert she.replace(shelora_protect="withhold").fingerprint() != she.fingerprint()
     assert she.replace(renegotiate_every=5).fingerprint() != she.fingerprint()
+    assert she.replace(loss="logit_adjusted").fingerprint() != she.fingerprint()
+    assert she.replace(head_lr_scale=10.0).fingerprint() != she.fingerprint()
     assert she.replace(shelora_protect="encrypt", renegotiate_every=None) == she
 
 
@@ -103,7 +107,12 @@ def test_client_ranks_are_assigned_cyclically():
 
 
 def test_profiles_build_valid_grids():
-    assert len(federated_tuning_grid("quick")) == 12
+    quick = federated_tuning_grid("quick")
+    assert len(quick) == 15
+    variants = [c.variant for c in quick]
+    assert len({c.run_name for c in quick}) == 15  # no two runs share checkpoints
+    for v in ("maskcrypt-delta", "shelora-delta-random", "shelora-delta-withhold"):
+        assert variants.count(v) == 1
     paper = federated_tuning_grid("paper")
     assert {c.model for c in paper} == {"minilm", "smollm2"}
     with pytest.raises(ValueError, match="unknown profile"):

@@ -128,6 +128,36 @@ def test_interrupted_run_resumes_and_equals_an_uninterrupted_run(
     assert [json.loads(x)["round"] for x in lines] == [1, 2, 3]
 
 
+def test_a_complete_run_is_reused_only_when_asked_and_only_from_current_code(
+    tiny_config, minilm_model, tmp_path, monkeypatch
+):
+    import shutil
+
+    from shelora_core import federation
+
+    cfg = tiny_config.replace(rounds=2, method="fedavg")
+    full = Federation(cfg, results_dir=tmp_path, model=minilm_model).run()
+    fed = Federation(cfg, results_dir=tmp_path, model=minilm_model)
+    shutil.rmtree(fed.checkpoint_dir)  # checkpoints are not committed; the JSONL is
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a complete run was trained again")
+
+    monkeypatch.setattr(federation, "client_step", no_training)
+    again = fed.run(reuse_complete=True)
+    assert again.history == json.loads(json.dumps(full.history))
+    assert again.meta["reused"] is True
+    assert again.meta["git_commit"] == full.meta["git_commit"]
+    summary = json.loads(fed.summary_path.read_text())
+    assert summary["final_accuracy"] == full.final_accuracy and summary["rounds"] == 2
+    with pytest.raises(AssertionError, match="trained again"):
+        fed.run()  # without reuse_complete: trains
+    monkeypatch.setattr(federation, "RESULTS_VERSION", federation.RESULTS_VERSION + 1)
+    assert fed.completed_history() is None  # older code's results are not reused
+    with pytest.raises(AssertionError, match="trained again"):
+        fed.run(reuse_complete=True)
+
+
 def test_upload_bytes_are_measured_message_lengths(tiny_config, minilm_model, tmp_path):
     res = Federation(tiny_config.replace(rounds=1), results_dir=tmp_path, model=minilm_model).run()
     h = res.history[0]
@@ -245,3 +275,55 @@ def test_renegotiated_run_interrupted_before_a_negotiation_equals_an_uninterrupt
     assert [h["accuracy"] for h in got] == [h["accuracy"] for h in ref]
     assert [("negotiation_upload_bytes" in h) for h in got] == [True, False, True]
     assert resumed.columns == full.columns
+
+
+def test_logit_adjusted_loss_shifts_logits_by_the_smoothed_log_prior():
+    import torch
+
+    from shelora_core.federation import batch_loss, log_label_prior
+
+    prior = log_label_prior(torch.tensor([1, 1, 1, 0, 1]), 3)
+    torch.testing.assert_close(prior.exp(), torch.tensor([2.0, 5.0, 1.0]) / 8)
+    logits, labels = torch.randn(4, 3), torch.tensor([0, 1, 2, 1])
+    want = torch.nn.functional.cross_entropy(logits + prior, labels)
+    torch.testing.assert_close(
+        batch_loss(logits, labels, loss="logit_adjusted", log_prior=prior), want
+    )
+    torch.testing.assert_close(
+        batch_loss(logits, labels), torch.nn.functional.cross_entropy(logits, labels)
+    )
+    with pytest.raises(ValueError, match="log label prior"):
+        batch_loss(logits, labels, loss="logit_adjusted")
+
+
+def test_local_train_uses_the_client_prior_and_the_head_learning_rate(minilm_model):
+    # a client that holds only label 1: under logit adjustment its skew is explained by the
+    # offset log(17/18) vs log(1/18), so the loss starts near -log(17/18) instead of log 2;
+    # and the head moves head_lr_scale times as far as the adapter's rate in one Adam step
+    import torch
+
+    from shelora_core.federation import ClientData, local_train
+
+    torch.manual_seed(0)
+    ids = torch.randint(1000, 5000, (16, 8))
+    data = ClientData(ids, torch.ones_like(ids), torch.ones(16, dtype=torch.long))
+    start = minilm_model.init_weights(2, seed=0)
+    losses, moves = {}, {}
+    for loss, scale in (("ce", 1.0), ("logit_adjusted", 1.0), ("ce", 10.0)):
+        minilm_model.load(start)
+        bias0 = minilm_model.head_parameters()[1].detach().clone()
+        losses[loss, scale] = local_train(
+            minilm_model,
+            data,
+            steps=1,
+            batch_size=16,
+            lr=1e-3,
+            weight_decay=0.0,
+            seed=0,
+            loss=loss,
+            head_lr_scale=scale,
+        )
+        moves[loss, scale] = float((minilm_model.head_parameters()[1] - bias0).abs().max())
+    assert losses["logit_adjusted", 1.0] < 0.3 < 0.5 < losses["ce", 1.0]
+    assert moves["ce", 10.0] == pytest.approx(10 * moves["ce", 1.0], rel=0.05)
+    assert moves["ce", 1.0] == pytest.approx(1e-3, rel=0.05)

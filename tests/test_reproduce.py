@@ -48,8 +48,10 @@ def test_quick_profile_executes_notebook_05_and_writes_the_json(tmp_path):
     proc = _run(tmp_path, "05", *args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     runs = json.loads((tmp_path / "quick" / "federated_tuning.json").read_text())
-    assert len(runs) == 12
-    assert {r["method"] for r in runs} == {"fedavg", "flexlora", "shelora", "fedshield", "full_he"}
+    assert len(runs) == 15
+    methods = {"fedavg", "flexlora", "shelora", "fedshield", "full_he", "maskcrypt"}
+    assert {r["method"] for r in runs} == methods
+    assert "shelora-delta-withhold" in {r["variant"] for r in runs}
     for r in runs:
         assert {"method", "ranks", "partition", "final_accuracy", "rounds"} <= set(r)
         assert r["rounds"] == 1 and 0 <= r["final_accuracy"] <= 1
