@@ -182,6 +182,23 @@ def results_table(results_dir: Path) -> str:
                 f"SHE-LoRA ~{paper['encryption_seconds_openllama_3b']['shelora']}. "
                 "_(x N)_ = measured on a subset of the model's identical layers and scaled by N.",
             ]
+    speed = results_dir / "train_speed.json"
+    if speed.exists():
+        d = json.loads(speed.read_text())
+        lines += [
+            "",
+            f"Local training speed (`{_rel(speed)}`, `make bench`, commit "
+            f"{str(d['meta'].get('git_commit'))[:12]}, {d['meta'].get('torch_threads')} threads):",
+            "",
+            "| model | rank | batch | s / step | s / client-round (steps) | upload KB |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in d["rows"]:
+            lines.append(
+                f"| {r['model']} | {r['rank']} | {r['batch_size']} | {r['seconds_per_step']:.2f} | "
+                f"{r['seconds_per_client_round']:.1f} ({r['local_steps']}) | "
+                f"{r['upload_bytes'] / 1e3:.0f} |"
+            )
     neg = results_dir / "negotiation.json"
     if neg.exists():
         d = json.loads(neg.read_text())

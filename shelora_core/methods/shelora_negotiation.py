@@ -63,22 +63,7 @@ def server_negotiate(
     cfg: FederatedConfig, proposals: Sequence[Message]
 ) -> tuple[Message, NegotiationResult]:
     """Negotiate on ciphertexts; the broadcast holds the ordered index ciphertexts per layer."""
-    per_layer: dict[str, list[ClientProposal]] = {}
-    for msg in proposals:
-        require(msg.header, "client_id", "rank", "budget")
-        h = msg.header
-        for layer, arr in msg.tensors.items():
-            if arr.ndim != 2 or arr.shape[1] != 2:
-                raise MessageError(f"proposal for {layer!r} has shape {arr.shape}, expected (k, 2)")
-            per_layer.setdefault(layer, []).append(
-                ClientProposal(
-                    client_id=str(h["client_id"]),
-                    rank=int(h["rank"]),
-                    budget=int(h["budget"]),
-                    items=[(int(a), int(b)) for a, b in arr],
-                )
-            )
-    result = negotiate(per_layer, grid_step=cfg.negotiation_grid_step)
+    result = negotiate(proposals_by_layer(proposals), grid_step=cfg.negotiation_grid_step)
     tensors = {layer: np.asarray(cols, dtype=np.int64) for layer, cols in result.columns.items()}
     return Message("negotiation", {"layers": sorted(tensors)}, tensors), result
 
