@@ -99,6 +99,54 @@ def _rel(path: Path) -> Path:
     return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
+def attack_table(path: Path) -> list[str]:
+    """DAGER's ROUGE-1 per method, budget and attacker at the largest LoRA rank (attack.json)."""
+    entries = json.loads(path.read_text())
+    meta = next((e for e in entries if e["kind"] == "meta"), {})
+    rows = [e for e in entries if e["kind"] == "measured"]
+    rank = max(e["rank"] for e in rows)
+    batches = sorted({e["batch_size"] for e in rows})
+    updates = [u for u in ("round1", "later") if any(e["update"] == u for e in rows)]
+    cells: dict[tuple, dict[tuple, float]] = {}
+    for e in rows:
+        if e["rank"] != rank or e["update"] not in updates:
+            continue
+        if e["method"] == "flexlora-dp" and e.get("dp_epsilon") is None:
+            continue  # the noise sweep is in the notebook; the table shows the authors' epsilon
+        key = (e["method"], e["budget"], e["attacker"])
+        cells.setdefault(key, {})[(e["update"], e["batch_size"])] = e["rouge1"]
+    head = " | ".join(f"{u} (batch {'/'.join(map(str, batches))})" for u in updates)
+    out = [
+        f"Gradient inversion: DAGER's ROUGE-1 on what the server receives (`{_rel(path)}`, "
+        f"commit {str(meta.get('git_commit'))[:12]}; SmolLM2-135M, LoRA r = {rank} on q_proj, "
+        "one FedSGD step; budget = encrypted columns per layer or the same number of values):",
+        "",
+        f"| method | budget | attacker | {head} |",
+        "|---|---|---|" + "---|" * len(updates),
+    ]
+    for (method, budget, attacker), v in sorted(
+        cells.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2])
+    ):
+        vals = [
+            "/".join(f"{v[(u, b)]:.2f}" if (u, b) in v else "-" for b in batches) for u in updates
+        ]
+        k = "-" if budget is None else f"{budget:g}"
+        out.append(f"| {method} | {k} | {attacker} | {' | '.join(vals)} |")
+    paper = [e for e in entries if e["kind"] == "paper"]
+    if paper:
+        by: dict[str, list[str]] = {}
+        for e in sorted(paper, key=lambda e: e["batch_size"]):
+            by.setdefault(e["method"], []).append(f"{e['rouge1_percent']:g}")
+        bs = "/".join(str(b) for b in sorted({e["batch_size"] for e in paper}))
+        out += [
+            "",
+            f"Paper (SST-2, OpenLLaMA-3B, ROUGE-1 % at batch {bs}): "
+            + "; ".join(f"{m} {'/'.join(v)}" for m, v in by.items())
+            + ".",
+        ]
+    return out
+
+
 def results_table(results_dir: Path) -> str:
     """Markdown table of results/<profile>/federated_tuning.json (generated, never hand-edited)."""
     lines = []
@@ -114,7 +162,9 @@ def results_table(results_dir: Path) -> str:
     else:  # notebook 05 has not finished this profile: the runs that did, one summary each
         done = sorted((results_dir / "federated_tuning").glob("*.summary.json"))
         runs = [json.loads(p.read_text()) for p in done]
-        commits = sorted({str(r.get("meta", {}).get("git_commit"))[:12] for r in runs})
+        commits = sorted(
+            {str(r.get("meta", {}).get("git_commit") or "not recorded")[:12] for r in runs}
+        )
         where = (
             f"Federated tuning, the {len(runs)} runs of notebook 05's grid finished so far "
             f"(`{_rel(results_dir / 'federated_tuning')}/*.summary.json`, commit(s) "
@@ -182,6 +232,9 @@ def results_table(results_dir: Path) -> str:
                 f"SHE-LoRA ~{paper['encryption_seconds_openllama_3b']['shelora']}. "
                 "_(x N)_ = measured on a subset of the model's identical layers and scaled by N.",
             ]
+    attack = results_dir / "attack.json"
+    if attack.exists():
+        lines += ["", *attack_table(attack)]
     speed = results_dir / "train_speed.json"
     if speed.exists():
         d = json.loads(speed.read_text())

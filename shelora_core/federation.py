@@ -757,6 +757,9 @@ class Federation:
                 if self.summary_path.exists():  # the provenance of the run that computed it
                     saved = json.loads(self.summary_path.read_text()).get("meta", {})
                 meta = {**saved, "reused": True}
+                if not saved:  # finished before summaries existed: say what is not known
+                    meta["provenance"] = "not recorded (summary written after the run)"
+                    meta["summary_written"] = run_meta(cfg.seed)
                 result = RunResult(cfg, done, self.partition_counts, meta=meta)
                 if not saved:
                     self._save_summary(result)

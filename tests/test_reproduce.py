@@ -194,3 +194,29 @@ def test_set_values_reach_notebooks_as_literals_tuples_as_lists():
         sys.path.pop(0)
     got = parse_sets(["ranks=(8, 16)", "rounds=2", "name=abc", "nested={'a': (1, (2,))}"])
     assert got == {"ranks": [8, 16], "rounds": 2, "name": "abc", "nested": {"a": [1, [2]]}}
+
+
+@pytest.mark.smoke
+def test_quick_profile_executes_notebook_06_and_records_the_attack_table(tmp_path):
+    proc = _run(tmp_path, "06", *_sets("batch_sizes=(1,)"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    entries = json.loads((tmp_path / "quick" / "attack.json").read_text())
+    measured = [e for e in entries if e["kind"] == "measured"]
+    paper = [e for e in entries if e["kind"] == "paper"]
+    assert {e["method"] for e in measured} == {
+        "flexlora", "flexlora-dp", "maskcrypt", "shelora", "shelora+first-layers", "fedshield",
+        "full_he",
+    }  # fmt: skip
+    keys = {"method", "attacker", "batch_size", "rank", "budget", "update", "rouge1", "rouge2",
+            "token_precision", "token_recall", "n_batches"}  # fmt: skip
+    assert all(keys <= set(e) and e["batch_size"] == 1 for e in measured)
+    flex = [e for e in measured if e["method"] == "flexlora" and e["update"] == "round1"]
+    assert flex[0]["rouge1"] >= 0.9
+    assert all(e["rouge1"] == 0 for e in measured if e["method"] in ("fedshield", "full_he"))
+    assert len(paper) == 12 and {e["source"] for e in paper} == {
+        "SHE-LoRA paper (Liu et al., ICLR 2026), DAGER on SST-2"
+    }
+    meta = next(e for e in entries if e["kind"] == "meta")
+    assert meta["versions"]["torch"].startswith("2.13.0")
+    assert (tmp_path / "quick" / "attack_records.jsonl").exists()
+    assert (tmp_path / "quick" / "figures" / "attack_overview.png").stat().st_size > 10_000

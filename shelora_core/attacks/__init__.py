@@ -18,6 +18,7 @@ from .dager import (
     score_reconstruction,
     token_set_scores,
 )
+from .evaluate import METHODS, attack_plan, attack_upload, run_grid, server_view, summarize
 from .gradients import (
     LayerUpdate,
     ObservedUpdate,
@@ -28,22 +29,32 @@ from .gradients import (
     multistep_update,
     update_from_weights,
 )
+from .protection import FirstLayersSHELoRA, deep_layer_probe, protection_cost
 
 __all__ = [
     "ATTACKERS",
+    "METHODS",
     "SELECTIONS",
     "UPDATES",
     "AttackResult",
+    "FirstLayersSHELoRA",
     "LayerUpdate",
     "ObservedUpdate",
     "add_dp_noise",
+    "attack_plan",
+    "attack_upload",
     "capture_update",
     "dager_attack",
+    "deep_layer_probe",
     "encode_batch",
     "hide_columns",
     "multistep_update",
+    "protection_cost",
+    "run_grid",
     "run_attack",
     "score_reconstruction",
+    "server_view",
+    "summarize",
     "token_set_scores",
     "update_from_weights",
 ]

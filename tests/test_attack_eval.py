@@ -1,0 +1,336 @@
+"""The attack grid reads only what the server receives (shelora_core.attacks.evaluate)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from shelora_core.attacks.evaluate import (
+    Cell,
+    ServerView,
+    Victim,
+    apply_overrides,
+    attack_plan,
+    attack_upload,
+    client_upload,
+    observed_update,
+    run_grid,
+    server_knowledge,
+    server_view,
+    summarize,
+    try_decrypt,
+)
+from shelora_core.attacks.protection import FirstLayersSHELoRA
+from shelora_core.ckks import KeyHolder
+from shelora_core.config import FederatedConfig
+from shelora_core.lora import AdapterWeights
+from shelora_core.messages import decode
+
+SENTENCE = "a gorgeous , witty , seductive movie ."
+RANK = 64
+LR = 1e3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def victim():
+    return Victim((RANK,), seed=0)
+
+
+@pytest.fixture(scope="module")
+def public_model():
+    from shelora_core.assets import load_classifier
+
+    return load_classifier("smollm2", num_labels=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def columns(victim):
+    """The negotiated column list G (2 clients, OPE, server negotiation) for rank RANK."""
+    return victim.columns(
+        RANK, 4, [[SENTENCE, "the film oozes craft ."], ["a dull , lifeless film ."]]
+    )
+
+
+def _step(victim, update, sentences=(SENTENCE,)):
+    batch = victim.batch(list(sentences), max_length=24)
+    start = victim.start(RANK, update)
+    after = victim.train(start, batch, [1] * len(sentences), update=update, lr=LR)
+    return batch, start, after
+
+
+def _attack(victim, public_model, method, upload, start, update, *, attacker="oblivious", **kw):
+    knowledge = server_knowledge(method, start, update=update, lr=LR, bos_id=1, batch_size=1, **kw)
+    return attack_upload(
+        upload,
+        method=method,
+        knowledge=knowledge,
+        public_model=public_model,
+        server_crypto=victim.server_crypto(method),
+        attacker=attacker,
+        max_length=24,
+    )
+
+
+def _text(victim, res):
+    return [victim.tokenizer.decode(s) for s in res.sequences]
+
+
+# ---------------------------------------------------------------------------- the wire
+def test_server_crypto_cannot_decrypt_the_shelora_ciphertexts(victim, columns):
+    batch, start, after = _step(victim, "later")
+    upload, _, _ = client_upload(
+        "shelora", victim, after, start, batch=batch, labels=[1], budget=4, columns=columns
+    )
+    server = victim.server_crypto("shelora")
+
+    view = server_view(upload, method="shelora", server_crypto=server)
+
+    assert not server.context.is_private()
+    assert len(view.ciphertexts) == decode(upload).header["ciphertexts"] > 0
+    with pytest.raises(PermissionError, match="no secret key"):
+        server.decrypt(view.ciphertexts, server.slots)
+    with pytest.raises(ValueError, match="secret_key"):
+        server.load(view.ciphertexts[0]).decrypt()
+    assert "secret" in try_decrypt(server, view.ciphertexts)
+    # the client, holding the secret key, reads the very same bytes
+    client = victim.client_crypto("shelora")
+    assert np.all(np.isfinite(client.decrypt(view.ciphertexts[:1], client.slots)))
+
+
+def test_server_view_refuses_a_context_with_the_secret_key(victim, columns):
+    batch, start, after = _step(victim, "round1")
+    upload, _, _ = client_upload(
+        "shelora", victim, after, start, batch=batch, labels=[1], budget=4, columns=columns
+    )
+
+    class Leaky:  # a "server" handed the clients' secret context
+        context = victim.client_crypto("shelora").context
+
+    with pytest.raises(ValueError, match="secret key"):
+        server_view(upload, method="shelora", server_crypto=Leaky())
+
+
+def test_the_hidden_columns_true_values_do_not_change_what_the_attacker_outputs(
+    victim, public_model, columns
+):
+    batch, start, after = _step(victim, "later")
+    rng = np.random.default_rng(0)
+    other = AdapterWeights(after.rank, after.alpha, {}, after.head)
+    for name, (b, a) in after.factors.items():  # rewrite A[:, G[:4]] of every layer
+        a2 = a.copy()
+        a2[:, columns[name][:4]] = rng.normal(0, 1, size=(a.shape[0], 4))
+        other.factors[name] = (b, a2)
+    ups = [
+        client_upload(
+            "shelora", victim, w, start, batch=batch, labels=[1], budget=4, columns=columns
+        )[0]
+        for w in (after, other)
+    ]
+
+    runs = [
+        _attack(
+            victim,
+            public_model,
+            "shelora",
+            u,
+            start,
+            "later",
+            attacker="adaptive",
+            columns=columns,
+            budget=4,
+        )  # fmt: skip
+        for u in ups
+    ]
+
+    assert ups[0] != ups[1]  # the ciphertexts differ ...
+    (res0, view0), (res1, view1) = runs
+    for name in view0.after.factors:  # ... the plaintext the server reads does not
+        np.testing.assert_array_equal(view0.after.factors[name][1], view1.after.factors[name][1])
+    assert res0.sequences == res1.sequences
+    np.testing.assert_array_equal(res0.token_distances, res1.token_distances)
+    assert _text(victim, res0) == [SENTENCE]  # and the adaptive attacker wins anyway
+
+
+# ---------------------------------------------------------------------------- the attacks
+def test_unprotected_flexlora_at_batch_1_recovers_the_sentence_from_the_upload_bytes(
+    victim, public_model
+):
+    from shelora_core.attacks.dager import score_reconstruction
+
+    batch, start, after = _step(victim, "round1")
+    upload, _, _ = client_upload("flexlora", victim, after, start, batch=batch, labels=[1])
+
+    res, view = _attack(victim, public_model, "flexlora", upload, start, "round1")
+
+    assert view.ciphertexts == [] and res.route == "grad_b"
+    assert score_reconstruction(_text(victim, res), [SENTENCE])["rouge1"] >= 0.9
+
+
+def test_shelora_hides_nothing_in_round_1_and_only_from_the_oblivious_attacker_later(
+    victim, public_model, columns
+):
+    out = {}
+    for update in ("round1", "later"):
+        batch, start, after = _step(victim, update)
+        upload, _, _ = client_upload(
+            "shelora", victim, after, start, batch=batch, labels=[1], budget=4, columns=columns
+        )
+        for attacker in ("oblivious", "adaptive"):
+            res, _ = _attack(victim, public_model, "shelora", upload, start, update,
+                             attacker=attacker, columns=columns, budget=4)  # fmt: skip
+            out[update, attacker] = _text(victim, res)
+
+    assert out["round1", "oblivious"] == [SENTENCE]  # B is plaintext and A0 is public
+    assert out["later", "oblivious"] == []  # the paper's collapse
+    assert out["later", "adaptive"] == [SENTENCE]  # the column list is in the upload header
+
+
+def test_dp_noise_at_the_authors_epsilon_drops_recovery_and_tiny_noise_does_not(
+    victim, public_model
+):
+    batch, start, after = _step(victim, "round1")
+    texts = {}
+    for label, kw in (("eps10", {"dp_epsilon": 10.0}), ("tiny", {"dp_sigma": 1e-13})):
+        upload, _, _ = client_upload(
+            "flexlora-dp", victim, after, start, batch=batch, labels=[1], lr=LR, **kw
+        )
+        res, _ = _attack(victim, public_model, "flexlora-dp", upload, start, "round1")
+        texts[label] = (_text(victim, res), res.rank_layer1)
+
+    assert texts["tiny"][0] == [SENTENCE]
+    assert texts["eps10"][0] == [] and texts["eps10"][1] == RANK  # noise fills every direction
+
+
+@pytest.mark.parametrize("method", ["full_he", "fedshield"])
+def test_encrypting_every_factor_gives_the_attacker_nothing(victim, public_model, method):
+    batch, start, after = _step(victim, "round1")
+    upload, _, _ = client_upload(method, victim, after, start, batch=batch, labels=[1])
+
+    res, view = _attack(victim, public_model, method, upload, start, "round1")
+
+    msg = decode(upload)
+    assert res is None and view.after is None
+    assert {k.split("|")[0] for k in msg.tensors} == {"enc", "head"}  # no plaintext factor
+    assert "secret" in try_decrypt(victim.server_crypto(method), view.ciphertexts)
+
+
+def test_first_layers_variant_sends_no_plaintext_of_layers_0_and_1(victim, public_model, columns):
+    batch, start, after = _step(victim, "round1")
+    upload, _, _ = client_upload(
+        "shelora+first-layers", victim, after, start, batch=batch, labels=[1], budget=4,
+        columns=columns,
+    )  # fmt: skip
+
+    res, view = _attack(victim, public_model, "shelora+first-layers", upload, start, "round1",
+                        columns=columns, budget=4)  # fmt: skip
+
+    assert res is None
+    layers = {int(n.split("layers.")[1].split(".")[0]) for n in view.after.factors}
+    assert layers.isdisjoint({0, 1}) and len(layers) == 28
+
+
+# ---------------------------------------------------------------------------- pure parts
+def test_first_layers_dw_ciphertexts_sum_to_the_flexlora_update_of_those_layers():
+    rng = np.random.default_rng(1)
+    names = [f"model.layers.{i}.self_attn.q_proj" for i in range(3)]
+    cfg = FederatedConfig(method="shelora", num_clients=2, ranks=(4, 8), he_budgets=(2, 2))
+    method = FirstLayersSHELoRA(cfg, protected=(0, 1))
+    keys = KeyHolder.generate("add_only")
+    cols = {n: [3, 7] for n in names}
+    clients = [
+        AdapterWeights(
+            r,
+            16.0,
+            {n: (rng.normal(0, 0.01, (12, r)), rng.normal(0, 0.1, (r, 10))) for n in names},
+            {},
+        )  # fmt: skip
+        for r in (4, 8)
+    ]
+    sizes = [30, 10]
+    ups = [
+        method.make_upload(
+            w, round_=1, client_id=i, num_examples=n, crypto=keys.client(), columns=cols
+        )  # fmt: skip
+        for i, (w, n) in enumerate(zip(clients, sizes, strict=True))
+    ]
+
+    summed = method.server_sum(ups, keys.server())
+    got = method.client_decrypt(summed, ups[0].header, keys.client(), sum(sizes))
+
+    assert sorted(got) == names[:2]
+    for name in names[:2]:
+        want = sum(n * (16.0 / w.rank) * w.factors[name][0] @ w.factors[name][1]
+                   for w, n in zip(clients, sizes, strict=True)) / sum(sizes)  # fmt: skip
+        np.testing.assert_allclose(got[name], want, atol=1e-6)
+    she, extra = method.split_upload(ups[0])
+    assert she.header["ciphertexts"] + len(extra) == ups[0].header["ciphertexts"]
+    assert all(f"{n}|A" not in ups[0].tensors for n in names[:2])
+
+
+def test_adaptive_attacker_drops_grad_b_rows_with_unknown_entries_oblivious_reads_zeros():
+    m, r, n = 6, 3, 5
+    name0, name1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"
+    start = AdapterWeights(
+        r, 3.0, {k: (np.zeros((m, r)), np.ones((r, n))) for k in (name0, name1)}, {}
+    )
+    after = AdapterWeights(r, 3.0, {k: (np.full((m, r), -2.0), np.ones((r, n))) for k in (name0, name1)}, {})  # fmt: skip
+    hidden_b = np.zeros((m, r), bool)
+    hidden_b[[1, 4], 0] = True
+    view = ServerView("maskcrypt", after, {}, {name0: hidden_b}, [], 0)
+    knowledge = server_knowledge("maskcrypt", start, update="round1", lr=2.0, bos_id=1,
+                                 batch_size=1)  # fmt: skip
+
+    obl = observed_update(view, knowledge, attacker="oblivious").layers[0]
+    ada = observed_update(view, knowledge, attacker="adaptive").layers[0]
+
+    assert obl.grad_b.shape == (m, r) and obl.grad_b[1, 0] == 0 and obl.grad_b[0, 0] == 1.0
+    assert ada.grad_b.shape == (m - 2, r) and np.all(ada.grad_b == 1.0)
+
+
+def test_plans_and_overrides():
+    quick = attack_plan("quick")
+    methods = {c.method for c in quick["cells"]}
+
+    small, ignored = apply_overrides(quick, {"batch_sizes": [1], "n_batches": 2, "rounds": 1})
+
+    assert methods == {"flexlora", "flexlora-dp", "maskcrypt", "shelora", "shelora+first-layers",
+                       "fedshield", "full_he"}  # fmt: skip
+    assert small["n_batches"] == 2 and ignored == ["rounds"]
+    assert {c.batch_size for c in small["cells"]} == {1}
+    with pytest.raises(ValueError, match="leave no cell"):
+        apply_overrides(quick, {"ranks": [3]})
+    with pytest.raises(ValueError, match="unknown profile"):
+        attack_plan("huge")
+
+
+def test_run_grid_writes_records_incrementally_and_resumes_without_recomputing(
+    tmp_path, victim, public_model
+):
+    plan = {
+        "cells": [Cell("flexlora", "oblivious", 1, RANK, "round1")],
+        "n_batches": 1,
+        "max_tokens": 12,
+        "negotiation_clients": 1,
+        "calibration_examples": 2,
+    }
+    ckpt = tmp_path / "attack_records.jsonl"
+
+    first = run_grid(plan, checkpoint=ckpt, victim=victim, public_model=public_model,
+                     progress=False)  # fmt: skip
+    lines = ckpt.read_text().splitlines()
+    again = run_grid(plan, checkpoint=ckpt, victim=None, public_model=None, progress=False)
+
+    assert len(lines) == 1 and len(ckpt.read_text().splitlines()) == 1
+    assert again == first  # read back, not recomputed (no model was given the second time)
+    row = summarize(first)[0]
+    assert row["rouge1"] >= 0.9 and row["n_batches"] == 1
+    assert json.loads(lines[0])["examples"][0]["reference"] == row["examples"][0]["reference"]
