@@ -196,7 +196,7 @@ def results_table(results_dir: Path) -> str:
         paper = data.get("paper", {})
         lines += [
             "",
-            f"HE cost per client-round (`{he.relative_to(ROOT) if he.is_relative_to(ROOT) else he}`, "
+            f"HE cost per client-round (`{_rel(he)}`, "
             f"`make bench`, commit {str(meta.get('git_commit'))[:12]}; ranks 8/16/32, SHE-LoRA "
             "budgets 2/4/8 columns per layer, synthetic factors of each model's shapes):",
             "",

@@ -201,7 +201,7 @@ def local_gradient(
         prm.grad = None
     for start in range(0, len(idx), batch_size):
         b = data.batch(idx[start : start + batch_size])
-        loss = torch.nn.functional.cross_entropy(
+        loss = batch_loss(
             model.logits(b["input_ids"], b["attention_mask"]), b["labels"], reduction="sum"
         ) / len(idx)
         loss.backward()

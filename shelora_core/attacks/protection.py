@@ -241,6 +241,7 @@ def protection_cost(
         ``ciphertexts``, ``encrypted_values``, ``encrypt_seconds``.
     """
     from ..ckks import KeyHolder
+    from ..he_cost import synthetic_adapter
     from ..messages import encode
     from ..methods import get_method
 
@@ -255,18 +256,7 @@ def protection_cost(
     columns = {k: [int(c) for c in order] for k in shapes}
     rows: list[dict[str, Any]] = []
     for r, k in zip(ranks, budgets, strict=True):
-        w = AdapterWeights(
-            rank=r,
-            alpha=16.0,
-            factors={
-                name: (
-                    rng.normal(0, 0.01, (m, r)).astype(np.float32),
-                    rng.normal(0, 0.02, (r, n)).astype(np.float32),
-                )
-                for name, (m, n) in shapes.items()
-            },
-            head={"weight": np.zeros((2, width), np.float32)},
-        )
+        w = synthetic_adapter(shapes, r, rng, head={"weight": np.zeros((2, width), np.float32)})
         cfg = FederatedConfig(
             method="shelora", model="smollm2", num_clients=1, ranks=(r,), he_budgets=(k,)
         )
