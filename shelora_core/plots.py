@@ -10,6 +10,7 @@ import numpy as np
 
 __all__ = [
     "accuracy_curves",
+    "accuracy_and_label_mix",
     "column_list_chart",
     "layer_spectra",
     "objective_heatmaps",
@@ -82,6 +83,52 @@ def accuracy_curves(
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy")
     axes[0][-1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_and_label_mix(
+    runs: Sequence[Mapping[str, Any]],
+    mix: np.ndarray,
+    label_names: Sequence[str],
+    *,
+    majority: float | None = None,
+    title: str = "Accuracy and the label mix of each round's clients",
+):
+    """Accuracy per round (top) over the label shares of the clients sampled in each round (bottom).
+
+    ``runs`` as for :func:`accuracy_curves` (one panel); ``mix`` is ``rounds x labels`` example
+    counts of each round's participants (round 1 first).
+    """
+    import matplotlib.pyplot as plt
+
+    mix = np.asarray(mix, dtype=float)
+    rounds = np.arange(1, len(mix) + 1)
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(8, 5.2), sharex=True, gridspec_kw={"height_ratios": [3, 2]}
+    )
+    for r in runs:
+        pts = [(h["round"], h["accuracy"]) for h in r["history"] if h.get("accuracy") is not None]
+        if pts:
+            x, y = zip(*pts, strict=True)
+            top.plot(x, y, marker="o", ms=3, label=r["label"])
+    if majority is not None:
+        top.axhline(majority, color="grey", ls=":", lw=1, label="majority class")
+    top.set_ylabel("test accuracy")
+    top.grid(alpha=0.3)
+    top.legend(fontsize=8, loc="lower left")
+    shares = mix / mix.sum(1, keepdims=True).clip(min=1)
+    bottom_edge = np.zeros(len(mix))
+    for j, name in enumerate(label_names):
+        bottom.bar(rounds, shares[:, j], bottom=bottom_edge, label=name, width=0.8)
+        bottom_edge += shares[:, j]
+    bottom.axhline(0.5, color="k", lw=0.8, ls=":")
+    bottom.set_ylabel("share of the round's\ntraining examples")
+    bottom.set_xlabel("round")
+    bottom.set_ylim(0, 1)
+    bottom.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    bottom.legend(fontsize=8, loc="upper right", ncol=len(label_names))
     fig.suptitle(title)
     fig.tight_layout()
     return fig

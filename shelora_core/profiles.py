@@ -92,7 +92,11 @@ def federated_tuning_grid(profile: str, **overrides: Any) -> list[FederatedConfi
     ]
     if profile == "paper":
         # FlexLoRA under IID is the control: does SmolLM2 learn in this short schedule at all?
-        for method, part in (("fedavg", "dirichlet"), ("flexlora", "dirichlet"), ("flexlora", "iid")):
+        for method, part in (
+            ("fedavg", "dirichlet"),
+            ("flexlora", "dirichlet"),
+            ("flexlora", "iid"),
+        ):
             runs.append(
                 base.replace(
                     method=method,
