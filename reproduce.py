@@ -174,9 +174,9 @@ def results_table(results_dir: Path) -> str:
         lines += [
             where,
             "",
-            "| method | model | ranks | partition | clients | rounds x steps | final acc | macro-F1 "
-            "| upload KB / client-round | s / client-round |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| method | model | ranks | partition | clients | rounds x steps | final acc | best acc "
+            "| macro-F1 | upload KB / client-round | s / client-round (threads) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in runs:
             method = r.get("variant") or (
@@ -185,10 +185,17 @@ def results_table(results_dir: Path) -> str:
             lines.append(
                 f"| {method} | {r['model']} | {'/'.join(map(str, r['ranks']))} | "
                 f"{r['partition']} | {r['num_clients']} | {r['rounds']} x {r['local_steps']} | "
-                f"{r['final_accuracy']:.3f} | {r['final_macro_f1']:.3f} | "
+                f"{r['final_accuracy']:.3f} | {r['best_accuracy']:.3f} | {r['final_macro_f1']:.3f} | "
                 f"{r.get('upload_bytes_per_client', r['upload_bytes_per_round']) / 1e3:.0f} | "
-                f"{r['seconds_per_client_round']:.1f} |"
+                f"{r['seconds_per_client_round']:.1f} ({r.get('meta', {}).get('torch_threads', '?')}) |"
             )
+        lines += [
+            "",
+            "*best acc*: the highest of the evaluated rounds. *s / client-round*: wall-clock of one "
+            "client's round (training, encoding, decoding) with the run's torch threads; runs that "
+            "shared the 2 cores with another job are slower than the clean per-step timings of "
+            "`make bench` (training speed table).",
+        ]
     he = results_dir / "he_cost.json"
     if he.exists():
         data = json.loads(he.read_text())

@@ -196,6 +196,43 @@ def test_set_values_reach_notebooks_as_literals_tuples_as_lists():
     assert got == {"ranks": [8, 16], "rounds": 2, "name": "abc", "nested": {"a": [1, [2]]}}
 
 
+def test_readme_table_lists_finished_runs_from_their_summaries_until_the_notebook_json_exists(
+    tmp_path,
+):
+    sys.path.insert(0, str(ROOT))
+    try:
+        from reproduce import results_table
+    finally:
+        sys.path.pop(0)
+    run = {
+        "variant": "flexlora",
+        "method": "flexlora",
+        "model": "minilm",
+        "ranks": [8, 16, 32],
+        "partition": "dirichlet(0.3)",
+        "num_clients": 10,
+        "rounds": 20,
+        "local_steps": 15,
+        "final_accuracy": 0.7881,
+        "best_accuracy": 0.79,
+        "final_macro_f1": 0.787,
+        "upload_bytes_per_client": 619_000,
+        "upload_bytes_per_round": 3_095_000,
+        "seconds_per_client_round": 12.34,
+        "meta": {"git_commit": "abcdef1234567890", "torch_threads": 1},
+    }
+    (tmp_path / "federated_tuning").mkdir()
+    (tmp_path / "federated_tuning" / "a.summary.json").write_text(json.dumps(run))
+    row = "| flexlora | minilm | 8/16/32 | dirichlet(0.3) | 10 | 20 x 15 | 0.788 | 0.790 | 0.787 | 619 | 12.3 (1) |"
+    table = results_table(tmp_path)
+    assert "the 1 runs of notebook 05's grid finished so far" in table and row in table
+    assert "abcdef123456" in table
+    # once notebook 05 has written its JSON, that is the source (and the summaries are not read)
+    (tmp_path / "federated_tuning.json").write_text(json.dumps([{**run, "final_accuracy": 0.5}]))
+    table = results_table(tmp_path)
+    assert "finished so far" not in table and "| 0.500 | 0.790 |" in table
+
+
 @pytest.mark.smoke
 def test_quick_profile_executes_notebook_06_and_records_the_attack_table(tmp_path):
     proc = _run(tmp_path, "06", *_sets("batch_sizes=(1,)"))
