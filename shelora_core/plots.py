@@ -51,6 +51,15 @@ def partition_heatmap(
     return fig
 
 
+def _plot_accuracy(ax, runs: Sequence[Mapping[str, Any]]) -> None:
+    """One line per run through its evaluated rounds (records whose ``accuracy`` is set)."""
+    for r in runs:
+        pts = [(h["round"], h["accuracy"]) for h in r["history"] if h.get("accuracy") is not None]
+        if pts:
+            x, y = zip(*pts, strict=True)
+            ax.plot(x, y, marker="o", ms=3, label=r["label"])
+
+
 def accuracy_curves(
     runs: Sequence[Mapping[str, Any]],
     *,
@@ -69,13 +78,7 @@ def accuracy_curves(
         1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False, sharey=True
     )
     for ax, panel in zip(axes[0], panels, strict=True):
-        for r in (r for r in runs if r["panel"] == panel):
-            pts = [
-                (h["round"], h["accuracy"]) for h in r["history"] if h.get("accuracy") is not None
-            ]
-            if pts:
-                x, y = zip(*pts, strict=True)
-                ax.plot(x, y, marker="o", ms=3, label=r["label"])
+        _plot_accuracy(ax, [r for r in runs if r["panel"] == panel])
         if majority is not None:
             ax.axhline(majority, color="grey", ls=":", lw=1, label="majority class")
         ax.set_title(panel)
@@ -108,11 +111,7 @@ def accuracy_and_label_mix(
     fig, (top, bottom) = plt.subplots(
         2, 1, figsize=(8, 5.2), sharex=True, gridspec_kw={"height_ratios": [3, 2]}
     )
-    for r in runs:
-        pts = [(h["round"], h["accuracy"]) for h in r["history"] if h.get("accuracy") is not None]
-        if pts:
-            x, y = zip(*pts, strict=True)
-            top.plot(x, y, marker="o", ms=3, label=r["label"])
+    _plot_accuracy(top, runs)
     if majority is not None:
         top.axhline(majority, color="grey", ls=":", lw=1, label="majority class")
     top.set_ylabel("test accuracy")
