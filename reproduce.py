@@ -151,25 +151,21 @@ def results_table(results_dir: Path) -> str:
     """Markdown table of results/<profile>/federated_tuning.json (generated, never hand-edited)."""
     lines = []
     path = results_dir / "federated_tuning.json"
-    runs, where = [], ""
     if path.exists():
         runs = json.loads(path.read_text())
-        meta = runs[0].get("meta", {}) if runs else {}
-        where = (
-            f"Federated tuning (`{_rel(path)}`, "
-            f"commit {str(meta.get('git_commit'))[:12]}, {meta.get('time_utc')}):"
-        )
+        source = f"the {len(runs)} runs of notebook 05 (`{_rel(path)}`"
     else:  # notebook 05 has not finished this profile: the runs that did, one summary each
         done = sorted((results_dir / "federated_tuning").glob("*.summary.json"))
         runs = [json.loads(p.read_text()) for p in done]
-        commits = sorted(
-            {str(r.get("meta", {}).get("git_commit") or "not recorded")[:12] for r in runs}
+        source = (
+            f"the {len(runs)} runs of notebook 05's grid finished so far "
+            f"(`{_rel(results_dir / 'federated_tuning')}/*.summary.json`"
         )
-        where = (
-            f"Federated tuning, the {len(runs)} runs of notebook 05's grid finished so far "
-            f"(`{_rel(results_dir / 'federated_tuning')}/*.summary.json`, commit(s) "
-            f"{', '.join(commits)}):"
-        )
+    # a run reused from an earlier notebook execution keeps the commit it was computed at
+    commits = sorted(
+        {str(r.get("meta", {}).get("git_commit") or "not recorded")[:12] for r in runs}
+    )
+    where = f"Federated tuning, {source}; computed at commit(s) {', '.join(commits)}):"
     if runs:
         lines += [
             where,

@@ -27,7 +27,9 @@ def partition_heatmap(
     """Clients x labels example counts, one panel per partition scheme."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(counts), figsize=(4.2 * len(counts), 3.4), squeeze=False)
+    fig, axes = plt.subplots(  # constrained: room for the title above the panels' titles
+        1, len(counts), figsize=(4.2 * len(counts), 3.6), squeeze=False, layout="constrained"
+    )
     for ax, (name, c) in zip(axes[0], counts.items(), strict=True):
         share = c / np.maximum(c.sum(1, keepdims=True), 1)
         im = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0, vmax=1)
@@ -51,13 +53,31 @@ def partition_heatmap(
     return fig
 
 
-def _plot_accuracy(ax, runs: Sequence[Mapping[str, Any]]) -> None:
+def _label_styles(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """One color and marker per run label, the same in every panel (tab20, then markers cycle)."""
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(r["label"] for r in runs))
+    colors, markers = plt.get_cmap("tab20").colors, "osD^v"
+    return {
+        lab: {
+            "color": colors[i % len(colors)],
+            "marker": markers[(i // len(colors)) % len(markers)],
+        }
+        for i, lab in enumerate(labels)
+    }
+
+
+def _plot_accuracy(
+    ax, runs: Sequence[Mapping[str, Any]], styles: Mapping[str, Mapping[str, Any]] | None = None
+) -> None:
     """One line per run through its evaluated rounds (records whose ``accuracy`` is set)."""
+    styles = styles or _label_styles(runs)
     for r in runs:
         pts = [(h["round"], h["accuracy"]) for h in r["history"] if h.get("accuracy") is not None]
         if pts:
             x, y = zip(*pts, strict=True)
-            ax.plot(x, y, marker="o", ms=3, label=r["label"])
+            ax.plot(x, y, ms=3, label=r["label"], **styles[r["label"]])
 
 
 def accuracy_curves(
@@ -72,22 +92,32 @@ def accuracy_curves(
     ``accuracy``).
     """
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = list(dict.fromkeys(r["panel"] for r in runs))
+    styles = _label_styles(runs)
     fig, axes = plt.subplots(
-        1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False, sharey=True
+        1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False, sharey=True
     )
     for ax, panel in zip(axes[0], panels, strict=True):
-        _plot_accuracy(ax, [r for r in runs if r["panel"] == panel])
+        _plot_accuracy(ax, [r for r in runs if r["panel"] == panel], styles)
         if majority is not None:
             ax.axhline(majority, color="grey", ls=":", lw=1, label="majority class")
         ax.set_title(panel)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test accuracy")
-    axes[0][-1].legend(fontsize=8, loc="lower right")
+    # one legend for the figure: a label keeps its color in every panel
+    handles: dict[str, Any] = {}
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(lab, h)
+    ncol = min(len(handles), 2 * len(panels) + 1)
+    rows = -(-len(handles) // max(ncol, 1))
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=ncol, fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, min(0.4, 0.06 * rows + 0.02), 1, 1))
     return fig
 
 

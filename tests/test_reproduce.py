@@ -228,9 +228,15 @@ def test_readme_table_lists_finished_runs_from_their_summaries_until_the_noteboo
     assert "the 1 runs of notebook 05's grid finished so far" in table and row in table
     assert "abcdef123456" in table
     # once notebook 05 has written its JSON, that is the source (and the summaries are not read)
-    (tmp_path / "federated_tuning.json").write_text(json.dumps([{**run, "final_accuracy": 0.5}]))
+    other = {**run, "meta": {"git_commit": "0123456789abcdef", "torch_threads": 2}}
+    (tmp_path / "federated_tuning.json").write_text(
+        json.dumps([{**run, "final_accuracy": 0.5}, other])
+    )
     table = results_table(tmp_path)
     assert "finished so far" not in table and "| 0.500 | 0.790 |" in table
+    # reused runs keep their own commits: the header names every one, not the first run's
+    assert "the 2 runs of notebook 05" in table
+    assert "commit(s) 0123456789ab, abcdef123456" in table
 
 
 @pytest.mark.smoke
