@@ -753,9 +753,7 @@ class Federation:
         if resume and reuse_complete:
             done = self.completed_history()
             if done is not None:
-                saved = {}
-                if self.summary_path.exists():  # the provenance of the run that computed it
-                    saved = json.loads(self.summary_path.read_text()).get("meta", {})
+                saved = self._saved_meta()
                 meta = {**saved, "reused": True}
                 if not saved:  # finished before summaries existed: say what is not known
                     meta["provenance"] = "not recorded (summary written after the run)"
@@ -861,13 +859,26 @@ class Federation:
             if stop_after_round is not None and rnd >= stop_after_round:
                 break
         bar.close()
-        meta = run_meta(cfg.seed)
-        if self.negotiation is not None:
-            meta["negotiation"] = self.negotiation
+        saved = self._saved_meta() if len(history) == start else {}
+        if saved:  # the checkpoint already held every round: keep who computed them
+            meta = {**saved, "reused": True}
+        else:
+            meta = run_meta(cfg.seed)
+            if start:
+                meta["resumed_after_round"] = start
+            if self.negotiation is not None:
+                meta["negotiation"] = self.negotiation
         result = RunResult(cfg, history, self.partition_counts, meta=meta)
-        if len(history) == cfg.rounds:
+        if len(history) == cfg.rounds and not saved:
             self._save_summary(result)
         return result
+
+    def _saved_meta(self) -> dict[str, Any]:
+        """The provenance in this run's summary (commit, time, threads of the run that computed
+        it), or ``{}`` when there is none yet."""
+        if not self.summary_path.exists():
+            return {}
+        return json.loads(self.summary_path.read_text()).get("meta", {})
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -126,6 +126,15 @@ def test_interrupted_run_resumes_and_equals_an_uninterrupted_run(
         (tmp_path / "cut" / "federated_tuning" / f"{cfg.run_name}.jsonl").read_text().splitlines()
     )
     assert [json.loads(x)["round"] for x in lines] == [1, 2, 3]
+    assert resumed.meta["resumed_after_round"] == 1 and "resumed_after_round" not in full.meta
+    # resuming a checkpoint that already holds every round recomputes nothing, so the summary
+    # keeps the provenance of the run that computed it instead of today's commit and time
+    fed = Federation(cfg, results_dir=tmp_path / "cut", model=minilm_model)
+    before = fed.summary_path.read_text()
+    again = fed.run()
+    assert again.meta["reused"] is True
+    assert again.meta["time_utc"] == resumed.meta["time_utc"]
+    assert fed.summary_path.read_text() == before
 
 
 def test_a_complete_run_is_reused_only_when_asked_and_only_from_current_code(
