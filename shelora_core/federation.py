@@ -753,15 +753,7 @@ class Federation:
         if resume and reuse_complete:
             done = self.completed_history()
             if done is not None:
-                saved = self._saved_meta()
-                meta = {**saved, "reused": True}
-                if not saved:  # finished before summaries existed: say what is not known
-                    meta["provenance"] = "not recorded (summary written after the run)"
-                    meta["summary_written"] = run_meta(cfg.seed)
-                result = RunResult(cfg, done, self.partition_counts, meta=meta)
-                if not saved:
-                    self._save_summary(result)
-                return result
+                return self._reused(done)
         method = get_method(cfg.method, cfg)
         start, broadcast, history = self._load_checkpoint() if resume else (0, None, [])
         first = min(start + 1, cfg.rounds)
@@ -859,26 +851,32 @@ class Federation:
             if stop_after_round is not None and rnd >= stop_after_round:
                 break
         bar.close()
-        saved = self._saved_meta() if len(history) == start else {}
-        if saved:  # the checkpoint already held every round: keep who computed them
-            meta = {**saved, "reused": True}
-        else:
-            meta = run_meta(cfg.seed)
-            if start:
-                meta["resumed_after_round"] = start
-            if self.negotiation is not None:
-                meta["negotiation"] = self.negotiation
+        if len(history) == start:  # the checkpoint already held every round: nothing recomputed
+            return self._reused(history)
+        meta = run_meta(cfg.seed)
+        if start:
+            meta["resumed_after_round"] = start
+        if self.negotiation is not None:
+            meta["negotiation"] = self.negotiation
         result = RunResult(cfg, history, self.partition_counts, meta=meta)
-        if len(history) == cfg.rounds and not saved:
+        if len(history) == cfg.rounds:
             self._save_summary(result)
         return result
 
-    def _saved_meta(self) -> dict[str, Any]:
-        """The provenance in this run's summary (commit, time, threads of the run that computed
-        it), or ``{}`` when there is none yet."""
-        if not self.summary_path.exists():
-            return {}
-        return json.loads(self.summary_path.read_text()).get("meta", {})
+    def _reused(self, history: list[dict[str, Any]]) -> RunResult:
+        """A finished run returned without training, with the provenance (commit, time, threads)
+        its summary recorded when it was computed, marked ``reused``."""
+        saved = {}
+        if self.summary_path.exists():
+            saved = json.loads(self.summary_path.read_text()).get("meta", {})
+        meta = {**saved, "reused": True}
+        if not saved:  # finished before summaries existed: say what is not known
+            meta["provenance"] = "not recorded (summary written after the run)"
+            meta["summary_written"] = run_meta(self.cfg.seed)
+        result = RunResult(self.cfg, history, self.partition_counts, meta=meta)
+        if not saved:
+            self._save_summary(result)
+        return result
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
