@@ -1,0 +1,82 @@
+"""CKKS homomorphic encryption for federated LoRA: keys, roles, packing and measurements.
+
+Every public name is re-exported here, so ``from shelora_core.ckks import KeyHolder`` works
+whichever module defines it.
+
+Modules
+-------
+errors
+    :class:`CKKSError`, the one exception type (a ``ValueError``).
+params
+    :class:`CKKSParams`, the named sets in :data:`PARAM_SETS`, :func:`get_params` and
+    :func:`check_security` (128-bit security bound, scale and modulus-chain checks).
+context
+    Contexts and ciphertexts as bytes: :func:`load_context`, :func:`load_vector`,
+    :func:`context_info` / :class:`ContextInfo`, :func:`context_fingerprint` and
+    :func:`check_fingerprint`.
+roles
+    :class:`KeyHolder` (generates the keys), :class:`ClientCrypto` (encrypts and decrypts with
+    the secret context) and :class:`ServerCrypto` (adds and weights ciphertexts with the public
+    context; cannot decrypt).
+packing
+    :class:`PackingLayout`, dense packing of named segments into ciphertext slots.
+measure
+    :func:`ciphertext_bytes` and :func:`measure_precision`.
+
+Notes
+-----
+The package is standalone: numpy, tenseal and the standard library only.
+The private helpers of the former single module ``shelora_core/ckks.py`` (``_as_bytes``,
+``_new_context``, ``_lora_like`` and the ``_MAX_PRIME_BITS``-style constants) remain importable
+from here too.
+"""
+
+from __future__ import annotations
+
+from .context import _FINGERPRINT_HEX as _FINGERPRINT_HEX
+from .context import (
+    ContextInfo,
+    check_fingerprint,
+    context_fingerprint,
+    context_info,
+    load_context,
+    load_vector,
+)
+from .context import _as_bytes as _as_bytes
+from .errors import CKKSError
+from .measure import _lora_like as _lora_like
+from .measure import ciphertext_bytes, measure_precision
+from .packing import PackingLayout
+from .params import _MAX_PRIME_BITS as _MAX_PRIME_BITS
+from .params import _WARN_HEADROOM_BITS as _WARN_HEADROOM_BITS
+from .params import _WARN_SCALE_BITS as _WARN_SCALE_BITS
+from .params import (
+    MAX_COEFF_BITS_128,
+    PARAM_SETS,
+    CKKSParams,
+    check_security,
+    get_params,
+)
+from .roles import ClientCrypto, KeyHolder, ServerCrypto
+from .roles import _new_context as _new_context
+
+__all__ = [
+    "MAX_COEFF_BITS_128",
+    "PARAM_SETS",
+    "CKKSError",
+    "CKKSParams",
+    "ClientCrypto",
+    "ContextInfo",
+    "KeyHolder",
+    "PackingLayout",
+    "ServerCrypto",
+    "check_fingerprint",
+    "check_security",
+    "ciphertext_bytes",
+    "context_fingerprint",
+    "context_info",
+    "get_params",
+    "load_context",
+    "load_vector",
+    "measure_precision",
+]

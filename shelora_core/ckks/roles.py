@@ -1,0 +1,353 @@
+"""The three roles of encrypted aggregation: key holder, client and server.
+
+We use TenSEAL (Benaissa et al., "TenSEAL: A Library for Encrypted Tensor Operations Using
+Homomorphic Encryption", ICLR 2021 workshop on distributed and private ML, arXiv:2104.03152),
+a Python wrapper around Microsoft SEAL.
+
+Notes
+-----
+* :class:`KeyHolder` generates the keys. It hands the **secret** context (as bytes) to clients and
+  the **public** context (as bytes, no secret key) to the server.
+* :class:`ClientCrypto` (secret context) encrypts a client's update and decrypts the aggregate.
+* :class:`ServerCrypto` (public context) adds ciphertexts and multiplies them by plaintext weights;
+  it cannot decrypt, by construction (its context holds no secret key).
+
+The roles exchange only bytes, and each exposes the key's ``fingerprint``
+(:func:`~shelora_core.ckks.context_fingerprint`) for receivers to check.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import numpy as np
+import tenseal as ts
+
+from .context import context_fingerprint, context_info, load_context, load_vector
+from .errors import CKKSError
+from .params import CKKSParams, check_security
+
+__all__ = ["ClientCrypto", "KeyHolder", "ServerCrypto"]
+
+
+def _new_context(p: CKKSParams) -> ts.Context:
+    try:
+        ctx = ts.context(
+            ts.SCHEME_TYPE.CKKS,
+            poly_modulus_degree=p.poly_modulus_degree,
+            coeff_mod_bit_sizes=list(p.coeff_mod_bit_sizes),
+        )
+    except Exception as exc:
+        raise CKKSError(f"{p.name}: TenSEAL/SEAL rejected the parameters: {exc}") from exc
+    ctx.global_scale = p.global_scale
+    return ctx
+
+
+class KeyHolder:
+    """Generates a CKKS key pair and hands out the secret and public contexts as bytes.
+
+    Use :meth:`generate`; clients get :meth:`secret_bytes`, the server :meth:`public_bytes`.
+    """
+
+    def __init__(
+        self,
+        params: CKKSParams,
+        ctx: ts.Context,
+        secret: bytes,
+        public: bytes,
+        seed: int | None = None,
+    ) -> None:
+        self.params = params
+        self.seed = seed
+        self._ctx = ctx
+        self._secret = secret
+        self._public = public
+        self._fingerprint = context_fingerprint(ctx)
+
+    @classmethod
+    def generate(
+        cls, params: CKKSParams | str = "add_only", *, seed: int | None = None
+    ) -> KeyHolder:
+        """Create a fresh key pair for ``params`` (checked with :func:`check_security`).
+
+        Args:
+            params: a :class:`CKKSParams` or the name of a set in :data:`PARAM_SETS`.
+            seed: recorded for provenance only. SEAL draws key and encryption randomness from
+                the operating system and TenSEAL exposes no way to seed it, so keys, ciphertext
+                bytes and fingerprints differ on every run; decrypted aggregates are
+                reproducible up to the CKKS noise (~1e-8 for ``add_only``).
+
+        Returns:
+            The key holder.
+
+        Raises:
+            CKKSError: insecure or unusable parameters.
+        """
+        p = check_security(params)
+        ctx = _new_context(p)
+        # Clients only encrypt and decrypt: serialize the secret context *before* generating
+        # Galois keys. A secret TenSEAL context never stores relin/Galois keys; it regenerates
+        # them on load, which costs ~0.4 s at N=8192 for Galois keys nobody on the client needs.
+        secret = ctx.serialize(
+            save_public_key=True,
+            save_secret_key=True,
+            save_galois_keys=False,
+            save_relin_keys=False,
+        )
+        if p.galois:
+            ctx.generate_galois_keys()
+        public = ctx.serialize(
+            save_public_key=True,
+            save_secret_key=False,
+            save_galois_keys=p.galois,
+            save_relin_keys=p.relin_keys,
+        )
+        return cls(p, ctx, secret, public, seed)
+
+    @property
+    def context(self) -> ts.Context:
+        """The secret TenSEAL context (never send it to the server)."""
+        return self._ctx
+
+    @property
+    def fingerprint(self) -> str:
+        """:func:`context_fingerprint` of this key."""
+        return self._fingerprint
+
+    def secret_bytes(self) -> bytes:
+        """The secret context (with the secret key) as bytes: for clients only."""
+        return self._secret
+
+    def public_bytes(self) -> bytes:
+        """The public context (public key, Galois keys if ``params.galois``): for the server."""
+        return self._public
+
+    def client(self) -> ClientCrypto:
+        """A :class:`ClientCrypto` built from :meth:`secret_bytes` (through bytes)."""
+        return ClientCrypto(self._secret)
+
+    def server(self) -> ServerCrypto:
+        """A :class:`ServerCrypto` built from :meth:`public_bytes` (through bytes)."""
+        return ServerCrypto(self._public)
+
+    def __repr__(self) -> str:
+        return f"KeyHolder(params={self.params.name!r}, fingerprint={self._fingerprint!r})"
+
+
+class ClientCrypto:
+    """A client's view: encrypts updates and decrypts aggregates with the secret context.
+
+    Args:
+        secret_context: bytes from :meth:`KeyHolder.secret_bytes`.
+
+    Raises:
+        CKKSError: the bytes are not a context, or the context holds no secret key.
+    """
+
+    def __init__(self, secret_context: bytes) -> None:
+        ctx = load_context(secret_context)
+        if not ctx.is_private():
+            raise CKKSError(
+                "this is a public context (no secret key): clients need the secret context "
+                "(KeyHolder.secret_bytes()) to decrypt the aggregate"
+            )
+        self.context = ctx
+        self.info = context_info(ctx)
+        self.fingerprint = context_fingerprint(ctx)
+        self._max_abs = 2.0 ** (self.info.level_bits[-1] - self.info.global_scale_bits - 1)
+
+    @property
+    def slots(self) -> int:
+        """Values per ciphertext."""
+        return self.info.slots
+
+    def num_ciphertexts(self, length: int) -> int:
+        """``ceil(length / slots)``: ciphertexts needed for ``length`` values."""
+        return -(-int(length) // self.slots)
+
+    def encrypt(self, values: np.ndarray) -> list[bytes]:
+        """Encrypt a 1-D float vector, packed densely: ``ceil(len / slots)`` ciphertexts.
+
+        Args:
+            values: 1-D array of finite floats.
+
+        Returns:
+            One serialized ciphertext per chunk of ``slots`` values (the last one may be shorter).
+
+        Raises:
+            CKKSError: not 1-D, non-finite values, or values too large for the parameters.
+        """
+        x = np.asarray(values, dtype=np.float64)
+        if x.ndim != 1:
+            raise CKKSError(f"encrypt takes a 1-D vector, got shape {x.shape}: ravel() it first")
+        if not np.all(np.isfinite(x)):
+            raise CKKSError("cannot encrypt NaN or infinite values")
+        if x.size and float(np.max(np.abs(x))) >= self._max_abs:
+            raise CKKSError(
+                f"|value| up to {float(np.max(np.abs(x))):.3g} does not fit: these parameters hold "
+                f"|x| < {self._max_abs:.3g} (first prime minus scale bits)"
+            )
+        out: list[bytes] = []
+        for start in range(0, x.size, self.slots):
+            chunk = x[start : start + self.slots]
+            out.append(ts.ckks_vector(self.context, chunk.tolist()).serialize())
+        return out
+
+    def decrypt(self, blobs: Sequence[bytes], length: int) -> np.ndarray:
+        """Decrypt ciphertexts from :meth:`encrypt` (or an aggregate of them).
+
+        Args:
+            blobs: serialized ciphertexts, in order.
+            length: the number of values they hold in total (the plaintext length).
+
+        Returns:
+            float64 array of ``length`` values.
+
+        Raises:
+            CKKSError: corrupted bytes, or the ciphertexts do not hold ``length`` values.
+        """
+        parts = [
+            np.asarray(load_vector(self.context, b, max_size=self.slots).decrypt()) for b in blobs
+        ]
+        flat = np.concatenate(parts) if parts else np.zeros(0)
+        if flat.size != length:
+            raise CKKSError(
+                f"the {len(blobs)} ciphertexts hold {flat.size} values, expected length {length}"
+            )
+        return flat.astype(np.float64, copy=False)
+
+
+class ServerCrypto:
+    """The server's view: adds and weights ciphertexts with the public context; cannot decrypt.
+
+    Args:
+        public_context: bytes from :meth:`KeyHolder.public_bytes`.
+
+    Raises:
+        CKKSError: the bytes are not a context, or they hold the secret key.
+    """
+
+    def __init__(self, public_context: bytes) -> None:
+        ctx = load_context(public_context)
+        if ctx.is_private():
+            raise CKKSError(
+                "this context holds the secret key: the server must never hold the secret key; "
+                "give it KeyHolder.public_bytes()"
+            )
+        self.context = ctx
+        self.info = context_info(ctx)
+        self.fingerprint = context_fingerprint(ctx)
+
+    @property
+    def slots(self) -> int:
+        """Values per ciphertext."""
+        return self.info.slots
+
+    def load(self, blob: bytes) -> ts.CKKSVector:
+        """Deserialize one ciphertext into the public context (see :func:`load_vector`)."""
+        return load_vector(self.context, blob, max_size=self.slots)
+
+    def _load_lists(self, lists: Sequence[Sequence[bytes]]) -> list[list[ts.CKKSVector]]:
+        if len(lists) == 0:
+            raise CKKSError("nothing to aggregate: no ciphertext lists given")
+        n = len(lists[0])
+        for i, cts in enumerate(lists):
+            if len(cts) != n:
+                raise CKKSError(
+                    f"client {i} sent {len(cts)} ciphertexts, client 0 sent {n}: all clients must "
+                    "use the same PackingLayout"
+                )
+        vecs = [[self.load(b) for b in cts] for cts in lists]
+        for j in range(n):
+            sizes = {v[j].size() for v in vecs}
+            if len(sizes) != 1:
+                raise CKKSError(
+                    f"ciphertext {j} holds different numbers of values: {sorted(sizes)}"
+                )
+        return vecs
+
+    def add(self, lists: Sequence[Sequence[bytes]]) -> list[bytes]:
+        """Slot-wise sum of several clients' ciphertext lists.
+
+        Args:
+            lists: one list of serialized ciphertexts per client, all of the same length and
+                layout.
+
+        Returns:
+            The serialized sums, one per position.
+
+        Raises:
+            CKKSError: empty input, lists of different lengths / sizes, or corrupted bytes.
+        """
+        vecs = self._load_lists(lists)
+        out: list[bytes] = []
+        for j in range(len(vecs[0])):
+            acc = vecs[0][j]
+            for client in vecs[1:]:
+                acc += client[j]
+            out.append(acc.serialize())
+        return out
+
+    def weighted_sum(
+        self, lists: Sequence[Sequence[bytes]], weights: Sequence[float]
+    ) -> list[bytes]:
+        """``sum_i weights[i] * lists[i]``, multiplying by plaintext scalars then adding.
+
+        Each multiplication consumes one level of the modulus chain (multiply, then rescale), so
+        this needs parameters with depth >= 1 such as ``fedshield``. With ``add_only`` either
+        pre-weight on the client side (encrypt ``w_i * x_i``) and call :meth:`add`, or use a
+        longer modulus chain.
+
+        Args:
+            lists: one list of serialized ciphertexts per client.
+            weights: one finite plaintext weight per client.
+
+        Returns:
+            The serialized weighted sums (one level lower than the inputs).
+
+        Raises:
+            CKKSError: the parameters have no multiplicative depth left, mismatched inputs, or
+                non-finite weights.
+        """
+        if len(weights) != len(lists):
+            raise CKKSError(f"{len(weights)} weights for {len(lists)} ciphertext lists")
+        w = [float(x) for x in weights]
+        if not all(math.isfinite(x) for x in w):
+            raise CKKSError(f"weights must be finite, got {w}")
+        if self.info.depth < 1:
+            raise CKKSError(self._no_depth_message())
+        vecs = self._load_lists(lists)
+        out: list[bytes] = []
+        for j in range(len(vecs[0])):
+            try:
+                acc = vecs[0][j] * w[0]
+                for client, wi in zip(vecs[1:], w[1:], strict=True):
+                    acc += client[j] * wi
+            except ValueError as exc:
+                if "scale out of bounds" in str(exc):
+                    raise CKKSError(self._no_depth_message() + f" (TenSEAL: {exc})") from exc
+                raise
+            out.append(acc.serialize())
+        return out
+
+    def _no_depth_message(self) -> str:
+        return (
+            "weighted_sum multiplies ciphertexts by plaintext scalars, which consumes one level of "
+            f"the modulus chain, and these ciphertexts have none left (data modulus levels "
+            f"{list(self.info.level_bits)} bits; TenSEAL would raise 'scale out of bounds'). "
+            "Each scalar multiplication needs a longer modulus chain, one more inner prime (the 'fedshield' "
+            "set [60, 40, 40, 60] allows two) - or pre-weight on the client side and use add()"
+        )
+
+    def decrypt(self, *args: Any, **kwargs: Any) -> NoReturn:
+        """Always raises: the server holds no secret key.
+
+        Raises:
+            PermissionError: always.
+        """
+        raise PermissionError(
+            "the server holds no secret key (public context only) and cannot decrypt; only "
+            "clients holding the secret context can"
+        )
