@@ -3,17 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from dager_driver import load_victim, run_attack
 
-from shelora_core.attacks.dager import (
-    DecoderView,
-    SpanCheck,
-    dager_attack,
-    match_sentences,
-    row_span,
-    run_attack,
-    span_distances,
-    token_set_scores,
-)
+from shelora_core.attacks.dager import dager_attack
+from shelora_core.attacks.decoder_view import DecoderView
 from shelora_core.attacks.gradients import (
     LayerUpdate,
     add_dp_noise,
@@ -22,6 +15,8 @@ from shelora_core.attacks.gradients import (
     hide_columns,
     update_from_weights,
 )
+from shelora_core.attacks.scoring import match_sentences, token_set_scores
+from shelora_core.attacks.span import SpanCheck, row_span, span_distances
 from shelora_core.privacy import gaussian_sigma
 
 SENTENCE = "a gorgeous , witty , seductive movie ."
@@ -179,10 +174,8 @@ def test_token_scores_and_sentence_matching():
 @pytest.fixture(scope="module")
 def smollm2():
     """The full fine-tuning classifier and tokenizer, loaded once (shared with run_attack)."""
-    from shelora_core.attacks.dager import _victim
-
     torch.manual_seed(0)
-    return _victim("smollm2", None, 16.0)
+    return load_victim("smollm2", None, 16.0)
 
 
 def test_decoder_view_reproduces_the_model_second_layer_inputs(smollm2):
@@ -218,9 +211,7 @@ def test_unprotected_full_finetuning_attack_recovers_the_sentence_at_batch_1(smo
 
 
 def test_dager_reads_lora_factors_from_the_update_not_from_the_model():
-    from shelora_core.attacks.dager import _victim
-
-    lora, tok = _victim("smollm2", 64, 16.0)
+    lora, tok = load_victim("smollm2", 64, 16.0)
     lora.load(lora.init_weights(64, seed=0))  # round 1: B = 0
     batch = encode_batch(tok, [SENTENCE])
     upd = capture_update(lora, batch, labels=[0])

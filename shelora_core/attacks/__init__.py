@@ -8,13 +8,12 @@ public pretrained weights.
 
 from __future__ import annotations
 
+from ..methods.first_layers import FirstLayersSHELoRA
 from .dager import (
     ATTACKERS,
     SELECTIONS,
-    UPDATES,
     AttackResult,
     dager_attack,
-    run_attack,
     score_reconstruction,
     token_set_scores,
 )
@@ -29,13 +28,12 @@ from .gradients import (
     multistep_update,
     update_from_weights,
 )
-from .protection import FirstLayersSHELoRA, deep_layer_probe, protection_cost
+from .protection import deep_layer_probe, protection_cost
 
 __all__ = [
     "ATTACKERS",
     "METHODS",
     "SELECTIONS",
-    "UPDATES",
     "AttackResult",
     "FirstLayersSHELoRA",
     "LayerUpdate",
@@ -51,7 +49,6 @@ __all__ = [
     "multistep_update",
     "protection_cost",
     "run_grid",
-    "run_attack",
     "score_reconstruction",
     "server_view",
     "summarize",
