@@ -38,8 +38,9 @@ def bench_client_round(
     """Median wall seconds of one client round (and per step) for one model and rank."""
     import torch
 
+    from .client import client_step
     from .config import FederatedConfig
-    from .federation import Federation, client_step
+    from .federation import Federation
 
     torch.set_num_threads(2)
     cfg = FederatedConfig(

@@ -13,10 +13,23 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["METHODS", "FederatedConfig"]
+__all__ = ["BUDGETED", "METHODS", "SHELORA_FAMILY", "FederatedConfig"]
 
 #: aggregation methods the federation loop knows
-METHODS = ("fedavg", "flexlora", "shelora", "fedshield", "full_he", "maskcrypt")
+METHODS = (
+    "fedavg",
+    "flexlora",
+    "flexlora-dp",
+    "shelora",
+    "shelora+first-layers",
+    "fedshield",
+    "full_he",
+    "maskcrypt",
+)
+#: methods that protect SHE-LoRA's ordered column list G (negotiated or public)
+SHELORA_FAMILY = ("shelora", "shelora+first-layers")
+#: methods whose encrypted share is set by ``he_budgets`` and ``cipher_mode``
+BUDGETED = (*SHELORA_FAMILY, "maskcrypt")
 CIPHER_MODES = ("delta", "paper")
 LOSSES = ("ce", "logit_adjusted")
 PROTECT_MODES = ("encrypt", "withhold")
@@ -48,6 +61,12 @@ _LATE_FIELDS: dict[str, Any] = {
     "renegotiate_every": None,
     "loss": "ce",
     "head_lr_scale": 1.0,
+    "dp_epsilon": 10.0,
+    "dp_delta": 1e-5,
+    "dp_clip": 1.0,
+    "dp_noise_multiplier": None,
+    "first_layers": (0, 1),
+    "first_layers_encrypt": "dw",
 }
 
 
@@ -119,6 +138,17 @@ class FederatedConfig:
         renegotiate_every: SHE-LoRA with ``column_order="negotiated"``: re-run sensitivity ->
             OPE -> negotiation on the current global adapter before rounds 1, 1+K, 1+2K, ...
             (K = this value); ``None`` negotiates once, before round 1. Defaults to ``None``.
+        dp_epsilon: ``flexlora-dp``: epsilon of each client's per-round Gaussian release (used
+            when ``dp_noise_multiplier`` is ``None``). Defaults to 10 (the authors' setting).
+        dp_delta: ``flexlora-dp``: delta of that release. Defaults to 1e-5.
+        dp_clip: ``flexlora-dp``: L2 bound of a client's round update (all LoRA factors and the
+            head together). Defaults to 1.0.
+        dp_noise_multiplier: ``flexlora-dp``: noise std per unit of ``dp_clip``; overrides
+            ``dp_epsilon`` when set. Defaults to ``None``.
+        first_layers: ``shelora+first-layers``: the transformer blocks whose LoRA update is sent
+            only as ciphertexts. Defaults to ``(0, 1)`` (the two layers DAGER reads).
+        first_layers_encrypt: ``shelora+first-layers``: ``"dw"`` (each client's weighted update
+            of those layers; the server adds) or ``"factors"`` (B and A; for its cost only).
     """
 
     method: str = "flexlora"
@@ -156,12 +186,19 @@ class FederatedConfig:
     prune: bool = True
     shelora_protect: str = "encrypt"
     renegotiate_every: int | None = None
+    dp_epsilon: float | None = 10.0
+    dp_delta: float = 1e-5
+    dp_clip: float = 1.0
+    dp_noise_multiplier: float | None = None
+    first_layers: tuple[int, ...] = (0, 1)
+    first_layers_encrypt: str = "dw"
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         # accept lists from notebooks / JSON and store tuples, so configs hash and compare
         object.__setattr__(self, "ranks", tuple(int(r) for r in self.ranks))
         object.__setattr__(self, "he_budgets", tuple(int(k) for k in self.he_budgets))
+        object.__setattr__(self, "first_layers", tuple(int(i) for i in self.first_layers))
         if self.target_modules is not None:
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
         k = self.renegotiate_every
@@ -192,6 +229,11 @@ class FederatedConfig:
         return tuple(self.client_rank(i) for i in range(self.num_clients))
 
     @property
+    def uses_columns(self) -> bool:
+        """Whether the method protects SHE-LoRA's ordered column list G."""
+        return self.method in SHELORA_FAMILY
+
+    @property
     def clients_per_round(self) -> int:
         return max(1, round(self.client_fraction * self.num_clients))
 
@@ -206,6 +248,7 @@ class FederatedConfig:
         d.pop("extra")
         d["ranks"] = list(self.ranks)
         d["he_budgets"] = list(self.he_budgets)
+        d["first_layers"] = list(self.first_layers)
         if self.target_modules is not None:
             d["target_modules"] = list(self.target_modules)
         return d
@@ -228,7 +271,7 @@ class FederatedConfig:
         """
         d = self.to_dict()
         for name, default in _LATE_FIELDS.items():
-            if d[name] == default:
+            if d[name] == (list(default) if isinstance(default, tuple) else default):
                 del d[name]
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
@@ -237,10 +280,10 @@ class FederatedConfig:
     def variant(self) -> str:
         """Short label of the method and its protection choices, e.g. ``shelora-delta``,
         ``shelora-delta-random``, ``shelora-delta-withhold``, ``maskcrypt-delta``."""
-        if self.method not in ("shelora", "maskcrypt"):
+        if self.method not in BUDGETED:
             return self.method
         parts = [self.method, self.cipher_mode]
-        if self.method == "shelora":
+        if self.method in SHELORA_FAMILY:
             if self.column_order != "negotiated":
                 parts.append(self.column_order)
             if self.shelora_protect != "encrypt":
@@ -303,8 +346,17 @@ class FederatedConfig:
             )
         if not self.he_budgets or min(self.he_budgets) < 0:
             bad("he_budgets", self.he_budgets, "give one or more budgets >= 0 (columns per layer)")
-        if self.method in ("shelora", "maskcrypt"):
+        if self.method in BUDGETED:
             self._check_budgets_fit(bad)
+        if self.method == "shelora+first-layers":
+            if self.first_layers_encrypt not in ("dw", "factors"):
+                bad("first_layers_encrypt", self.first_layers_encrypt, "choose 'dw' or 'factors'")
+            if not self.first_layers or min(self.first_layers) < 0:
+                bad("first_layers", self.first_layers, "give one or more block indices >= 0")
+            if self.cipher_mode != "delta":
+                bad("cipher_mode", self.cipher_mode, "shelora+first-layers runs in 'delta' mode")
+        if self.method == "flexlora-dp":
+            self._check_dp(bad)
         if self.lora_alpha <= 0:
             bad("lora_alpha", self.lora_alpha, "must be > 0")
         for name in ("rounds", "local_steps", "batch_size", "eval_every"):
@@ -339,6 +391,26 @@ class FederatedConfig:
                 f"{self.min_client_examples} examples > train_examples={self.train_examples}",
             )
         return self
+
+    def _check_dp(self, bad: Any) -> None:
+        """Local DP settings: a positive clip, and a noise multiplier or a valid (epsilon, delta)."""
+        import math
+
+        if not (math.isfinite(self.dp_clip) and self.dp_clip > 0):
+            bad("dp_clip", self.dp_clip, "must be a finite number > 0 (the update's L2 bound)")
+        sigma = self.dp_noise_multiplier
+        if sigma is not None:
+            if not (math.isfinite(sigma) and sigma >= 0):
+                bad("dp_noise_multiplier", sigma, "must be a finite number >= 0 or None")
+            return
+        if self.dp_epsilon is None or not (math.isfinite(self.dp_epsilon) and self.dp_epsilon > 0):
+            bad(
+                "dp_epsilon",
+                self.dp_epsilon,
+                "must be > 0 (10 is the authors' setting), or set dp_noise_multiplier",
+            )
+        if not 0 < self.dp_delta < 1:
+            bad("dp_delta", self.dp_delta, "must be in (0, 1) (the authors' setting is 1e-5)")
 
     def _check_budgets_fit(self, bad: Any) -> None:
         """Budgets against the model's layer shapes (:data:`LAYER_SHAPES`; unknown targets are

@@ -16,6 +16,8 @@ without any network access:
   usual label-skew non-IID split with proportions drawn from ``Dir(alpha)``) assign every
   training example to exactly one client; :func:`partition` dispatches by scheme and
   :func:`partition_stats` gives the (clients x labels) count matrix for heat-map figures.
+* **A client's examples.** :class:`ClientData` holds one client's tokenized examples as
+  tensors and cuts minibatches from them.
 * **Tokenization.** :func:`tokenize` pads a batch to its longest member;
   :func:`encode_dataset` encodes a whole dataset once, padded to ``max_length``, so the
   training loop can index it with client and minibatch indices.
@@ -46,6 +48,7 @@ __all__ = [
     "DATASETS",
     "PARTITION_SCHEMES",
     "AssetMissingError",
+    "ClientData",
     "TextDataset",
     "dirichlet_partition",
     "encode_dataset",
@@ -798,3 +801,30 @@ def encode_dataset(tokenizer: Any, ds: TextDataset, *, max_length: int) -> dict[
     out = _encode(tokenizer, ds.texts, _check_max_length(max_length), padding="max_length")
     out["labels"] = torch.from_numpy(np.array(ds.labels, dtype=np.int64))
     return out
+
+
+@dataclass
+class ClientData:
+    """A client's private, tokenized examples (tensors indexed by example)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        mask = self.attention_mask[idx]
+        width = max(int(mask.sum(1).max()), 1)  # trim padding columns shared by the batch
+        return {
+            "input_ids": self.input_ids[idx, :width],
+            "attention_mask": mask[:, :width],
+            "labels": self.labels[idx],
+        }
+
+    def batches(self, batch_size: int):
+        import torch
+
+        for start in range(0, len(self), batch_size):
+            yield self.batch(torch.arange(start, min(start + batch_size, len(self))))

@@ -1,8 +1,9 @@
 """The in-process federation driver: rounds of client steps and server steps exchanging bytes.
 
-:func:`client_step` and :func:`server_step` are the only two places where work happens; the
-:class:`Federation` loop merely calls them and moves ``bytes`` between them, so a Flower
-ServerApp/ClientApp can drive the very same functions across machines (DESIGN.md section 3).
+:func:`shelora_core.client.client_step` and :func:`shelora_core.server.server_step` (the round
+engine) are where work happens; the :class:`Federation` loop merely calls them and moves ``bytes``
+between them, so a Flower
+ServerApp/ClientApp can drive the very same functions across machines (docs/design.md, "Layers").
 No Python object passes between a client step and a server step.
 
 Per round: the server samples clients (``client_fraction``), every sampled client builds its
@@ -28,7 +29,6 @@ Two methods add an exchange to the plain client-step / server-step round:
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -40,27 +40,25 @@ import numpy as np
 import torch
 
 from .ckks import ClientCrypto, KeyHolder, ServerCrypto
-from .config import FederatedConfig
-from .data import encode_dataset, load_dataset, partition, partition_stats
+from .client import (
+    client_step,
+    client_upload,
+    learning_rate,
+    negotiated_columns,
+    negotiation_proposal,
+    receive,
+)
+from .config import BUDGETED, FederatedConfig
+from .data import ClientData, encode_dataset, load_dataset, partition, partition_stats
 from .lora import LoraModel
-from .messages import Message, decode, encode
+from .messages import Message, decode
 from .methods import ckks_params_for, get_method
 from .methods.shelora import public_columns
 from .metrics import classification_metrics
 from .provenance import run_meta
+from .server import sample_clients, server_consensus, server_negotiate, server_step
 
-__all__ = [
-    "ClientData",
-    "Federation",
-    "RunResult",
-    "client_step",
-    "client_upload",
-    "batch_loss",
-    "local_gradient",
-    "log_label_prior",
-    "server_consensus",
-    "server_step",
-]
+__all__ = ["Federation", "RunResult", "run_federated"]
 
 
 def quiet() -> bool:
@@ -68,328 +66,22 @@ def quiet() -> bool:
     return os.environ.get("SHELORA_QUIET", "0") not in ("", "0", "false", "False")
 
 
-# ---------------------------------------------------------------------------- client side
-@dataclass
-class ClientData:
-    """A client's private, tokenized examples (tensors indexed by example)."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        mask = self.attention_mask[idx]
-        width = max(int(mask.sum(1).max()), 1)  # trim padding columns shared by the batch
-        return {
-            "input_ids": self.input_ids[idx, :width],
-            "attention_mask": mask[:, :width],
-            "labels": self.labels[idx],
-        }
-
-    def batches(self, batch_size: int):
-        for start in range(0, len(self), batch_size):
-            yield self.batch(torch.arange(start, min(start + batch_size, len(self))))
-
-
-def learning_rate(cfg: FederatedConfig, round_: int) -> float:
-    """Cosine annealing over rounds, from ``lr`` (round 1) to ``lr * lr_final_ratio`` (last)."""
-    if cfg.rounds == 1:
-        return cfg.lr
-    t = (round_ - 1) / (cfg.rounds - 1)
-    lo = cfg.lr * cfg.lr_final_ratio
-    return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * t))
-
-
-def _seed(*parts: int) -> int:
-    return int(np.random.default_rng(list(parts)).integers(2**31 - 1))
-
-
-def log_label_prior(labels: torch.Tensor, num_labels: int) -> torch.Tensor:
-    """``log`` of a client's label frequencies, add-one smoothed (no label has prior 0)."""
-    counts = torch.bincount(labels, minlength=num_labels).to(torch.float32) + 1.0
-    return torch.log(counts / counts.sum())
-
-
-def batch_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    loss: str = "ce",
-    log_prior: torch.Tensor | None = None,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """The local training loss: cross-entropy, or cross-entropy on ``logits + log_prior``
-    (``"logit_adjusted"``: the client's label skew goes into the offset, not into the head)."""
-    if loss == "logit_adjusted":
-        if log_prior is None:
-            raise ValueError("loss='logit_adjusted' needs the client's log label prior")
-        logits = logits + log_prior
-    elif loss != "ce":
-        raise ValueError(f"loss = {loss!r} is unknown; choose 'ce' or 'logit_adjusted'")
-    return torch.nn.functional.cross_entropy(logits, labels, reduction=reduction)
-
-
-def local_train(
-    model: LoraModel,
-    data: ClientData,
-    *,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float,
-    seed: int,
-    loss: str = "ce",
-    head_lr_scale: float = 1.0,
-) -> float:
-    """AdamW on the active adapter (learning rate ``lr``) and head (``lr * head_lr_scale``) for
-    ``steps`` minibatches; returns the mean loss (see :func:`batch_loss` for ``loss``)."""
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    groups = [{"params": model.adapter_parameters(), "lr": lr}]
-    groups.append({"params": model.head_parameters(), "lr": lr * head_lr_scale})
-    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    log_prior = None
-    if loss == "logit_adjusted":
-        log_prior = log_label_prior(data.labels, model.num_labels)
-    model.model.train()
-    order = torch.randperm(len(data), generator=gen)
-    pos, losses = 0, []
-    for _ in range(steps):
-        if pos + batch_size > len(order) and pos > 0:
-            order, pos = torch.randperm(len(data), generator=gen), 0
-        idx = order[pos : pos + batch_size]
-        pos += batch_size
-        b = data.batch(idx)
-        value = batch_loss(
-            model.logits(b["input_ids"], b["attention_mask"]),
-            b["labels"],
-            loss=loss,
-            log_prior=log_prior,
-        )
-        opt.zero_grad(set_to_none=True)
-        value.backward()
-        opt.step()
-        losses.append(value.item())
-    model.model.eval()
-    return float(np.mean(losses))
-
-
-def local_gradient(
-    model: LoraModel, data: ClientData, *, num_examples: int, batch_size: int, seed: int
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``(dL/dB, dL/dA)`` per layer of the active adapter, L = mean loss on a calibration batch.
-
-    The batch is ``num_examples`` of the client's examples (seeded,
-    :func:`shelora_core.sensitivity.calibration_indices`), evaluated in eval mode (no dropout) at
-    the adapter currently loaded. MaskCrypt scores its weights with it.
-    """
-    from .sensitivity import calibration_indices
-
-    idx = torch.as_tensor(calibration_indices(len(data), num_examples, seed=seed))
-    params = model.trainable_parameters()  # per layer lora_A then lora_B, then the head
-    lora = params[: 2 * len(model.layer_names)]
-    for i, layer in enumerate(model.layer_names):
-        m, n = model.layer_shapes[layer]
-        a, b = lora[2 * i], lora[2 * i + 1]
-        if tuple(a.shape) != (model.active_rank, n) or tuple(b.shape) != (m, model.active_rank):
-            raise RuntimeError(f"unexpected LoRA parameter order at layer {layer!r}")
-    model.model.eval()
-    for prm in params:
-        prm.grad = None
-    for start in range(0, len(idx), batch_size):
-        b = data.batch(idx[start : start + batch_size])
-        loss = batch_loss(
-            model.logits(b["input_ids"], b["attention_mask"]), b["labels"], reduction="sum"
-        ) / len(idx)
-        loss.backward()
-    grads = {}
-    for i, layer in enumerate(model.layer_names):
-        a, b = lora[2 * i], lora[2 * i + 1]
-        grads[layer] = (b.grad.detach().numpy().copy(), a.grad.detach().numpy().copy())
-    for prm in params:
-        prm.grad = None
-    return grads
-
-
-def client_step(
-    cfg: FederatedConfig,
-    model: LoraModel,
-    data: ClientData,
-    *,
-    client_id: int,
-    round_: int,
-    broadcast: bytes | None,
-    crypto: ClientCrypto | None = None,
-    columns: dict[str, list[int]] | None = None,
-    state: dict[str, Any] | None = None,
-) -> tuple[bytes, float, dict[str, float]]:
-    """One client's round: adapter from the broadcast, local training, upload bytes.
-
-    For MaskCrypt (``needs_consensus``) the bytes are the client's mask proposal instead; the
-    trained adapter stays in ``state`` (client-side, never sent) for :func:`client_upload`.
-
-    Args:
-        cfg: the run's public configuration.
-        model: the (shared, frozen) base model with adapter slots; only this client's weights are
-            loaded into it during the step.
-        data: this client's private examples.
-        client_id: the client's id (its rank is ``cfg.client_rank(client_id)``).
-        round_: 1-based round number.
-        broadcast: the server's last broadcast, or ``None`` in the first round.
-        crypto: the client's CKKS context (secret key) for encrypted methods.
-        columns: SHE-LoRA: the negotiated ordered column list G per layer (client-side state).
-        state: MaskCrypt: a dict the client keeps between its two steps of a round.
-
-    Returns:
-        ``(upload_bytes, mean_training_loss, seconds)`` with ``seconds`` split into
-        ``receive`` (decrypt + reparameterize), ``train`` and ``upload`` (encrypt + serialize);
-        MaskCrypt: ``mask`` (gradient, scores, proposal) instead of ``upload``.
-    """
-    method = get_method(cfg.method, cfg)
-    rank = cfg.client_rank(client_id)
-    t0 = time.perf_counter()
-    if broadcast is None:
-        weights = model.init_weights(rank, seed=cfg.seed)
-    else:
-        weights = method.client_weights(
-            decode(broadcast, expect_kind="broadcast"),
-            rank=rank,
-            alpha=cfg.lora_alpha,
-            seed=_seed(cfg.seed, round_, client_id, 0),
-            crypto=crypto,
-        )
-    model.load(weights)
-    t1 = time.perf_counter()
-    loss = local_train(
-        model,
-        data,
-        steps=cfg.local_steps,
-        batch_size=cfg.batch_size,
-        lr=learning_rate(cfg, round_),
-        weight_decay=cfg.weight_decay,
-        seed=_seed(cfg.seed, round_, client_id, 1),
-        loss=cfg.loss,
-        head_lr_scale=cfg.head_lr_scale,
-    )
-    t2 = time.perf_counter()
-    if method.needs_consensus:
-        if state is None:
-            raise ValueError(
-                f"{cfg.method}: pass a client-side state dict; the trained adapter waits there "
-                "for the mask consensus (client_upload)"
-            )
-        trained = model.read()
-        grads = local_gradient(
-            model,
-            data,
-            num_examples=cfg.calibration_examples,
-            batch_size=cfg.batch_size,
-            seed=_seed(cfg.seed, round_, client_id, 2),
-        )
-        proposal = method.make_proposal(trained, weights, grads, round_=round_, client_id=client_id)
-        state.update(weights=trained, round=round_, client_id=client_id, num_examples=len(data))
-        data_bytes = encode(proposal)
-        t3 = time.perf_counter()
-        return data_bytes, loss, {"receive": t1 - t0, "train": t2 - t1, "mask": t3 - t2}
-    if cfg.method == "shelora" and columns is None:
-        columns = public_columns(cfg, model.base_weights())
-        if columns is None:
-            raise ValueError("SHE-LoRA with column_order='negotiated' needs the negotiated columns")
-    upload = method.make_upload(
-        model.read(),
-        round_=round_,
-        client_id=client_id,
-        num_examples=len(data),
-        crypto=crypto,
-        columns=columns,
-    )
-    data_bytes = encode(upload)
-    t3 = time.perf_counter()
-    return data_bytes, loss, {"receive": t1 - t0, "train": t2 - t1, "upload": t3 - t2}
-
-
-def client_upload(
-    cfg: FederatedConfig,
-    consensus: bytes,
-    *,
-    state: dict[str, Any],
-    crypto: ClientCrypto | None = None,
-) -> tuple[bytes, float]:
-    """MaskCrypt's second client step: encrypt the consensus entries of the adapter kept in
-    ``state`` by :func:`client_step`; returns ``(upload_bytes, seconds)``."""
-    t0 = time.perf_counter()
-    method = get_method(cfg.method, cfg)
-    msg = method.make_upload(
-        state["weights"],
-        round_=state["round"],
-        client_id=state["client_id"],
-        num_examples=state["num_examples"],
-        crypto=crypto,
-        columns=decode(consensus, expect_kind="mask_consensus"),
-    )
-    data = encode(msg)
-    return data, time.perf_counter() - t0
-
-
-# ---------------------------------------------------------------------------- server side
-def server_consensus(cfg: FederatedConfig, proposals: list[bytes], *, round_: int) -> bytes:
-    """MaskCrypt: merge the round's mask proposals into the consensus (broadcast bytes)."""
-    method = get_method(cfg.method, cfg)
-    msgs = [decode(b, expect_kind="mask_proposal") for b in proposals]
-    return encode(method.server_consensus(msgs, round_=round_))
-
-
-def sample_clients(cfg: FederatedConfig, round_: int) -> list[int]:
-    """The clients asked to train in ``round_`` (seeded; sorted)."""
-    if cfg.clients_per_round >= cfg.num_clients:
-        return list(range(cfg.num_clients))
-    rng = np.random.default_rng([cfg.seed, round_, 2])
-    return sorted(int(i) for i in rng.choice(cfg.num_clients, cfg.clients_per_round, replace=False))
-
-
-def server_step(
-    cfg: FederatedConfig,
-    uploads: list[bytes],
-    *,
-    round_: int,
-    crypto: ServerCrypto | None = None,
-    consensus: bytes | None = None,
-) -> bytes:
-    """Aggregate the uploads of the clients that answered ``round_`` into broadcast bytes.
-
-    ``crypto`` is the server's PUBLIC CKKS context (encrypted methods); it cannot decrypt.
-    ``consensus``: MaskCrypt, the mask consensus the server itself broadcast this round.
-    """
-    method = get_method(cfg.method, cfg)
-    msgs = [decode(u, expect_kind="upload") for u in uploads]
-    for m in msgs:
-        if m.header.get("round") != round_:
-            raise ValueError(
-                f"upload from client {m.header.get('client_id')} is for round "
-                f"{m.header.get('round')}, not {round_}"
-            )
-    extra: dict[str, Any] = {}
-    if method.needs_consensus:
-        if consensus is None:
-            raise ValueError(f"{cfg.method}'s server step needs this round's mask consensus")
-        extra["consensus"] = decode(consensus, expect_kind="mask_consensus")
-    return encode(
-        method.server_aggregate(
-            msgs, round_=round_, max_rank=max(cfg.client_ranks), crypto=crypto, **extra
-        )
-    )
-
-
 # ---------------------------------------------------------------------------- the loop
 #: stamped on every round record; bumped when the code changes what one configuration computes
 #: (2: MiniLM's head reads mean pooling), so a finished run from older code is never reused
 RESULTS_VERSION = 2
 
+#: methods whose results changed after :data:`RESULTS_VERSION` was last bumped, with their own
+#: version (3: FedShield-LLM and full HE revive the components no answering client had from the
+#: round's shared seed, as FedAvg does, instead of leaving them as CKKS noise)
+METHOD_RESULTS_VERSION = {"fedshield": 3, "full_he": 3}
+
+
+def results_version(method: str) -> int:
+    """The results version stamped on (and required of) a run of ``method``."""
+    return METHOD_RESULTS_VERSION.get(method, RESULTS_VERSION)
+
 #: methods whose encrypted share is set by ``he_budgets`` and ``cipher_mode``
-_BUDGETED = ("shelora", "maskcrypt")
 
 
 @dataclass
@@ -438,9 +130,9 @@ class RunResult:
             ),
             "server_seconds": float(np.mean([h["server_seconds"] for h in self.history])),
             "key_bytes_public": self.history[-1].get("key_bytes_public", 0),
-            "cipher_mode": cfg.cipher_mode if cfg.method in _BUDGETED else None,
-            "he_budgets": list(cfg.he_budgets) if cfg.method in _BUDGETED else None,
-            "shelora_protect": cfg.shelora_protect if cfg.method == "shelora" else None,
+            "cipher_mode": cfg.cipher_mode if cfg.method in BUDGETED else None,
+            "he_budgets": list(cfg.he_budgets) if cfg.method in BUDGETED else None,
+            "shelora_protect": cfg.shelora_protect if cfg.uses_columns else None,
             "negotiations": sum(1 for h in self.history if "negotiation_upload_bytes" in h),
             "negotiation_bytes": int(
                 sum(
@@ -553,13 +245,18 @@ class Federation:
         return self.results_dir / "checkpoints" / self.cfg.run_name
 
     @property
+    def keys_dir(self) -> Path:
+        """The key holder's and clients' keys (CKKS contexts, OPE key, negotiated lists)."""
+        return self.checkpoint_dir / "keys"
+
+    @property
     def metrics_path(self) -> Path:
         return self.results_dir / "federated_tuning" / f"{self.cfg.run_name}.jsonl"
 
     def _columns_path(self, round_: int) -> Path:
         """Where the column list negotiated before ``round_`` is kept (with the clients' keys)."""
         name = "columns.json" if round_ == 1 else f"columns_r{round_}.json"
-        return self.checkpoint_dir / "keys" / name
+        return self.keys_dir / name
 
     def _columns(
         self, *, fresh: bool, round_: int = 1, broadcast: bytes | None = None
@@ -573,7 +270,7 @@ class Federation:
         adapter, each client's reparameterization of ``broadcast``.
         """
         cfg = self.cfg
-        if cfg.method != "shelora":
+        if not cfg.uses_columns:
             return None
         public = public_columns(cfg, self.model.base_weights())
         if public is not None:
@@ -591,36 +288,30 @@ class Federation:
             )
         if e > 1 and broadcast is None:
             raise ValueError("a re-negotiation scores the global adapter: pass the last broadcast")
-        from .methods.shelora_negotiation import client_columns, client_proposal, server_negotiate
         from .ope import ColumnOPE, OPEKey
 
-        key_path = self.checkpoint_dir / "keys" / "ope.key"
+        key_path = self.keys_dir / "ope.key"
         key = OPEKey.from_bytes(key_path.read_bytes()) if key_path.exists() else OPEKey.generate()
         key_path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(key_path, key.to_bytes())  # the clients' shared key: never sent to the server
         ope = ColumnOPE(key)
-        method = get_method(cfg.method, cfg)
         t0 = time.perf_counter()
         ups = []
         for i in range(cfg.num_clients):
             weights = None  # before round 1: the client's initial adapter
             if broadcast is not None:  # the current global adapter at the client's rank
-                weights = method.client_weights(
-                    decode(broadcast, expect_kind="broadcast"),
-                    rank=cfg.client_rank(i),
-                    alpha=cfg.lora_alpha,
-                    seed=_seed(cfg.seed, round_, i, 0),
-                    crypto=self.client_crypto,
+                weights = receive(
+                    cfg, broadcast, client_id=i, round_=round_, crypto=self.client_crypto
                 )
-            prop = client_proposal(
-                cfg, self.model, self.clients[i], client_id=i, ope=ope, weights=weights
+            ups.append(
+                negotiation_proposal(
+                    cfg, self.model, self.clients[i], client_id=i, ope=ope, weights=weights
+                )
             )
-            ups.append(encode(prop))
         t1 = time.perf_counter()
-        msg, result = server_negotiate(cfg, [decode(u, expect_kind="proposal") for u in ups])
-        down = encode(msg)
+        down, result = server_negotiate(cfg, ups)
         t2 = time.perf_counter()
-        columns = client_columns(decode(down, expect_kind="negotiation"), ope)
+        columns = negotiated_columns(down, ope)
         self.negotiation = {
             "round": e,
             "proposal_bytes_per_client": float(np.mean([len(u) for u in ups])),
@@ -652,7 +343,7 @@ class Federation:
     def _keys(self, params: str) -> tuple[bytes, bytes]:
         """The key holder's CKKS contexts, kept beside the checkpoint so a resumed run can read
         the last broadcast (TenSEAL keys cannot be seeded)."""
-        d = self.checkpoint_dir / "keys"
+        d = self.keys_dir
         sec, pub = d / "secret.ctx", d / "public.ctx"
         if sec.exists() and pub.exists():
             return sec.read_bytes(), pub.read_bytes()
@@ -707,20 +398,15 @@ class Federation:
         lines = self.metrics_path.read_text().splitlines()
         history = [json.loads(x) for x in lines if x.strip()]
         complete = [h.get("round") for h in history] == list(range(1, self.cfg.rounds + 1))
-        current = all(h.get("results_version") == RESULTS_VERSION for h in history)
+        version = results_version(self.cfg.method)
+        current = all(h.get("results_version") == version for h in history)
         return history if complete and current else None
 
     # -------------------------------------------------------------- evaluation
     def evaluate(self, broadcast: bytes) -> dict[str, float]:
         """Accuracy and macro-F1 of the global model (the broadcast at the largest rank)."""
-        method = get_method(self.cfg.method, self.cfg)
         r_max = max(self.cfg.client_ranks)
-        weights = method.client_weights(
-            decode(broadcast, expect_kind="broadcast"),
-            rank=r_max,
-            alpha=self.cfg.lora_alpha,
-            crypto=self.client_crypto,
-        )
+        weights = receive(self.cfg, broadcast, rank=r_max, crypto=self.client_crypto)
         self.model.load(weights)
         preds, refs = self.model.predict(self.test_data.batches(64))
         return classification_metrics(preds, refs)
@@ -758,7 +444,7 @@ class Federation:
         start, broadcast, history = self._load_checkpoint() if resume else (0, None, [])
         first = min(start + 1, cfg.rounds)
         self.columns = self._columns(fresh=not resume, round_=first, broadcast=broadcast)
-        negotiated = cfg.method == "shelora" and cfg.column_order == "negotiated"
+        negotiated = cfg.uses_columns and cfg.column_order == "negotiated"
         neg_round = cfg.negotiation_round(first)
         bar = tqdm(
             range(start + 1, cfg.rounds + 1),
@@ -836,7 +522,7 @@ class Federation:
                 "server_seconds": server_secs,
                 "accuracy": None,
                 "macro_f1": None,
-                "results_version": RESULTS_VERSION,
+                "results_version": results_version(cfg.method),
                 **extra,
             }
             if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:

@@ -1,9 +1,9 @@
 """Measured HE costs per method and client-round (``make bench`` -> ``he_cost.json``).
 
-Every number is measured on real messages: clients build their uploads with the method's own
-``make_upload`` (encrypting with their secret CKKS context), the uploads are serialised, the server
-aggregates them with the PUBLIC context only, and every client decrypts and reparameterizes the
-broadcast. Bytes are ``len()`` of the serialised messages; seconds are wall-clock on this machine.
+Every number is measured on real messages through the round engine
+(:func:`shelora_core.engine.run_round`): clients build their uploads with their secret CKKS
+context, the uploads are serialised, the server aggregates them with the PUBLIC context only, and
+every client decrypts and reparameterizes the broadcast. Bytes are ``len()`` of the serialised messages; seconds are wall-clock on this machine.
 
 LoRA factors are synthetic (random, LoRA-like magnitudes) with the exact layer shapes of each
 model: costs depend on shapes, ranks and budgets, not on trained values. For the big models the
@@ -26,10 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from .adapters import AdapterWeights
 from .ckks import KeyHolder
 from .config import FederatedConfig
-from .lora import AdapterWeights
-from .messages import decode, encode
+from .engine import run_round
+from .messages import decode
 from .methods import ckks_params_for, get_method
 from .methods.shelora import public_column_order, shelora_encrypted_values
 
@@ -113,68 +114,45 @@ def measure_method(
     shapes = shape.layer_shapes(layers)
     n_meas = len(shapes) // len(shape.modules)
     scale = shape.layers / n_meas
-    m = get_method(method, cfg)
     params = ckks_params_for(cfg)
     kh = None
     if params is not None:
         keys = {} if keys is None else keys
         kh = keys.get(params) or keys.setdefault(params, KeyHolder.generate(params))
-    client = kh.client() if kh else None
-    server = kh.server() if kh else None
     columns = None
     if method == "shelora":
         w0 = {k: np.random.default_rng(1).normal(size=s) for k, s in shapes.items()}
         columns = public_column_order(w0, max(budgets), order="random", seed=seed)
     adapters = _adapters(shapes, ranks, seed)
     sizes = [100 + 10 * i for i in range(len(ranks))]
-    mask_row: dict[str, Any] = {}
-    if m.needs_consensus:  # MaskCrypt: proposals -> consensus before the uploads
+    starts = grads = None
+    if get_method(method, cfg).needs_consensus:
         starts = _adapters(shapes, ranks, seed + 1)  # the adversary's estimates (synthetic)
-        grads = _adapters(shapes, ranks, seed + 2)  # synthetic gradients of the same shapes
-        props, t_mask = [], []
-        for i, (w, w0, g) in enumerate(zip(adapters, starts, grads, strict=True)):
-            t0 = time.perf_counter()
-            props.append(encode(m.make_proposal(w, w0, g.factors, round_=1, client_id=i)))
-            t_mask.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        cons = encode(
-            m.server_consensus([decode(b, expect_kind="mask_proposal") for b in props], round_=1)
-        )
-        t_cons = time.perf_counter() - t0
-        columns = decode(cons, expect_kind="mask_consensus")
+        grads = [g.factors for g in _adapters(shapes, ranks, seed + 2)]  # synthetic gradients
+    trace = run_round(
+        cfg,
+        adapters,
+        num_examples=sizes,
+        client_crypto=kh.client() if kh else None,
+        server_crypto=kh.server() if kh else None,
+        columns=columns,
+        starts=starts,
+        grads=grads,
+    )
+    t = trace.seconds
+    mask_row: dict[str, Any] = {}
+    if trace.consensus is not None:  # MaskCrypt: proposals -> consensus before the uploads
+        cons = decode(trace.consensus, expect_kind="mask_consensus")
         mask_row = {
-            "mask_upload_bytes": float(np.mean([len(b) for b in props])) * scale,
-            "mask_download_bytes": len(cons) * scale,
-            "client_mask_seconds": float(np.mean(t_mask)) * scale,
-            "consensus_server_seconds": t_cons * scale,
-            "consensus_union_size": int(columns.header["union_size"]),
+            "mask_upload_bytes": float(np.mean([len(b) for b in trace.proposals])) * scale,
+            "mask_download_bytes": len(trace.consensus) * scale,
+            "client_mask_seconds": float(np.mean(t["mask"])) * scale,
+            "consensus_server_seconds": t["consensus"] * scale,
+            "consensus_union_size": int(cons.header["union_size"]),
         }
-    ups, t_up = [], []
-    for i, (w, n) in enumerate(zip(adapters, sizes, strict=True)):
-        t0 = time.perf_counter()
-        ups.append(
-            encode(
-                m.make_upload(
-                    w, round_=1, client_id=i, num_examples=n, crypto=client, columns=columns
-                )
-            )
-        )
-        t_up.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    msgs = [decode(u, expect_kind="upload") for u in ups]
-    extra = {"consensus": columns} if m.needs_consensus else {}
-    bc_msg = m.server_aggregate(msgs, round_=1, max_rank=max(ranks), crypto=server, **extra)
-    bc = encode(bc_msg)
-    t_server = time.perf_counter() - t0
-    t_down, err, rel = [], 0.0, 0.0
-    for i, r in enumerate(ranks):
-        t0 = time.perf_counter()
-        got = m.client_weights(
-            decode(bc, expect_kind="broadcast"), rank=r, alpha=16.0, crypto=client
-        )
-        t_down.append(time.perf_counter() - t0)
-        if i == len(ranks) - 1:  # accuracy of what the largest client receives, vs plaintext
-            err, rel = _max_error(cfg, adapters, sizes, got, r)
+    # accuracy of what the largest client receives, vs the plaintext reference
+    err, rel = _max_error(cfg, adapters, sizes, trace.received[-1], ranks[-1])
+    ups, bc = trace.uploads, trace.broadcast
     row = {
         "method": f"{method}-{cipher_mode}" if method in ("shelora", "maskcrypt") else method,
         "model": shape.name,
@@ -184,9 +162,9 @@ def measure_method(
         "ranks": list(ranks),
         "budgets": list(budgets) if method in ("shelora", "maskcrypt") else None,
         "ckks_params": params,
-        "client_upload_seconds": float(np.mean(t_up)) * scale,
-        "server_seconds_per_round": t_server * scale,
-        "client_receive_seconds": float(np.mean(t_down)) * scale,
+        "client_upload_seconds": float(np.mean(t["upload"])) * scale,
+        "server_seconds_per_round": t["server"] * scale,
+        "client_receive_seconds": float(np.mean(t["receive"])) * scale,
         "upload_bytes": float(np.mean([len(u) for u in ups])) * scale,
         "download_bytes": len(bc) * scale,
         "key_bytes_server": len(kh.public_bytes()) if kh else 0,
@@ -214,14 +192,10 @@ def _encrypted_values(cfg: FederatedConfig, shapes) -> float:
 def _max_error(cfg, adapters, sizes, got, rank) -> tuple[float, float]:
     """Max |dW - reference dW| for the largest client, reference = the plaintext method."""
     ref_name = "flexlora" if cfg.method in ("shelora", "flexlora") else "fedavg"
-    ref_cfg = cfg.replace(method=ref_name)
-    ref = get_method(ref_name, ref_cfg)
-    ups = [
-        decode(encode(ref.make_upload(w, round_=1, client_id=i, num_examples=n)))
-        for i, (w, n) in enumerate(zip(adapters, sizes, strict=True))
-    ]
-    bc = ref.server_aggregate(ups, round_=1, max_rank=max(cfg.ranks))
-    want = ref.client_weights(bc, rank=rank, alpha=16.0)
+    ref = run_round(
+        cfg.replace(method=ref_name), adapters, num_examples=sizes, receive_ranks=[rank]
+    )
+    want = ref.received[0]
     err, top = 0.0, 0.0
     for layer, (b, a) in got.factors.items():
         wb, wa = want.factors[layer]

@@ -13,35 +13,14 @@ with frozen ``W0`` (m x n), ``B`` is (m x r) and ``A`` is (r x n); the adapter a
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .adapters import AdapterWeights
 from .assets import get_spec, load_classifier
 
 __all__ = ["AdapterWeights", "LoraModel", "adapter_name"]
-
-
-@dataclass
-class AdapterWeights:
-    """A client's trainable state: LoRA factors per layer and the classification head.
-
-    Attributes:
-        rank: LoRA rank r.
-        alpha: LoRA alpha; the scaling is ``alpha / rank``.
-        factors: layer name -> ``(B, A)`` with B (m x r) and A (r x n), float32.
-        head: parameter name -> array for the classification head (plaintext, averaged).
-    """
-
-    rank: int
-    alpha: float
-    factors: dict[str, tuple[np.ndarray, np.ndarray]]
-    head: dict[str, np.ndarray]
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
 
 
 def adapter_name(rank: int) -> str:

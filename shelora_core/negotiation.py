@@ -1,7 +1,7 @@
 """Server-side negotiation of the ordered list of LoRA columns to encrypt, on OPE ciphertexts only.
 
 SHE-LoRA (Liu et al., "SHE-LoRA: Selective Homomorphic Encryption for Federated Tuning with
-Heterogeneous LoRA", ICLR 2026), step 3 of the protocol (DESIGN.md section 4). Each client sends,
+Heterogeneous LoRA", ICLR 2026), step 3 of the protocol (docs/design.md, "One round on the wire"). Each client sends,
 per layer, its top-k_i columns as ``(index_ciphertext, score_ciphertext)`` pairs, encrypted by the
 clients with a keyed order-preserving scheme (Boldyreva et al., EUROCRYPT 2009; client side in
 :mod:`shelora_core.ope`). The server holds no OPE key and this module never imports the OPE
@@ -42,7 +42,7 @@ Definitions (per layer; clients with budget 0 send plaintext only and take no pa
   to the next one (Clients[t] -> Common -> Sensitivity -> filler). Within a tier the columns are
   appended in that order.
 * Coverage: ``Coverage_i = |G[:k_i] & P_i| / |P_i|`` (1 when ``P_i`` is empty). This is
-  DESIGN.md's ``|Res & G_i| / |G_i|`` measured on the columns client i will actually encrypt:
+  The paper's ``|Res & G_i| / |G_i|`` measured on the columns client i will actually encrypt:
   for the current tier's clients ``G[:k_i]`` is the list built so far; clients of earlier tiers
   keep the coverage of their own (already fixed) prefix, since columns appended later are not
   encrypted by them.

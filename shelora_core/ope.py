@@ -14,7 +14,7 @@ keyless toy is not used). Properties the protocol relies on:
   the server can count how many clients proposed a column;
 * order-preserving: ``x < y  <=>  Enc(x) < Enc(y)``, so max / min / sorting of ciphertexts are
   meaningful to the server (sums are not);
-* the key is held by the clients only (DESIGN.md section 3); the server never imports this module.
+* the key is held by the clients only (docs/design.md, "Roles"); the server never imports this module.
 
 What OPE leaks is measured, not assumed: :func:`leakage` estimates the plaintext indices from the
 ciphertexts alone with the "OPE is linear on average" estimator. Boldyreva et al. (and their

@@ -76,12 +76,25 @@ def privatize(
     arrays: Mapping[str, np.ndarray],
     *,
     max_norm: float,
-    epsilon: float,
-    delta: float,
     rng: np.random.Generator,
+    epsilon: float | None = None,
+    delta: float = 1e-5,
+    sigma: float | None = None,
     method: str = "analytic",
 ) -> dict[str, np.ndarray]:
-    """Clip jointly to ``max_norm`` and add N(0, (sigma * max_norm)^2) to every coordinate."""
+    """Clip jointly to ``max_norm`` and add N(0, (sigma * max_norm)^2) to every coordinate.
+
+    ``sigma`` is given (the noise multiplier), or computed from ``(epsilon, delta)`` by
+    :func:`gaussian_sigma`. Noise is drawn array by array in the mapping's order. This is the one
+    implementation of local DP in the package (:mod:`shelora_core.methods.dp` and the attack
+    grid's DP sweep call it).
+    """
+    if (sigma is None) == (epsilon is None):
+        raise ValueError(f"give exactly one of sigma and epsilon (got {sigma!r}, {epsilon!r})")
+    if sigma is None:
+        sigma = gaussian_sigma(epsilon, delta, method=method)
+    if sigma < 0:
+        raise ValueError(f"sigma (the noise multiplier) must be >= 0 (got {sigma})")
     clipped, _ = clip_by_norm(arrays, max_norm)
-    std = gaussian_sigma(epsilon, delta, method=method) * max_norm
+    std = float(sigma) * max_norm
     return {k: v + rng.normal(0.0, std, size=v.shape) for k, v in clipped.items()}

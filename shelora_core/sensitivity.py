@@ -1,7 +1,7 @@
 """Column sensitivity of LoRA ``A`` matrices: which input columns a client wants encrypted.
 
 Step 1 of SHE-LoRA (Liu et al., "SHE-LoRA: Selective Homomorphic Encryption for Federated Tuning
-with Heterogeneous LoRA", ICLR 2026; DESIGN.md section 4): before round 1 every client runs a small
+with Heterogeneous LoRA", ICLR 2026; docs/design.md, "One round on the wire"): before round 1 every client runs a small
 calibration batch of its OWN data through the model, measures per input feature ``j`` of every
 adapted layer the activation norm ``||X_j||_2`` (over all non-padding tokens), and scores the
 columns of its LoRA factor ``A`` (r x n) with a Wanda-style metric (Sun et al., "A Simple and
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from .federation import ClientData
+    from .data import ClientData
     from .lora import AdapterWeights, LoraModel
 
 __all__ = [

@@ -21,11 +21,11 @@ from shelora_core.attacks.evaluate import (
     summarize,
     try_decrypt,
 )
-from shelora_core.attacks.protection import FirstLayersSHELoRA
 from shelora_core.ckks import KeyHolder
 from shelora_core.config import FederatedConfig
 from shelora_core.lora import AdapterWeights
 from shelora_core.messages import decode
+from shelora_core.methods import FirstLayersSHELoRA
 
 SENTENCE = "a gorgeous , witty , seductive movie ."
 RANK = 64
@@ -239,11 +239,14 @@ def test_first_layers_variant_sends_no_plaintext_of_layers_0_and_1(victim, publi
 
 
 # ---------------------------------------------------------------------------- pure parts
-def test_first_layers_dw_ciphertexts_sum_to_the_flexlora_update_of_those_layers():
+def test_first_layers_round_gives_every_client_the_flexlora_update_of_every_layer():
+    from shelora_core.engine import run_round
+
     rng = np.random.default_rng(1)
     names = [f"model.layers.{i}.self_attn.q_proj" for i in range(3)]
-    cfg = FederatedConfig(method="shelora", num_clients=2, ranks=(4, 8), he_budgets=(2, 2))
-    method = FirstLayersSHELoRA(cfg, protected=(0, 1))
+    cfg = FederatedConfig(
+        method="shelora+first-layers", num_clients=2, ranks=(4, 8), he_budgets=(2, 2)
+    )
     keys = KeyHolder.generate("add_only")
     cols = {n: [3, 7] for n in names}
     clients = [
@@ -256,24 +259,22 @@ def test_first_layers_dw_ciphertexts_sum_to_the_flexlora_update_of_those_layers(
         for r in (4, 8)
     ]
     sizes = [30, 10]
-    ups = [
-        method.make_upload(
-            w, round_=1, client_id=i, num_examples=n, crypto=keys.client(), columns=cols
-        )  # fmt: skip
-        for i, (w, n) in enumerate(zip(clients, sizes, strict=True))
-    ]
 
-    summed = method.server_sum(ups, keys.server())
-    got = method.client_decrypt(summed, ups[0].header, keys.client(), sum(sizes))
+    trace = run_round(cfg, clients, num_examples=sizes, client_crypto=keys.client(),
+                      server_crypto=keys.server(), columns=cols, receive_ranks=[10])  # fmt: skip
 
-    assert sorted(got) == names[:2]
-    for name in names[:2]:
+    ups = trace.upload_messages()
+    assert all(f"{n}|A" not in u.tensors and f"{n}|B" not in u.tensors
+               for u in ups for n in names[:2])  # fmt: skip
+    got = trace.received[0]
+    for name in names:  # layers 0-1 from the first-layer sums, layer 2 from SHE-LoRA
         want = sum(n * (16.0 / w.rank) * w.factors[name][0] @ w.factors[name][1]
                    for w, n in zip(clients, sizes, strict=True)) / sum(sizes)  # fmt: skip
-        np.testing.assert_allclose(got[name], want, atol=1e-6)
-    she, extra = method.split_upload(ups[0])
+        b, a = got.factors[name]
+        np.testing.assert_allclose((16.0 / 10) * b.astype(np.float64) @ a, want, atol=1e-6)
+    she, extra = FirstLayersSHELoRA.split_upload(ups[0])
     assert she.header["ciphertexts"] + len(extra) == ups[0].header["ciphertexts"]
-    assert all(f"{n}|A" not in ups[0].tensors for n in names[:2])
+    assert len(extra) == ups[0].header["first_layers"]["ciphertexts"] > 0
 
 
 def test_adaptive_attacker_drops_grad_b_rows_with_unknown_entries_oblivious_reads_zeros():

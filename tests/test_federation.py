@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 from shelora_core.aggregation import lora_scaling
-from shelora_core.federation import Federation, sample_clients, server_step
+from shelora_core.federation import Federation
 from shelora_core.lora import AdapterWeights
 from shelora_core.messages import decode, encode
 from shelora_core.methods import get_method
 from shelora_core.methods.base import adapter_to_upload
+from shelora_core.server import sample_clients, server_step
 
 
 def _random_adapter(rank, shapes, head, seed):
@@ -289,7 +290,7 @@ def test_renegotiated_run_interrupted_before_a_negotiation_equals_an_uninterrupt
 def test_logit_adjusted_loss_shifts_logits_by_the_smoothed_log_prior():
     import torch
 
-    from shelora_core.federation import batch_loss, log_label_prior
+    from shelora_core.client import batch_loss, log_label_prior
 
     prior = log_label_prior(torch.tensor([1, 1, 1, 0, 1]), 3)
     torch.testing.assert_close(prior.exp(), torch.tensor([2.0, 5.0, 1.0]) / 8)
@@ -311,7 +312,8 @@ def test_local_train_uses_the_client_prior_and_the_head_learning_rate(minilm_mod
     # and the head moves head_lr_scale times as far as the adapter's rate in one Adam step
     import torch
 
-    from shelora_core.federation import ClientData, local_train
+    from shelora_core.client import local_train
+    from shelora_core.data import ClientData
 
     torch.manual_seed(0)
     ids = torch.randint(1000, 5000, (16, 8))

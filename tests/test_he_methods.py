@@ -8,12 +8,12 @@ from hypothesis import strategies as st
 from shelora_core import FederatedConfig
 from shelora_core.aggregation import lora_scaling
 from shelora_core.ckks import CKKSError, KeyHolder
-from shelora_core.federation import server_step
 from shelora_core.lora import AdapterWeights
 from shelora_core.messages import decode, encode
 from shelora_core.methods import get_method
 from shelora_core.methods.shelora import public_column_order
 from shelora_core.pruning import l1_unstructured, prune_ratio
+from shelora_core.server import server_step
 
 SHAPES = {"l0": (12, 10), "l1": (8, 10)}
 HEAD = {"weight": np.zeros((2, 12), np.float32)}

@@ -7,7 +7,6 @@ import pytest
 
 from shelora_core import FederatedConfig
 from shelora_core.ckks import KeyHolder
-from shelora_core.federation import server_consensus, server_step
 from shelora_core.lora import AdapterWeights
 from shelora_core.messages import MessageError, decode, encode
 from shelora_core.methods import ckks_params_for, get_method
@@ -20,6 +19,7 @@ from shelora_core.methods.maskcrypt import (
     weight_scores,
 )
 from shelora_core.methods.shelora import public_column_order, shelora_encrypted_values
+from shelora_core.server import server_consensus, server_step
 
 SHAPES = {"l0": (12, 10), "l1": (8, 10)}
 SIZES = [10, 20, 70]

@@ -129,7 +129,7 @@ def test_calibration_indices_seeded():
 @pytest.fixture(scope="module")
 def client_data():
     from shelora_core.assets import load_tokenizer
-    from shelora_core.federation import ClientData
+    from shelora_core.data import ClientData
 
     tok = load_tokenizer("minilm")
     enc = tok(SENTENCES, padding=True, return_tensors="pt")
@@ -180,7 +180,7 @@ def test_activation_norms_layer0_exact(minilm_model, client_data):
 
 
 def test_activation_norms_ignore_padding_and_batch_size(minilm_model, client_data):
-    from shelora_core.federation import ClientData
+    from shelora_core.data import ClientData
 
     model = minilm_model
     model.load(_fresh_weights(model))

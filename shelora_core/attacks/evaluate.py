@@ -1,7 +1,7 @@
 """The attack grid, fed from the bytes the server really receives.
 
 For every method the victim client runs its real client-side code and the attacker reads only
-what crosses the wire (DESIGN.md section 3):
+what crosses the wire (docs/design.md, "Threat model"):
 
 1. **Client** (:class:`Victim`): starts from the adapter the server broadcast (round 1: the
    package's public seeded init, ``B = 0``; a later round: ``B != 0``), takes one plain-SGD step on
@@ -9,7 +9,7 @@ what crosses the wire (DESIGN.md section 3):
    gradients are ~1e-7 per entry, so the step clears the float32 rounding of the uploaded weights
    and stays below one AdamW step of the training loop; ``1e-3`` for the head) or runs the
    training loop's own ``local_train`` (several AdamW steps), and builds its upload with the
-   method's own ``make_upload`` (:func:`client_upload`), serialized to bytes.
+   method's own client step of the round engine (:func:`client_upload`), as bytes.
 2. **Server** (:func:`server_view`): decodes those bytes with the PUBLIC CKKS context only (it
    cannot decrypt; :func:`try_decrypt` shows it) and keeps the plaintext part. What it knows
    besides the bytes is its own broadcast and the protocol (:class:`ServerKnowledge`).
@@ -54,14 +54,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..adapters import AdapterWeights
 from ..ckks import ClientCrypto, KeyHolder, ServerCrypto
 from ..config import FederatedConfig
-from ..lora import AdapterWeights, LoraModel
-from ..messages import decode, encode
+from ..lora import LoraModel
+from ..messages import decode
 from .dager import AttackResult, dager_attack, match_sentences, score_reconstruction
 from .dager import token_set_scores as _token_scores
 from .gradients import LayerUpdate, ObservedUpdate, _layer_index, encode_batch
-from .protection import FirstLayersSHELoRA
 
 __all__ = [
     "METHODS",
@@ -491,7 +491,8 @@ class Victim:
         the head's gradient is about a million times larger than the adapter's, and one learning
         rate for both would move the head by thousands and saturate the classifier.
         """
-        from ..federation import ClientData, batch_loss, local_train
+        from ..client import batch_loss, local_train
+        from ..data import ClientData
 
         m = self.model
         m.load(start)
@@ -529,13 +530,10 @@ class Victim:
         """
         key = (rank, k_max)
         if key not in self._columns:
-            from ..federation import ClientData
-            from ..methods.shelora_negotiation import (
-                client_columns,
-                client_proposal,
-                server_negotiate,
-            )
+            from ..client import negotiated_columns, negotiation_proposal
+            from ..data import ClientData
             from ..ope import ColumnOPE, OPEKey
+            from ..server import server_negotiate
 
             cfg = FederatedConfig(
                 method="shelora",
@@ -552,9 +550,9 @@ class Victim:
                 b = self.batch(list(texts), max_length=64)
                 y = torch.zeros(len(texts), dtype=torch.long)  # unused by the scores
                 data = ClientData(b["input_ids"], b["attention_mask"], y)
-                props.append(encode(client_proposal(cfg, self.model, data, client_id=i, ope=ope)))
-            msg, _ = server_negotiate(cfg, [decode(p, expect_kind="proposal") for p in props])
-            self._columns[key] = client_columns(decode(encode(msg)), ope)
+                props.append(negotiation_proposal(cfg, self.model, data, client_id=i, ope=ope))
+            down, _ = server_negotiate(cfg, props)
+            self._columns[key] = negotiated_columns(down, ope)
         return self._columns[key]
 
 
@@ -589,13 +587,20 @@ def client_upload(
     Returns:
         ``(upload bytes, consensus bytes or None, client seconds)``.
     """
-    from ..federation import ClientData, local_gradient
-    from ..methods import get_method
-    from ..privacy import clip_by_norm, privatize
+    from ..client import local_gradient, propose_masks, upload
+    from ..data import ClientData
+    from ..server import server_consensus
 
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
     n = len(labels)
+    dp: dict[str, Any] = {}
+    if method == "flexlora-dp":  # the update's bound is dp_clip * lr: the gradient's is dp_clip
+        dp = {"dp_clip": dp_clip * lr, "dp_delta": dp_delta, "dp_epsilon": dp_epsilon}
+        if dp_epsilon is None:
+            dp["dp_noise_multiplier"] = float(dp_sigma or 0.0)
     cfg = FederatedConfig(
-        method="shelora" if method.startswith("shelora") else method.replace("-dp", ""),
+        method=method,
         model="smollm2",
         num_clients=1,
         ranks=(after.rank,),
@@ -603,74 +608,35 @@ def client_upload(
         lora_alpha=after.alpha,
         seed=victim.seed,
         calibration_examples=n,
+        first_layers=tuple(attacked_layers),
+        **dp,
     )
     crypto = victim.client_crypto(method)
     t0 = time.perf_counter()
     consensus = None
-    if method == "flexlora-dp":
-        delta = {f"{k}|B": after.factors[k][0] - start.factors[k][0] for k in after.factors}
-        delta |= {f"{k}|A": after.factors[k][1] - start.factors[k][1] for k in after.factors}
-        delta |= {f"head|{k}": after.head[k] - start.head[k] for k in after.head}
-        rng = np.random.default_rng([seed, 0xD9])
-        if dp_epsilon is not None:
-            noisy = privatize(
-                delta, max_norm=dp_clip * lr, epsilon=dp_epsilon, delta=dp_delta, rng=rng
-            )
-        else:
-            clipped, _ = clip_by_norm(delta, dp_clip * lr)
-            std = float(dp_sigma or 0.0) * dp_clip * lr
-            noisy = {k: v + rng.normal(0.0, std, size=v.shape) for k, v in clipped.items()}
-        after = AdapterWeights(
-            after.rank,
-            after.alpha,
-            {
-                k: (
-                    (start.factors[k][0] + noisy[f"{k}|B"]).astype(np.float32),
-                    (start.factors[k][1] + noisy[f"{k}|A"]).astype(np.float32),
-                )
-                for k in after.factors
-            },
-            {k: (start.head[k] + noisy[f"head|{k}"]).astype(np.float32) for k in after.head},
-        )
-        msg = get_method("flexlora", cfg).make_upload(after, round_=1, client_id=0, num_examples=n)
-    elif method == "flexlora":
-        msg = get_method("flexlora", cfg).make_upload(after, round_=1, client_id=0, num_examples=n)
-    elif method == "shelora":
-        msg = get_method("shelora", cfg).make_upload(
-            after, round_=1, client_id=0, num_examples=n, crypto=crypto, columns=columns
-        )
-    elif method == "shelora+first-layers":
-        msg = FirstLayersSHELoRA(cfg, protected=attacked_layers).make_upload(
-            after, round_=1, client_id=0, num_examples=n, crypto=crypto, columns=columns
-        )
-    elif method == "maskcrypt":
-        mc = get_method("maskcrypt", cfg)
+    if method == "maskcrypt":  # the mask exchange of this round (one client: its own mask)
         data = ClientData(
             batch["input_ids"], batch["attention_mask"], torch.as_tensor(list(labels))
         )
         victim.model.load(after)
         grads = local_gradient(victim.model, data, num_examples=n, batch_size=n, seed=seed)
-        proposal = encode(mc.make_proposal(after, start, grads, round_=1, client_id=0))
-        consensus = encode(
-            mc.server_consensus([decode(proposal, expect_kind="mask_proposal")], round_=1)
-        )
-        msg = mc.make_upload(
-            after,
-            round_=1,
-            client_id=0,
-            num_examples=n,
-            crypto=crypto,
-            columns=decode(consensus, expect_kind="mask_consensus"),
-        )
-    elif method in CIPHERTEXT_ONLY:
+        proposal = propose_masks(cfg, after, start, grads, round_=1, client_id=0)
+        consensus = server_consensus(cfg, [proposal], round_=1)
+    if method in CIPHERTEXT_ONLY:  # only the attacked layers (the others: more of the same)
         keep = {k: v for k, v in after.factors.items() if _layer_index(k) in attacked_layers}
-        part = AdapterWeights(after.rank, after.alpha, keep, after.head)
-        msg = get_method(method, cfg).make_upload(
-            part, round_=1, client_id=0, num_examples=n, crypto=crypto
-        )
-    else:
-        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
-    data_bytes = encode(msg)
+        after = AdapterWeights(after.rank, after.alpha, keep, after.head)
+    data_bytes = upload(
+        cfg,
+        after,
+        round_=1,
+        client_id=0,
+        num_examples=n,
+        crypto=crypto,
+        columns=columns,
+        consensus=consensus,
+        start=start,
+        seed=seed,
+    )
     return data_bytes, consensus, time.perf_counter() - t0
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..adapters import layer_index as _layer_index
 from ..privacy import clip_by_norm
 
 __all__ = [
@@ -49,7 +49,6 @@ __all__ = [
     "update_from_weights",
 ]
 
-_LAYER_RE = re.compile(r"layers\.(\d+)\.")
 
 
 # ---------------------------------------------------------------------------- containers
@@ -430,13 +429,6 @@ def update_from_weights(
     return ObservedUpdate(
         layers=layers, total_norm=total_norm, kind="multistep", batch_size=batch_size, bos_id=bos_id
     )
-
-
-def _layer_index(name: str) -> int:
-    m = _LAYER_RE.search(name)
-    if m is None:
-        raise ValueError(f"cannot read a layer index from {name!r} (expected 'layers.<i>.')")
-    return int(m.group(1))
 
 
 def multistep_update(

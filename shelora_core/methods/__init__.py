@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..config import METHODS
 from .base import Method
+from .dp import FlexLoRADP
+from .first_layers import FirstLayersSHELoRA
 from .he_avg import FedShield, FullHE
 from .maskcrypt import MaskCrypt
 from .plaintext import FedAvg, FlexLoRA
@@ -14,6 +17,8 @@ __all__ = [
     "FedAvg",
     "FedShield",
     "FlexLoRA",
+    "FlexLoRADP",
+    "FirstLayersSHELoRA",
     "FullHE",
     "MaskCrypt",
     "Method",
@@ -25,7 +30,9 @@ __all__ = [
 _REGISTRY: dict[str, type[Method]] = {
     "fedavg": FedAvg,
     "flexlora": FlexLoRA,
+    "flexlora-dp": FlexLoRADP,
     "shelora": SHELoRA,
+    "shelora+first-layers": FirstLayersSHELoRA,
     "fedshield": FedShield,
     "full_he": FullHE,
     "maskcrypt": MaskCrypt,
@@ -34,11 +41,16 @@ _REGISTRY: dict[str, type[Method]] = {
 #: CKKS parameter set each encrypted method uses unless the config names one
 DEFAULT_CKKS = {
     "shelora": {"delta": "add_only", "paper": "paper_mm"},
+    "shelora+first-layers": {"delta": "add_only"},
     "fedshield": "fedshield",
     "full_he": "fedshield",
     # delta: clients pre-weight, the server only adds; paper: the server multiplies by p_i
     "maskcrypt": {"delta": "add_only", "paper": "fedshield"},
 }
+
+
+if set(_REGISTRY) != set(METHODS):  # one list of names: config.METHODS
+    raise ImportError(f"methods registry {sorted(_REGISTRY)} != config.METHODS {sorted(METHODS)}")
 
 
 def get_method(name: str, cfg: Any = None) -> Method:

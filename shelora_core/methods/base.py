@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from ..adapters import AdapterWeights, fit_rank
 from ..aggregation import normalize_weights, weighted_mean
-from ..lora import AdapterWeights
 from ..messages import Message, MessageError, require
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "adapter_to_upload",
     "attach_ciphertexts",
     "fit_rank",
+    "is_ciphertext",
     "split_ciphertexts",
     "upload_to_adapter",
 ]
@@ -39,6 +40,11 @@ __all__ = [
 SEP = "|"
 #: tensor-name prefix of serialized CKKS ciphertexts inside a message (``enc|0``, ``enc|1``, ...)
 ENC = "enc"
+
+
+def is_ciphertext(tensor_name: str) -> bool:
+    """Whether a message tensor holds a serialized ciphertext (``enc|<c>``)."""
+    return tensor_name.startswith(ENC + SEP)
 
 
 def attach_ciphertexts(tensors: dict[str, np.ndarray], blobs: Sequence[bytes]) -> None:
@@ -104,30 +110,6 @@ def upload_to_adapter(msg: Message) -> tuple[dict, AdapterWeights]:
     return h, AdapterWeights(rank=rank, alpha=float(h["alpha"]), factors=factors, head=head)
 
 
-def fit_rank(
-    b: np.ndarray, a: np.ndarray, rank: int, *, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Give ``(B, A)`` exactly ``rank`` components without changing ``B @ A``.
-
-    Extra components are cut off (the caller orders them by importance). Missing ones, and
-    components that are dead (zero column of B *and* zero row of A, e.g. a client of rank 32 when
-    only rank-8/16 clients answered), are re-initialised the way LoRA initialises: B column 0,
-    A row ~ U(-1/sqrt(n), 1/sqrt(n)). Their product is still zero, but they can learn again; an
-    all-zero pair would have zero gradient forever.
-    """
-    m, n = b.shape[0], a.shape[1]
-    k = min(rank, b.shape[1])
-    b_out = np.zeros((m, rank), np.float32)
-    a_out = np.zeros((rank, n), np.float32)
-    b_out[:, :k], a_out[:k] = b[:, :k], a[:k]
-    dead = ~(b_out.any(axis=0) | a_out.any(axis=1))
-    if dead.any():
-        rng = np.random.default_rng([seed, rank, m, n])
-        bound = 1.0 / np.sqrt(n)
-        a_out[dead] = rng.uniform(-bound, bound, size=(int(dead.sum()), n))
-    return b_out, a_out
-
-
 class Method(ABC):
     """One aggregation method (server side and client side)."""
 
@@ -149,6 +131,8 @@ class Method(ABC):
         num_examples: int,
         crypto: Any = None,
         columns: Any = None,
+        start: AdapterWeights | None = None,
+        seed: int = 0,
     ) -> Message:
         """The client's upload after local training (plaintext by default)."""
         return adapter_to_upload(

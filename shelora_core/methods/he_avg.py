@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from ..adapters import AdapterWeights, revive_missing
 from ..aggregation import normalize_weights, weighted_mean
 from ..ckks import ClientCrypto, PackingLayout, ServerCrypto, check_fingerprint
 from ..config import FederatedConfig
-from ..lora import AdapterWeights
 from ..messages import Message, MessageError, require
 from ..pruning import l1_unstructured, prune_ratio
 from .base import SEP, Method, attach_ciphertexts, fit_rank, split_ciphertexts
@@ -59,6 +59,8 @@ class FedShield(Method):
         num_examples: int,
         crypto: ClientCrypto | None = None,
         columns: Any = None,
+        start: AdapterWeights | None = None,
+        seed: int = 0,
     ) -> Message:
         if crypto is None:
             raise ValueError(f"{self.name} uploads need the client's CKKS context")
@@ -128,6 +130,8 @@ class FedShield(Method):
             "method": self.name,
             "round": round_,
             "max_rank": h0["r_max"],
+            # the largest rank that answered: components beyond it are empty (zero-padded)
+            "live_rank": max(int(u.header["rank"]) for u in uploads),
             "shapes": h0["shapes"],
             "ciphertexts": len(summed),
             "fingerprint": crypto.fingerprint,
@@ -147,7 +151,7 @@ class FedShield(Method):
         if crypto is None:
             raise ValueError(f"a {self.name} client needs its CKKS context to read the broadcast")
         h = broadcast.header
-        require(h, "shapes", "max_rank", "ciphertexts", "fingerprint")
+        require(h, "round", "shapes", "max_rank", "live_rank", "ciphertexts", "fingerprint")
         check_fingerprint(crypto.fingerprint, h["fingerprint"])
         shapes = {k: tuple(v) for k, v in h["shapes"].items()}
         r_max = int(h["max_rank"])
@@ -158,6 +162,8 @@ class FedShield(Method):
         for layer, (m, n) in shapes.items():
             b = parts[f"{layer}{SEP}B"].reshape(m, r_max)
             a = parts[f"{layer}{SEP}A"].reshape(r_max, n)
+            # empty components revive from the round's shared seed, as FedAvg's server does
+            b, a = revive_missing(b, a, live_rank=int(h["live_rank"]), round_=int(h["round"]))
             factors[layer] = fit_rank(b[:, :rank], a[:rank], rank, seed=seed)
         _, head = self._split(plain)
         return AdapterWeights(rank=rank, alpha=alpha, factors=factors, head=head)

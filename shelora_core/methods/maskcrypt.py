@@ -15,7 +15,7 @@ One round, four messages (all :class:`~shelora_core.messages.Message` bytes):
    public rank; in round 1 the common initial adapter). So the score is the magnitude of the
    first-order loss change along the client's own update: the weights whose update says most
    about the client's data. The gradient is taken over ``cfg.calibration_examples`` of the
-   client's examples (:func:`shelora_core.federation.local_gradient`). The client proposes its
+   client's examples (:func:`shelora_core.client.local_gradient`). The client proposes its
    ``E_i`` best-scored weights, ranked (its mask).
 2. **Consensus** (server -> clients, ``mask_consensus``). The union of the masks (so every weight
    some client finds sensitive is protected for everyone, as ciphertexts only add slot-wise when
@@ -69,10 +69,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..adapters import AdapterWeights
 from ..aggregation import fedavg_truncate
 from ..ckks import ClientCrypto, ServerCrypto, check_fingerprint
 from ..config import FederatedConfig
-from ..lora import AdapterWeights
 from ..messages import Message, MessageError, require
 from .base import (
     SEP,
@@ -338,6 +338,8 @@ class MaskCrypt(Method):
         num_examples: int,
         crypto: ClientCrypto | None = None,
         columns: Message | None = None,
+        start: AdapterWeights | None = None,
+        seed: int = 0,
     ) -> Message:
         """The upload; ``columns`` is this round's decoded ``mask_consensus`` message."""
         if crypto is None or columns is None:

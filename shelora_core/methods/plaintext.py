@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..adapters import AdapterWeights, revive_missing
 from ..aggregation import (
     SVDFactors,
     fedavg_factors,
@@ -25,7 +26,6 @@ from ..aggregation import (
     flexlora_redistribute,
     lora_scaling,
 )
-from ..lora import AdapterWeights
 from ..messages import Message, MessageError, require
 from .base import SEP, Method, fit_rank
 
@@ -51,10 +51,13 @@ class FedAvg(Method):
     ) -> Message:
         headers, weights, p = self._decode_uploads(uploads)
         r_max = max([w.rank for w in weights] + [max_rank or 0])
+        live = max(w.rank for w in weights)
         tensors: dict[str, np.ndarray] = {}
         for layer in weights[0].factors:
             b, a = fedavg_factors([w.factors[layer] for w in weights], p)
             b, a = fit_rank(b, a, r_max, seed=round_)  # zero-pad to the federation's max rank
+            # components no answering client had come back from the round's shared seed
+            b, a = revive_missing(b, a, live_rank=live, round_=round_)
             tensors[f"{layer}{SEP}B"] = b
             tensors[f"{layer}{SEP}A"] = a
         return self._broadcast(tensors, weights, p, headers, round_=round_, r_max=r_max)

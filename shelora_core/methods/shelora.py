@@ -45,11 +45,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from ..adapters import AdapterWeights
 from ..aggregation import LowRankUpdate, SVDFactors, lora_scaling, lowrank_svd
 from ..ckks import ClientCrypto, PackingLayout, ServerCrypto, check_fingerprint
 from ..column_aggregation import fuse, plain_part, protected_columns, reparameterize, split_columns
 from ..config import FederatedConfig
-from ..lora import AdapterWeights
 from ..messages import Message, MessageError, require
 from .base import (
     SEP,
@@ -105,7 +105,7 @@ def public_columns(
     frozen weights ``layer_weights``). ``None`` for methods other than SHE-LoRA and for
     ``"negotiated"``, whose G only the negotiation produces.
     """
-    if cfg.method != "shelora" or cfg.column_order == "negotiated":
+    if not cfg.uses_columns or cfg.column_order == "negotiated":
         return None
     return public_column_order(layer_weights, cfg.max_budget, order=cfg.column_order, seed=cfg.seed)
 
@@ -170,6 +170,8 @@ class SHELoRA(Method):
         num_examples: int,
         crypto: ClientCrypto | None = None,
         columns: Mapping[str, Sequence[int]] | None = None,
+        start: AdapterWeights | None = None,
+        seed: int = 0,
     ) -> Message:
         if columns is None or (crypto is None and not self.withhold):
             raise ValueError(

@@ -24,7 +24,7 @@ from ..config import FederatedConfig
 from ..messages import Message, MessageError, require
 from ..negotiation import ClientProposal, NegotiationResult, negotiate
 
-__all__ = ["client_columns", "client_proposal", "proposals_by_layer", "server_negotiate"]
+__all__ = ["client_columns", "client_proposal", "negotiate_proposals", "proposals_by_layer"]
 
 
 def client_proposal(
@@ -59,7 +59,7 @@ def client_proposal(
     return Message("proposal", header, tensors)
 
 
-def server_negotiate(
+def negotiate_proposals(
     cfg: FederatedConfig, proposals: Sequence[Message]
 ) -> tuple[Message, NegotiationResult]:
     """Negotiate on ciphertexts; the broadcast holds the ordered index ciphertexts per layer."""
@@ -71,7 +71,7 @@ def server_negotiate(
 def proposals_by_layer(proposals: Sequence[Message]) -> dict[str, list[ClientProposal]]:
     """The server's view of decoded proposal messages: layer -> one ClientProposal per client.
 
-    The same parsing :func:`server_negotiate` does, exposed so a notebook can rerun the
+    The same parsing :func:`negotiate_proposals` does, exposed so a notebook can rerun the
     negotiation on the very ciphertexts that crossed the wire (e.g. with ``search="random"``).
     """
     per_layer: dict[str, list[ClientProposal]] = {}
