@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -29,6 +29,8 @@ from ..messages import Message, MessageError, require
 
 __all__ = [
     "Method",
+    "ReceiveArgs",
+    "UploadArgs",
     "adapter_to_upload",
     "attach_ciphertexts",
     "fit_rank",
@@ -110,6 +112,27 @@ def upload_to_adapter(msg: Message) -> tuple[dict, AdapterWeights]:
     return h, AdapterWeights(rank=rank, alpha=float(h["alpha"]), factors=factors, head=head)
 
 
+class UploadArgs(NamedTuple):
+    """What a client's upload step knows besides its adapter (see :meth:`Method.make_upload`)."""
+
+    round_: int
+    client_id: int
+    num_examples: int
+    crypto: Any = None
+    columns: Any = None
+    start: AdapterWeights | None = None
+    seed: int = 0
+
+
+class ReceiveArgs(NamedTuple):
+    """What a client's receive step knows besides the broadcast (:meth:`Method.client_weights`)."""
+
+    rank: int
+    alpha: float
+    seed: int = 0
+    crypto: Any = None
+
+
 class Method(ABC):
     """One aggregation method (server side and client side)."""
 
@@ -134,9 +157,29 @@ class Method(ABC):
         start: AdapterWeights | None = None,
         seed: int = 0,
     ) -> Message:
-        """The client's upload after local training (plaintext by default)."""
+        """The client's upload after local training.
+
+        Args:
+            weights: the client's trained adapter.
+            round_, client_id, num_examples: who uploads, for which round, with what weight.
+            crypto: the client's secret CKKS context (encrypted methods).
+            columns: SHE-LoRA's ordered column list G per layer; MaskCrypt's decoded consensus.
+            start: the adapter the client started the round from (local DP privatizes the update).
+            seed: seeds any randomness of the upload (DP noise).
+        """
+        return self._upload(
+            weights,
+            UploadArgs(round_, client_id, num_examples, crypto, columns, start, seed),
+        )
+
+    def _upload(self, weights: AdapterWeights, req: UploadArgs) -> Message:
+        """A method's upload (plaintext factors and head by default)."""
         return adapter_to_upload(
-            weights, method=self.name, round_=round_, client_id=client_id, num_examples=num_examples
+            weights,
+            method=self.name,
+            round_=req.round_,
+            client_id=req.client_id,
+            num_examples=req.num_examples,
         )
 
     @abstractmethod
@@ -154,11 +197,19 @@ class Method(ABC):
         that did not answer this round still find enough components in the broadcast.
         """
 
-    @abstractmethod
     def client_weights(
         self, broadcast: Message, *, rank: int, alpha: float, seed: int = 0, crypto: Any = None
     ) -> AdapterWeights:
-        """The client's starting adapter (of its own rank) for the next round."""
+        """The client's starting adapter (of its own rank) for the next round.
+
+        ``seed`` seeds the components the client must re-initialise; ``crypto`` is its secret
+        CKKS context (encrypted methods).
+        """
+        return self._receive(broadcast, ReceiveArgs(rank, alpha, seed, crypto))
+
+    @abstractmethod
+    def _receive(self, broadcast: Message, req: ReceiveArgs) -> AdapterWeights:
+        """A method's reading of its broadcast (see :meth:`client_weights`)."""
 
     # shared helpers ---------------------------------------------------------------
     @staticmethod

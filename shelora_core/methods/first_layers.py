@@ -42,7 +42,7 @@ from ..aggregation import SVDFactors, flexlora_redistribute, lora_scaling
 from ..ckks import ClientCrypto, PackingLayout, ServerCrypto, check_fingerprint
 from ..config import FederatedConfig
 from ..messages import Message, MessageError, require
-from .base import SEP, Method, attach_ciphertexts, split_ciphertexts
+from .base import SEP, Method, ReceiveArgs, UploadArgs, attach_ciphertexts, split_ciphertexts
 from .shelora import SHELoRA
 
 __all__ = ["ENCRYPT_MODES", "FirstLayersSHELoRA", "first_layers_layout"]
@@ -108,19 +108,9 @@ class FirstLayersSHELoRA(Method):
         return prot, [n for n in names if n not in prot]
 
     # ------------------------------------------------------------------ client: upload
-    def make_upload(
-        self,
-        weights: AdapterWeights,
-        *,
-        round_: int,
-        client_id: int,
-        num_examples: int,
-        crypto: ClientCrypto | None = None,
-        columns: Mapping[str, Sequence[int]] | None = None,
-        start: AdapterWeights | None = None,
-        seed: int = 0,
-    ) -> Message:
+    def _upload(self, weights: AdapterWeights, req: UploadArgs) -> Message:
         """SHE-LoRA's upload of the other layers, then the protected layers' ciphertexts."""
+        round_, client_id, num_examples, crypto, columns, _, _ = req
         if crypto is None:
             raise ValueError(f"{self.name} uploads need the client's CKKS context")
         prot, rest = self.split_layers(list(weights.factors))
@@ -229,15 +219,8 @@ class FirstLayersSHELoRA(Method):
         return bc
 
     # ------------------------------------------------------------------ client: new adapter
-    def client_weights(
-        self,
-        broadcast: Message,
-        *,
-        rank: int,
-        alpha: float,
-        seed: int = 0,
-        crypto: ClientCrypto | None = None,
-    ) -> AdapterWeights:
+    def _receive(self, broadcast: Message, req: ReceiveArgs) -> AdapterWeights:
+        rank, alpha, seed, crypto = req
         if crypto is None:
             raise ValueError(f"a {self.name} client needs its CKKS context to read the broadcast")
         require(broadcast.header, "first_layers", "total_examples", "fingerprint")

@@ -16,17 +16,24 @@ plaintext as in every method here.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
 from ..adapters import AdapterWeights, revive_missing
 from ..aggregation import normalize_weights, weighted_mean
-from ..ckks import ClientCrypto, PackingLayout, ServerCrypto, check_fingerprint
+from ..ckks import PackingLayout, ServerCrypto, check_fingerprint
 from ..config import FederatedConfig
 from ..messages import Message, MessageError, require
 from ..pruning import l1_unstructured, prune_ratio
-from .base import SEP, Method, attach_ciphertexts, fit_rank, split_ciphertexts
+from .base import (
+    SEP,
+    Method,
+    ReceiveArgs,
+    UploadArgs,
+    attach_ciphertexts,
+    fit_rank,
+    split_ciphertexts,
+)
 
 __all__ = ["FedShield", "FullHE"]
 
@@ -50,18 +57,8 @@ class FedShield(Method):
     def ratio(self, round_: int) -> float:
         return prune_ratio(round_) if (self.prune and self.cfg.prune) else 0.0
 
-    def make_upload(
-        self,
-        weights: AdapterWeights,
-        *,
-        round_: int,
-        client_id: int,
-        num_examples: int,
-        crypto: ClientCrypto | None = None,
-        columns: Any = None,
-        start: AdapterWeights | None = None,
-        seed: int = 0,
-    ) -> Message:
+    def _upload(self, weights: AdapterWeights, req: UploadArgs) -> Message:
+        round_, client_id, num_examples, crypto, _, _, _ = req
         if crypto is None:
             raise ValueError(f"{self.name} uploads need the client's CKKS context")
         r_max = max(self.cfg.client_ranks)
@@ -139,15 +136,8 @@ class FedShield(Method):
         }
         return Message("broadcast", header, tensors)
 
-    def client_weights(
-        self,
-        broadcast: Message,
-        *,
-        rank: int,
-        alpha: float,
-        seed: int = 0,
-        crypto: ClientCrypto | None = None,
-    ) -> AdapterWeights:
+    def _receive(self, broadcast: Message, req: ReceiveArgs) -> AdapterWeights:
+        rank, alpha, seed, crypto = req
         if crypto is None:
             raise ValueError(f"a {self.name} client needs its CKKS context to read the broadcast")
         h = broadcast.header

@@ -71,12 +71,14 @@ import numpy as np
 
 from ..adapters import AdapterWeights
 from ..aggregation import fedavg_truncate
-from ..ckks import ClientCrypto, ServerCrypto, check_fingerprint
+from ..ckks import ServerCrypto, check_fingerprint
 from ..config import FederatedConfig
 from ..messages import Message, MessageError, require
 from .base import (
     SEP,
     Method,
+    ReceiveArgs,
+    UploadArgs,
     adapter_to_upload,
     attach_ciphertexts,
     fit_rank,
@@ -329,19 +331,9 @@ class MaskCrypt(Method):
         return Message("mask_consensus", header, {MASK: mask.astype(_index_dtype(size))})
 
     # ------------------------------------------------------------------ phase 2: upload
-    def make_upload(
-        self,
-        weights: AdapterWeights,
-        *,
-        round_: int,
-        client_id: int,
-        num_examples: int,
-        crypto: ClientCrypto | None = None,
-        columns: Message | None = None,
-        start: AdapterWeights | None = None,
-        seed: int = 0,
-    ) -> Message:
+    def _upload(self, weights: AdapterWeights, req: UploadArgs) -> Message:
         """The upload; ``columns`` is this round's decoded ``mask_consensus`` message."""
+        round_, client_id, num_examples, crypto, columns, _, _ = req
         if crypto is None or columns is None:
             raise ValueError("MaskCrypt uploads need the client's CKKS context and the consensus")
         require(columns.header, "round", "digest", "size")
@@ -485,15 +477,8 @@ class MaskCrypt(Method):
         )
 
     # ------------------------------------------------------------------ client: new adapter
-    def client_weights(
-        self,
-        broadcast: Message,
-        *,
-        rank: int,
-        alpha: float,
-        seed: int = 0,
-        crypto: ClientCrypto | None = None,
-    ) -> AdapterWeights:
+    def _receive(self, broadcast: Message, req: ReceiveArgs) -> AdapterWeights:
+        rank, alpha, seed, crypto = req
         if crypto is None:
             raise ValueError("a MaskCrypt client needs its CKKS context to read the broadcast")
         h = broadcast.header

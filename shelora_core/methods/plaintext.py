@@ -27,7 +27,7 @@ from ..aggregation import (
     lora_scaling,
 )
 from ..messages import Message, MessageError, require
-from .base import SEP, Method, fit_rank
+from .base import SEP, Method, ReceiveArgs, fit_rank
 
 __all__ = ["FedAvg", "FlexLoRA"]
 
@@ -62,9 +62,8 @@ class FedAvg(Method):
             tensors[f"{layer}{SEP}A"] = a
         return self._broadcast(tensors, weights, p, headers, round_=round_, r_max=r_max)
 
-    def client_weights(
-        self, broadcast: Message, *, rank: int, alpha: float, seed: int = 0, crypto: object = None
-    ) -> AdapterWeights:
+    def _receive(self, broadcast: Message, req: ReceiveArgs) -> AdapterWeights:
+        rank, alpha, seed, _ = req
         _check_broadcast(broadcast, self.name)
         layers, head = self._split(broadcast)
         factors = {}
@@ -98,9 +97,8 @@ class FlexLoRA(Method):
             tensors[f"{layer}{SEP}Vt"] = svd.vt.astype(np.float32)
         return self._broadcast(tensors, weights, p, headers, round_=round_, r_max=r_max)
 
-    def client_weights(
-        self, broadcast: Message, *, rank: int, alpha: float, seed: int = 0, crypto: object = None
-    ) -> AdapterWeights:
+    def _receive(self, broadcast: Message, req: ReceiveArgs) -> AdapterWeights:
+        rank, alpha, seed, _ = req
         _check_broadcast(broadcast, self.name)
         layers, head = self._split(broadcast)
         scaling = lora_scaling(alpha, rank)

@@ -47,13 +47,15 @@ import numpy as np
 
 from ..adapters import AdapterWeights
 from ..aggregation import LowRankUpdate, SVDFactors, lora_scaling, lowrank_svd
-from ..ckks import ClientCrypto, PackingLayout, ServerCrypto, check_fingerprint
+from ..ckks import PackingLayout, ServerCrypto, check_fingerprint
 from ..column_aggregation import fuse, plain_part, protected_columns, reparameterize, split_columns
 from ..config import FederatedConfig
 from ..messages import Message, MessageError, require
 from .base import (
     SEP,
     Method,
+    ReceiveArgs,
+    UploadArgs,
     adapter_to_upload,
     attach_ciphertexts,
     fit_rank,
@@ -161,18 +163,8 @@ class SHELoRA(Method):
         self.needs_crypto = not self.withhold  # the withhold ablation sends no ciphertext
 
     # ------------------------------------------------------------------ client: upload
-    def make_upload(
-        self,
-        weights: AdapterWeights,
-        *,
-        round_: int,
-        client_id: int,
-        num_examples: int,
-        crypto: ClientCrypto | None = None,
-        columns: Mapping[str, Sequence[int]] | None = None,
-        start: AdapterWeights | None = None,
-        seed: int = 0,
-    ) -> Message:
+    def _upload(self, weights: AdapterWeights, req: UploadArgs) -> Message:
+        round_, client_id, num_examples, crypto, columns, _, _ = req
         if columns is None or (crypto is None and not self.withhold):
             raise ValueError(
                 "SHE-LoRA uploads need the client's CKKS context and the column list G"
@@ -386,15 +378,8 @@ class SHELoRA(Method):
         return out
 
     # ------------------------------------------------------------------ client: new adapter
-    def client_weights(
-        self,
-        broadcast: Message,
-        *,
-        rank: int,
-        alpha: float,
-        seed: int = 0,
-        crypto: ClientCrypto | None = None,
-    ) -> AdapterWeights:
+    def _receive(self, broadcast: Message, req: ReceiveArgs) -> AdapterWeights:
+        rank, alpha, seed, crypto = req
         require(
             broadcast.header, "columns", "k_max", "contributors", "ciphertexts", "total_examples"
         )
