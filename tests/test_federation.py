@@ -10,7 +10,7 @@ from shelora_core.federation import Federation
 from shelora_core.lora import AdapterWeights
 from shelora_core.messages import decode, encode
 from shelora_core.methods import get_method
-from shelora_core.methods.base import adapter_to_upload
+from shelora_core.methods.wire import adapter_to_upload
 from shelora_core.server import sample_clients, server_step
 
 

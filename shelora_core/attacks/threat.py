@@ -248,7 +248,7 @@ def server_view(
     Returns:
         The :class:`ServerView`.
     """
-    from ..methods.base import split_ciphertexts, upload_to_adapter
+    from ..methods.wire import split_ciphertexts, upload_to_adapter
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")

@@ -20,8 +20,9 @@ import numpy as np
 from ..adapters import AdapterWeights
 from ..messages import Message
 from ..privacy import privatize
-from .base import SEP, UploadArgs, adapter_to_upload
+from .base import UploadArgs
 from .plaintext import FlexLoRA
+from .wire import SEP, adapter_to_upload
 
 __all__ = ["FlexLoRADP", "privatize_update"]
 

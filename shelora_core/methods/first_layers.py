@@ -39,11 +39,12 @@ import numpy as np
 
 from ..adapters import AdapterWeights, fit_rank, layer_index
 from ..aggregation import SVDFactors, flexlora_redistribute, lora_scaling
-from ..ckks import ClientCrypto, PackingLayout, ServerCrypto, check_fingerprint
+from ..ckks import ClientCrypto, PackingLayout, check_fingerprint
 from ..config import FederatedConfig
 from ..messages import Message, MessageError, require
-from .base import SEP, Method, ReceiveArgs, UploadArgs, attach_ciphertexts, split_ciphertexts
+from .base import AggregateArgs, Method, ReceiveArgs, UploadArgs
 from .shelora import SHELoRA
+from .wire import SEP, attach_ciphertexts, split_ciphertexts
 
 __all__ = ["ENCRYPT_MODES", "FirstLayersSHELoRA", "first_layers_layout"]
 
@@ -88,7 +89,7 @@ class FirstLayersSHELoRA(Method):
         protected: Sequence[int] | None = None,
         encrypt: str | None = None,
     ) -> None:
-        self.cfg = cfg or FederatedConfig(method=self.name)
+        super().__init__(cfg)
         if self.cfg.cipher_mode != "delta":
             raise ValueError(
                 f"{self.name} is built on SHE-LoRA's delta mode (got cipher_mode="
@@ -111,8 +112,7 @@ class FirstLayersSHELoRA(Method):
     def _upload(self, weights: AdapterWeights, req: UploadArgs) -> Message:
         """SHE-LoRA's upload of the other layers, then the protected layers' ciphertexts."""
         round_, client_id, num_examples, crypto, columns, _, _ = req
-        if crypto is None:
-            raise ValueError(f"{self.name} uploads need the client's CKKS context")
+        self._need_crypto(crypto, "upload")
         prot, rest = self.split_layers(list(weights.factors))
         if not prot:
             raise ValueError(
@@ -172,17 +172,10 @@ class FirstLayersSHELoRA(Method):
         return she, blobs[len(blobs) - c :]
 
     # ------------------------------------------------------------------ server
-    def server_aggregate(
-        self,
-        uploads: Sequence[Message],
-        *,
-        round_: int,
-        max_rank: int | None = None,
-        crypto: ServerCrypto | None = None,
-    ) -> Message:
+    def _aggregate(self, uploads: Sequence[Message], req: AggregateArgs) -> Message:
         """SHE-LoRA's aggregate of the other layers; the slot-wise sum of the protected ones."""
-        if crypto is None:
-            raise ValueError(f"the {self.name} server needs the public CKKS context")
+        round_, max_rank, crypto, _ = req
+        self._need_crypto(crypto, "server")
         parts, lists = [], []
         for u in uploads:
             require(u.header, "first_layers", "fingerprint")
@@ -221,8 +214,7 @@ class FirstLayersSHELoRA(Method):
     # ------------------------------------------------------------------ client: new adapter
     def _receive(self, broadcast: Message, req: ReceiveArgs) -> AdapterWeights:
         rank, alpha, seed, crypto = req
-        if crypto is None:
-            raise ValueError(f"a {self.name} client needs its CKKS context to read the broadcast")
+        self._need_crypto(crypto, "client")
         require(broadcast.header, "first_layers", "total_examples", "fingerprint")
         check_fingerprint(crypto.fingerprint, broadcast.header["fingerprint"])
         she, blobs = self.split_upload(broadcast)

@@ -19,21 +19,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..adapters import AdapterWeights, revive_missing
+from ..adapters import AdapterWeights, fit_rank, revive_missing
 from ..aggregation import normalize_weights, weighted_mean
-from ..ckks import PackingLayout, ServerCrypto, check_fingerprint
-from ..config import FederatedConfig
+from ..ckks import PackingLayout, check_fingerprint
 from ..messages import Message, MessageError, require
 from ..pruning import l1_unstructured, prune_ratio
-from .base import (
-    SEP,
-    Method,
-    ReceiveArgs,
-    UploadArgs,
-    attach_ciphertexts,
-    fit_rank,
-    split_ciphertexts,
-)
+from .base import AggregateArgs, Method, ReceiveArgs, UploadArgs
+from .wire import SEP, attach_ciphertexts, split_ciphertexts
 
 __all__ = ["FedShield", "FullHE"]
 
@@ -51,16 +43,12 @@ class FedShield(Method):
     needs_crypto = True
     prune = True
 
-    def __init__(self, cfg: FederatedConfig | None = None) -> None:
-        self.cfg = cfg or FederatedConfig(method=self.name)
-
     def ratio(self, round_: int) -> float:
         return prune_ratio(round_) if (self.prune and self.cfg.prune) else 0.0
 
     def _upload(self, weights: AdapterWeights, req: UploadArgs) -> Message:
         round_, client_id, num_examples, crypto, _, _, _ = req
-        if crypto is None:
-            raise ValueError(f"{self.name} uploads need the client's CKKS context")
+        self._need_crypto(crypto, "upload")
         r_max = max(self.cfg.client_ranks)
         ratio = self.ratio(round_)
         shapes = {k: (b.shape[0], a.shape[1]) for k, (b, a) in weights.factors.items()}
@@ -93,16 +81,9 @@ class FedShield(Method):
         }
         return Message("upload", header, tensors)
 
-    def server_aggregate(
-        self,
-        uploads: Sequence[Message],
-        *,
-        round_: int,
-        max_rank: int | None = None,
-        crypto: ServerCrypto | None = None,
-    ) -> Message:
-        if crypto is None:
-            raise ValueError(f"the {self.name} server needs the public CKKS context")
+    def _aggregate(self, uploads: Sequence[Message], req: AggregateArgs) -> Message:
+        round_, max_rank, crypto, _ = req
+        self._need_crypto(crypto, "server")
         blobs, sizes = [], []
         for u in uploads:
             require(u.header, "fingerprint", "ciphertexts", "num_examples", "shapes", "r_max")
@@ -138,8 +119,7 @@ class FedShield(Method):
 
     def _receive(self, broadcast: Message, req: ReceiveArgs) -> AdapterWeights:
         rank, alpha, seed, crypto = req
-        if crypto is None:
-            raise ValueError(f"a {self.name} client needs its CKKS context to read the broadcast")
+        self._need_crypto(crypto, "client")
         h = broadcast.header
         require(h, "round", "shapes", "max_rank", "live_rank", "ciphertexts", "fingerprint")
         check_fingerprint(crypto.fingerprint, h["fingerprint"])

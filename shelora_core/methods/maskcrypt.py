@@ -69,23 +69,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..adapters import AdapterWeights
+from ..adapters import AdapterWeights, fit_rank
 from ..aggregation import fedavg_truncate
-from ..ckks import ServerCrypto, check_fingerprint
+from ..ckks import check_fingerprint
 from ..config import FederatedConfig
 from ..messages import Message, MessageError, require
-from .base import (
-    SEP,
-    Method,
-    ReceiveArgs,
-    UploadArgs,
-    adapter_to_upload,
-    attach_ciphertexts,
-    fit_rank,
-    split_ciphertexts,
-    upload_to_adapter,
-)
+from .base import AggregateArgs, Method, ReceiveArgs, UploadArgs
 from .shelora import shelora_encrypted_values
+from .wire import SEP, adapter_to_upload, attach_ciphertexts, split_ciphertexts, upload_to_adapter
 
 __all__ = [
     "FactorLayout",
@@ -257,7 +248,7 @@ class MaskCrypt(Method):
     needs_consensus = True
 
     def __init__(self, cfg: FederatedConfig | None = None) -> None:
-        self.cfg = cfg or FederatedConfig(method=self.name)
+        super().__init__(cfg)
         self.mode = self.cfg.cipher_mode
 
     @property
@@ -387,17 +378,9 @@ class MaskCrypt(Method):
         return msg
 
     # ------------------------------------------------------------------ server
-    def server_aggregate(
-        self,
-        uploads: Sequence[Message],
-        *,
-        round_: int,
-        max_rank: int | None = None,
-        crypto: ServerCrypto | None = None,
-        consensus: Message | None = None,
-    ) -> Message:
-        if crypto is None:
-            raise ValueError("the MaskCrypt server needs the public CKKS context")
+    def _aggregate(self, uploads: Sequence[Message], req: AggregateArgs) -> Message:
+        round_, max_rank, crypto, consensus = req
+        self._need_crypto(crypto, "server")
         if consensus is None:
             raise ValueError("the MaskCrypt server aggregates with this round's mask consensus")
         require(consensus.header, "digest")
@@ -431,15 +414,11 @@ class MaskCrypt(Method):
                     f"encrypted values do not fit r_max {self.r_max} / consensus of {mask.size}"
                 )
             expected = -(-int(h["encrypted_values"]) // crypto.slots)
-            if h["ciphertexts"] != expected:
-                raise MessageError(
-                    f"client {h.get('client_id')} sent {h['ciphertexts']} ciphertexts; "
-                    f"{h['encrypted_values']} encrypted values need {expected}"
-                )
-            plain, enc = split_ciphertexts(u)
+            need = f"{h['encrypted_values']} encrypted values"
+            plain, enc = self._split_encrypted(u, expected, need)
             plain_msgs.append(plain)
             blobs.append(enc)
-        headers, weights, p = self._decode_uploads(plain_msgs)
+        headers, weights, p, _ = self._decode_uploads(plain_msgs)
         r_max = self.r_max
         shapes = {k: (b.shape[0], a.shape[1]) for k, (b, a) in weights[0].factors.items()}
         layout = self.layout(shapes)
@@ -479,8 +458,7 @@ class MaskCrypt(Method):
     # ------------------------------------------------------------------ client: new adapter
     def _receive(self, broadcast: Message, req: ReceiveArgs) -> AdapterWeights:
         rank, alpha, seed, crypto = req
-        if crypto is None:
-            raise ValueError("a MaskCrypt client needs its CKKS context to read the broadcast")
+        self._need_crypto(crypto, "client")
         h = broadcast.header
         require(h, "round", "ciphertexts", "encrypted_values", "total_examples", "fingerprint")
         require(h, "layout_r_max")

@@ -42,23 +42,23 @@ stays low-rank and is broadcast like FlexLoRA's.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from ..adapters import AdapterWeights
-from ..aggregation import LowRankUpdate, SVDFactors, lora_scaling, lowrank_svd
+from ..adapters import AdapterWeights, fit_rank
+from ..aggregation import LowRankUpdate, lora_scaling, lowrank_svd
 from ..ckks import PackingLayout, ServerCrypto, check_fingerprint
 from ..column_aggregation import fuse, plain_part, protected_columns, reparameterize, split_columns
 from ..config import FederatedConfig
 from ..messages import Message, MessageError, require
-from .base import (
+from .base import AggregateArgs, Method, ReceiveArgs, UploadArgs
+from .wire import (
     SEP,
-    Method,
-    ReceiveArgs,
-    UploadArgs,
     adapter_to_upload,
     attach_ciphertexts,
-    fit_rank,
+    put_svd,
+    read_svd,
     split_ciphertexts,
     upload_to_adapter,
 )
@@ -157,7 +157,7 @@ class SHELoRA(Method):
     needs_crypto = True
 
     def __init__(self, cfg: FederatedConfig | None = None) -> None:
-        self.cfg = cfg or FederatedConfig(method="shelora")
+        super().__init__(cfg)
         self.mode = self.cfg.cipher_mode
         self.withhold = self.cfg.shelora_protect == "withhold"
         self.needs_crypto = not self.withhold  # the withhold ablation sends no ciphertext
@@ -223,18 +223,11 @@ class SHELoRA(Method):
         return msg
 
     # ------------------------------------------------------------------ server
-    def server_aggregate(
-        self,
-        uploads: Sequence[Message],
-        *,
-        round_: int,
-        max_rank: int | None = None,
-        crypto: ServerCrypto | None = None,
-    ) -> Message:
+    def _aggregate(self, uploads: Sequence[Message], req: AggregateArgs) -> Message:
+        round_, max_rank, crypto, _ = req
         if self.withhold:
             return self._aggregate_withheld(uploads, round_=round_, max_rank=max_rank)
-        if crypto is None:
-            raise ValueError("the SHE-LoRA server needs the public CKKS context")
+        self._need_crypto(crypto, "server")
         plain_msgs, blobs, headers = [], [], []
         for u in uploads:
             require(u.header, "budget", "fingerprint", "columns", "ciphertexts", "cipher_mode")
@@ -244,13 +237,8 @@ class SHELoRA(Method):
                     f"client {u.header.get('client_id')} used cipher mode "
                     f"{u.header['cipher_mode']!r}, the server runs {self.mode!r}"
                 )
-            expected = self._expected_ciphertexts(u, crypto.slots)
-            if u.header["ciphertexts"] != expected:
-                raise MessageError(
-                    f"client {u.header.get('client_id')} sent {u.header['ciphertexts']} ciphertexts; "
-                    f"its budget {u.header['budget']} and layer shapes need {expected}"
-                )
-            plain, enc = split_ciphertexts(u)
+            need = f"its budget {u.header['budget']} and layer shapes"
+            plain, enc = self._split_encrypted(u, self._expected_ciphertexts(u, crypto.slots), need)
             plain_msgs.append(plain)
             blobs.append(enc)
             headers.append(u.header)
@@ -261,15 +249,12 @@ class SHELoRA(Method):
                     f"client {h['client_id']} protects other columns than client "
                     f"{headers[0]['client_id']}: the column list G must be shared"
                 )
-        _, weights, p = self._decode_uploads(plain_msgs)
-        r_max = max([w.rank for w in weights] + [max_rank or 0])
+        _, weights, p, r_max = self._decode_uploads(plain_msgs, max_rank)
         scalings = [lora_scaling(w.alpha, w.rank) for w in weights]
         tensors: dict[str, np.ndarray] = {}
         for layer in weights[0].factors:
             svd = lowrank_svd(plain_part([w.factors[layer] for w in weights], p, scalings))
-            tensors[f"{layer}{SEP}U"] = svd.u.astype(np.float32)
-            tensors[f"{layer}{SEP}S"] = svd.s.astype(np.float32)
-            tensors[f"{layer}{SEP}Vt"] = svd.vt.astype(np.float32)
+            put_svd(tensors, layer, svd)
         budgets = [int(h["budget"]) for h in headers]
         k_max = self.cfg.max_budget
         if self.mode == "delta":
@@ -278,21 +263,9 @@ class SHELoRA(Method):
             summed = self._paper_products(blobs, weights, p, scalings, budgets, crypto)
         attach_ciphertexts(tensors, summed)
         counts = [sum(1 for k in budgets if k > j) for j in range(k_max)]
-        return self._broadcast(
-            tensors,
-            weights,
-            p,
-            headers,
-            round_=round_,
-            r_max=r_max,
-            columns=columns,
-            k_max=k_max,
-            contributors=counts,
-            ciphertexts=len(summed),
-            total_examples=int(sum(h["num_examples"] for h in headers)),
-            fingerprint=crypto.fingerprint,
-            cipher_mode=self.mode,
-        )
+        extra = dict(k_max=k_max, contributors=counts, ciphertexts=len(summed))
+        extra.update(fingerprint=crypto.fingerprint, cipher_mode=self.mode)
+        return self._column_broadcast(tensors, weights, p, headers, round_, r_max, **extra)
 
     def _aggregate_withheld(
         self, uploads: Sequence[Message], *, round_: int, max_rank: int | None
@@ -310,8 +283,7 @@ class SHELoRA(Method):
         columns = headers[0]["columns"]
         if any(h["columns"] != columns for h in headers[1:]):
             raise MessageError("clients withhold other columns: the column list G must be shared")
-        _, weights, p = self._decode_uploads(uploads)
-        r_max = max([w.rank for w in weights] + [max_rank or 0])
+        _, weights, p, r_max = self._decode_uploads(uploads, max_rank)
         scalings = [lora_scaling(w.alpha, w.rank) for w in weights]
         budgets = [int(h["budget"]) for h in headers]
         k_max = self.cfg.max_budget
@@ -323,24 +295,23 @@ class SHELoRA(Method):
             g = list(columns[layer])[:k_max]
             right[:, g] *= inv_q[: len(g)]  # re-weight column G[j] over its senders
             svd = lowrank_svd(LowRankUpdate(left=stacked.left, right=right))
-            tensors[f"{layer}{SEP}U"] = svd.u.astype(np.float32)
-            tensors[f"{layer}{SEP}S"] = svd.s.astype(np.float32)
-            tensors[f"{layer}{SEP}Vt"] = svd.vt.astype(np.float32)
-        return self._broadcast(
-            tensors,
-            weights,
-            p,
-            headers,
-            round_=round_,
-            r_max=r_max,
-            columns=columns,
-            k_max=0,  # nothing encrypted: clients fuse no column
-            withheld=k_max,
-            contributors=[sum(1 for k in budgets if k <= j) for j in range(k_max)],
-            ciphertexts=0,
-            total_examples=int(sum(h["num_examples"] for h in headers)),
-            protect="withhold",
+            put_svd(tensors, layer, svd)
+        senders = [sum(1 for k in budgets if k <= j) for j in range(k_max)]
+        # k_max 0: nothing encrypted, clients fuse no column
+        extra = dict(k_max=0, withheld=k_max, contributors=senders, ciphertexts=0)
+        return self._column_broadcast(
+            tensors, weights, p, headers, round_, r_max, protect="withhold", **extra
         )
+
+    def _column_broadcast(
+        self, tensors, weights, p, headers, round_: int, r_max: int, **header: Any
+    ) -> Message:
+        """The broadcast with what every SHE-LoRA broadcast carries: G and the total sample count."""
+        header.update(
+            columns=headers[0]["columns"],
+            total_examples=int(sum(h["num_examples"] for h in headers)),
+        )
+        return self._broadcast(tensors, weights, p, headers, round_=round_, r_max=r_max, **header)
 
     def _expected_ciphertexts(self, upload: Message, slots: int) -> int:
         """Ciphertexts an upload must carry, from public inputs: its budget and layer shapes."""
@@ -418,11 +389,7 @@ class SHELoRA(Method):
         scaling = lora_scaling(alpha, rank)
         factors = {}
         for layer, t in layers.items():
-            plain = SVDFactors(
-                u=t["U"].astype(np.float64),
-                s=t["S"].astype(np.float64),
-                vt=t["Vt"].astype(np.float64),
-            )
+            plain = read_svd(t)
             fused = fuse(plain, h["columns"][layer][:k_max], d[layer])
             b, a, _ = reparameterize(fused, rank, scaling)
             factors[layer] = fit_rank(b, a, rank, seed=seed)
