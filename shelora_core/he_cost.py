@@ -33,7 +33,8 @@ from .config import FederatedConfig
 from .engine import run_round
 from .messages import decode
 from .methods import ckks_params_for, get_method
-from .methods.shelora import public_column_order, shelora_encrypted_values
+from .methods.budget import encrypted_values
+from .methods.shelora import public_column_order
 
 __all__ = ["SHAPES", "ModelShape", "measure_method"]
 
@@ -195,7 +196,7 @@ def _encrypted_values(cfg: FederatedConfig, shapes) -> float:
         return 0.0
     if cfg.method in ("fedshield", "full_he"):
         return float(sum(max(cfg.ranks) * (mm + nn) for mm, nn in shapes.values()))
-    per = [shelora_encrypted_values(cfg, i, shapes) for i in range(cfg.num_clients)]
+    per = [encrypted_values(cfg, i, shapes) for i in range(cfg.num_clients)]
     return float(np.mean(per))
 
 

@@ -19,10 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adapters import AdapterWeights
+from ..adapters import AdapterWeights, layer_index
 from .dager import match_sentences, score_reconstruction
 from .dager import token_set_scores as _token_scores
-from .gradients import _layer_index
 from .threat import METHODS, attack_upload, observed_update, server_knowledge, try_decrypt
 from .victim import Victim, client_upload
 
@@ -395,7 +394,7 @@ def _measure(
         rec["route"] = res.route
         obs_hidden = observed_update(view, knowledge, attacker=cell.attacker)
         hidden = {i: int(lu.hidden.size) for i, lu in obs_hidden.layers.items()}
-        names = {_layer_index(n): n for n in view.after.factors}
+        names = {layer_index(n): n for n in view.after.factors}
         rec["unknown_entries"] = {
             i: int(
                 np.sum(view.unknown_a.get(names[i], 0))

@@ -42,11 +42,11 @@ from typing import Any
 
 import numpy as np
 
-from ..adapters import AdapterWeights
+from ..adapters import AdapterWeights, layer_index
 from ..ckks import ServerCrypto
 from ..messages import decode
 from .dager import AttackResult, dager_attack
-from .gradients import LayerUpdate, ObservedUpdate, _layer_index
+from .gradients import LayerUpdate, ObservedUpdate
 
 __all__ = [
     "CIPHERTEXT_ONLY",
@@ -132,7 +132,7 @@ def server_knowledge(
         unknown_b, unknown_a = _mask_entries(start, _consensus_mask(consensus))
     if hide and method in ("shelora+first-layers",) + CIPHERTEXT_ONLY:
         for name, (b, a) in start.factors.items():
-            if method in CIPHERTEXT_ONLY or _layer_index(name) in protected_layers:
+            if method in CIPHERTEXT_ONLY or layer_index(name) in protected_layers:
                 unknown_a[name] = np.ones(a.shape, bool)
                 unknown_b[name] = np.ones(b.shape, bool)
     known = AdapterWeights(
@@ -310,7 +310,7 @@ def observed_update(
     """
     if view.after is None:
         return None
-    names = {_layer_index(n): n for n in view.after.factors}
+    names = {layer_index(n): n for n in view.after.factors}
     if any(i not in names for i in layers):
         return None
     out: dict[int, LayerUpdate] = {}

@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adapters import AdapterWeights
+from ..adapters import AdapterWeights, layer_index
 from ..ckks import ClientCrypto, KeyHolder, ServerCrypto
 from ..config import FederatedConfig
 from ..lora import LoraModel
-from .gradients import _layer_index, encode_batch
+from .gradients import encode_batch
 from .threat import CIPHERTEXT_ONLY, METHODS
 
 __all__ = ["Victim", "client_upload"]
@@ -251,7 +251,7 @@ def client_upload(
         proposal = propose_masks(cfg, after, start, grads, round_=1, client_id=0)
         consensus = server_consensus(cfg, [proposal], round_=1)
     if method in CIPHERTEXT_ONLY:  # only the attacked layers (the others: more of the same)
-        keep = {k: v for k, v in after.factors.items() if _layer_index(k) in attacked_layers}
+        keep = {k: v for k, v in after.factors.items() if layer_index(k) in attacked_layers}
         after = AdapterWeights(after.rank, after.alpha, keep, after.head)
     data_bytes = upload(
         cfg,

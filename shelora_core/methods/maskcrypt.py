@@ -44,7 +44,7 @@ Entries beyond a client's rank hold no weight of it and score nothing; it encryp
 if the consensus (from higher-rank clients) puts them in its prefix.
 
 **Budget.** Client i encrypts ``E_i`` values, the number SHE-LoRA encrypts at the same
-``he_budgets`` and ``cipher_mode`` (:func:`shelora_encrypted_values`): ``sum_layers k_i m``
+``he_budgets`` and ``cipher_mode`` (:func:`~shelora_core.methods.budget.encrypted_values`): ``sum_layers k_i m``
 in ``delta`` mode, ``k_i r_i x layers`` in ``paper`` mode. The selection is global over all
 layers, as MaskCrypt ranks the whole flattened model. Cipher modes: ``delta`` clients pre-weight
 their values by their sample count and the server only adds (``add_only`` CKKS, 32 B/value, as
@@ -75,7 +75,7 @@ from ..ckks import check_fingerprint
 from ..config import FederatedConfig
 from ..messages import Message, MessageError, require
 from .base import AggregateArgs, Method, ReceiveArgs, UploadArgs
-from .shelora import shelora_encrypted_values
+from .budget import encrypted_values
 from .wire import SEP, adapter_to_upload, attach_ciphertexts, split_ciphertexts, upload_to_adapter
 
 __all__ = [
@@ -166,10 +166,10 @@ def maskcrypt_budget(
     """``E_i``: the values MaskCrypt client ``client_id`` encrypts per round.
 
     Exactly SHE-LoRA's count at the same ``he_budgets`` and ``cipher_mode``
-    (:func:`~shelora_core.methods.shelora.shelora_encrypted_values`): delta ``sum_l k_i m_l``,
+    (:func:`~shelora_core.methods.budget.encrypted_values`): delta ``sum_l k_i m_l``,
     paper ``k_i r_i x layers``.
     """
-    return shelora_encrypted_values(cfg, client_id, shapes)
+    return encrypted_values(cfg, client_id, shapes)
 
 
 def weight_scores(

@@ -53,6 +53,7 @@ from ..column_aggregation import fuse, plain_part, protected_columns, reparamete
 from ..config import FederatedConfig
 from ..messages import Message, MessageError, require
 from .base import AggregateArgs, Method, ReceiveArgs, UploadArgs
+from .budget import encrypted_values
 from .wire import (
     SEP,
     adapter_to_upload,
@@ -67,7 +68,6 @@ __all__ = [
     "SHELoRA",
     "public_column_order",
     "public_columns",
-    "shelora_encrypted_values",
     "withheld_column_weights",
 ]
 
@@ -110,26 +110,6 @@ def public_columns(
     if not cfg.uses_columns or cfg.column_order == "negotiated":
         return None
     return public_column_order(layer_weights, cfg.max_budget, order=cfg.column_order, seed=cfg.seed)
-
-
-def shelora_encrypted_values(
-    cfg: FederatedConfig, client_id: int, shapes: Mapping[str, tuple[int, int]]
-) -> int:
-    """Values client ``client_id`` encrypts per round under SHE-LoRA (its HE budget in values).
-
-    ``delta``: k_i protected dW columns of m values in every layer, ``sum_layers k_i * m``;
-    ``paper``: k_i protected A columns of r_i values, ``k_i * r_i * layers``. MaskCrypt encrypts
-    exactly this many (:mod:`shelora_core.methods.maskcrypt`), so costs compare like with like.
-
-    Args:
-        cfg: the run (budgets, ranks and cipher mode; ``cfg.method`` is not consulted).
-        client_id: the client.
-        shapes: ``(m, n)`` of every adapted layer.
-    """
-    k = cfg.client_budget(client_id)
-    if cfg.cipher_mode == "delta":
-        return int(sum(k * m for m, _ in shapes.values()))
-    return int(k * cfg.client_rank(client_id) * len(shapes))
 
 
 def withheld_column_weights(budgets: Sequence[int], p: Sequence[float], k_max: int) -> np.ndarray:
@@ -206,7 +186,7 @@ class SHELoRA(Method):
                 }
             )
             # the client's prefix of the flat vector: sum over layers of k x m values
-            used = shelora_encrypted_values(
+            used = encrypted_values(
                 self.cfg,
                 client_id,
                 {layer: (b.shape[0], a.shape[1]) for layer, (b, a) in weights.factors.items()},
