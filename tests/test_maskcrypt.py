@@ -6,19 +6,19 @@ import numpy as np
 import pytest
 
 from shelora_core import FederatedConfig
+from shelora_core.adapters import AdapterWeights
 from shelora_core.ckks import KeyHolder
-from shelora_core.lora import AdapterWeights
 from shelora_core.messages import MessageError, decode, encode
 from shelora_core.methods import ckks_params_for, get_method
 from shelora_core.methods.budget import encrypted_values
 from shelora_core.methods.maskcrypt import (
-    FactorLayout,
     MaskCrypt,
     consensus_mask,
     maskcrypt_budget,
     propose_mask,
     weight_scores,
 )
+from shelora_core.methods.packing import FactorLayout
 from shelora_core.methods.shelora import public_column_order
 from shelora_core.server import server_consensus, server_step
 

@@ -169,7 +169,7 @@ def _mask_entries(
     weights: AdapterWeights, mask: np.ndarray
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """MaskCrypt: flat layout indices ``mask`` as bool masks ``(B masks, A masks)`` per layer."""
-    from ..methods.maskcrypt import FactorLayout
+    from ..methods.packing import FactorLayout
 
     shapes = {k: (b.shape[0], a.shape[1]) for k, (b, a) in weights.factors.items()}
     layout = FactorLayout.build(shapes, weights.rank)

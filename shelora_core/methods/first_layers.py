@@ -39,32 +39,15 @@ import numpy as np
 
 from ..adapters import AdapterWeights, fit_rank, layer_index
 from ..aggregation import SVDFactors, flexlora_redistribute, lora_scaling
-from ..ckks import ClientCrypto, PackingLayout, check_fingerprint
+from ..ckks import ClientCrypto, check_fingerprint
 from ..config import FederatedConfig
 from ..messages import Message, MessageError, require
 from .base import AggregateArgs, Method, ReceiveArgs, UploadArgs
+from .packing import ENCRYPT_MODES, first_layers_layout
 from .shelora import SHELoRA
 from .wire import SEP, attach_ciphertexts, split_ciphertexts
 
-__all__ = ["ENCRYPT_MODES", "FirstLayersSHELoRA", "first_layers_layout"]
-
-#: what the protected layers encrypt: the weighted update (exact FlexLoRA aggregate) or the factors
-ENCRYPT_MODES: tuple[str, ...] = ("dw", "factors")
-
-
-def first_layers_layout(
-    shapes: Mapping[str, tuple[int, int]], slots: int, *, encrypt: str = "dw", rank: int = 0
-) -> PackingLayout:
-    """Dense packing of the protected layers: per layer (sorted) ``dW`` (m x n), or ``B`` then ``A``."""
-    if encrypt not in ENCRYPT_MODES:
-        raise ValueError(f"unknown encrypt mode {encrypt!r}; choose one of {list(ENCRYPT_MODES)}")
-    segs: list[tuple[str, int]] = []
-    for layer, (m, n) in sorted(shapes.items()):
-        if encrypt == "dw":
-            segs.append((f"{layer}{SEP}dW", m * n))
-        else:
-            segs += [(f"{layer}{SEP}B", m * rank), (f"{layer}{SEP}A", rank * n)]
-    return PackingLayout.build(segs, slots)
+__all__ = ["ENCRYPT_MODES", "FirstLayersSHELoRA"]
 
 
 class FirstLayersSHELoRA(Method):

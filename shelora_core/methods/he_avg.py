@@ -21,21 +21,14 @@ import numpy as np
 
 from ..adapters import AdapterWeights, fit_rank, revive_missing
 from ..aggregation import normalize_weights, weighted_mean
-from ..ckks import PackingLayout, check_fingerprint
+from ..ckks import check_fingerprint
 from ..messages import Message, MessageError, require
 from ..pruning import l1_unstructured, prune_ratio
 from .base import AggregateArgs, Method, ReceiveArgs, UploadArgs
+from .packing import FactorLayout
 from .wire import SEP, attach_ciphertexts, split_ciphertexts
 
 __all__ = ["FedShield", "FullHE"]
-
-
-def factor_layout(shapes: dict[str, tuple[int, int]], r_max: int, slots: int) -> PackingLayout:
-    """Every layer's B (m x r_max) then A (r_max x n), zero-padded to r_max, densely packed."""
-    segs = []
-    for layer, (m, n) in sorted(shapes.items()):
-        segs += [(f"{layer}{SEP}B", m * r_max), (f"{layer}{SEP}A", r_max * n)]
-    return PackingLayout.build(segs, slots)
 
 
 class FedShield(Method):
@@ -52,16 +45,11 @@ class FedShield(Method):
         r_max = max(self.cfg.client_ranks)
         ratio = self.ratio(round_)
         shapes = {k: (b.shape[0], a.shape[1]) for k, (b, a) in weights.factors.items()}
-        layout = factor_layout(shapes, r_max, crypto.slots)
-        arrays = {}
-        for layer, (b, a) in weights.factors.items():
-            bp = np.zeros((b.shape[0], r_max))
-            ap = np.zeros((r_max, a.shape[1]))
-            bp[:, : weights.rank] = l1_unstructured(b, ratio)
-            ap[: weights.rank] = l1_unstructured(a, ratio)
-            arrays[f"{layer}{SEP}B"] = bp.ravel()
-            arrays[f"{layer}{SEP}A"] = ap.ravel()
-        blobs = crypto.encrypt(layout.pack(arrays))
+        pruned = {
+            layer: (l1_unstructured(b, ratio), l1_unstructured(a, ratio))
+            for layer, (b, a) in weights.factors.items()
+        }
+        blobs = crypto.encrypt(FactorLayout.build(shapes, r_max).flatten(pruned))
         tensors: dict[str, np.ndarray] = {}
         attach_ciphertexts(tensors, blobs)
         for k, v in weights.head.items():
@@ -125,13 +113,12 @@ class FedShield(Method):
         check_fingerprint(crypto.fingerprint, h["fingerprint"])
         shapes = {k: tuple(v) for k, v in h["shapes"].items()}
         r_max = int(h["max_rank"])
-        layout = factor_layout(shapes, r_max, crypto.slots)
+        layout = FactorLayout.build(shapes, r_max)
         plain, blobs = split_ciphertexts(broadcast)
-        parts = layout.unpack(crypto.decrypt(blobs, layout.total))
+        parts = layout.unflatten(crypto.decrypt(blobs, layout.size))
         factors = {}
-        for layer, (m, n) in shapes.items():
-            b = parts[f"{layer}{SEP}B"].reshape(m, r_max)
-            a = parts[f"{layer}{SEP}A"].reshape(r_max, n)
+        for layer in shapes:  # the uploads' layer order
+            b, a = parts[layer]
             # empty components revive from the round's shared seed, as FedAvg's server does
             b, a = revive_missing(b, a, live_rank=int(h["live_rank"]), round_=int(h["round"]))
             factors[layer] = fit_rank(b[:, :rank], a[:rank], rank, seed=seed)

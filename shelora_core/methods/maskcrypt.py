@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -76,10 +75,10 @@ from ..config import FederatedConfig
 from ..messages import Message, MessageError, require
 from .base import AggregateArgs, Method, ReceiveArgs, UploadArgs
 from .budget import encrypted_values
+from .packing import FactorLayout
 from .wire import SEP, adapter_to_upload, attach_ciphertexts, split_ciphertexts, upload_to_adapter
 
 __all__ = [
-    "FactorLayout",
     "MaskCrypt",
     "consensus_mask",
     "maskcrypt_budget",
@@ -89,75 +88,6 @@ __all__ = [
 
 #: tensor name of a mask (proposal, consensus, broadcast)
 MASK = "mask"
-
-
-@dataclass(frozen=True)
-class FactorLayout:
-    """Public flat layout of the zero-padded LoRA factors: per layer (sorted by name) B as
-    m x r_max row-major, then A as r_max x n row-major."""
-
-    shapes: tuple[tuple[str, int, int], ...]
-    r_max: int
-
-    @classmethod
-    def build(cls, shapes: Mapping[str, tuple[int, int]], r_max: int) -> FactorLayout:
-        if r_max < 1:
-            raise ValueError(f"r_max must be >= 1 (got {r_max})")
-        return cls(tuple((k, int(m), int(n)) for k, (m, n) in sorted(shapes.items())), r_max)
-
-    def _offsets(self) -> list[tuple[str, int, int, int, int]]:
-        out, pos = [], 0
-        for layer, m, n in self.shapes:
-            out.append((layer, m, n, pos, pos + m * self.r_max))
-            pos += self.r_max * (m + n)
-        return out
-
-    @property
-    def size(self) -> int:
-        """Entries of all padded factors."""
-        return sum(self.r_max * (m + n) for _, m, n in self.shapes)
-
-    def flatten(self, factors: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-        """Zero-pad every ``(B, A)`` to ``r_max`` and concatenate (float64)."""
-        flat = np.zeros(self.size)
-        for layer, m, n, b0, a0 in self._offsets():
-            b, a = factors[layer]
-            r = b.shape[1]
-            if r > self.r_max or b.shape != (m, r) or a.shape != (r, n):
-                raise ValueError(
-                    f"layer {layer!r}: B {b.shape} and A {a.shape} do not fit the layout "
-                    f"({m} x {n}, r_max {self.r_max})"
-                )
-            flat[b0 : b0 + m * self.r_max].reshape(m, self.r_max)[:, :r] = b
-            flat[a0 : a0 + self.r_max * n].reshape(self.r_max, n)[:r] = a
-        return flat
-
-    def unflatten(self, flat: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Inverse of :meth:`flatten`: ``(B (m x r_max), A (r_max x n))`` per layer (copies)."""
-        flat = np.asarray(flat, np.float64)
-        if flat.shape != (self.size,):
-            raise ValueError(f"flat vector has shape {flat.shape}, the layout holds {self.size}")
-        return {
-            layer: (
-                flat[b0 : b0 + m * self.r_max].reshape(m, self.r_max).copy(),
-                flat[a0 : a0 + self.r_max * n].reshape(self.r_max, n).copy(),
-            )
-            for layer, m, n, b0, a0 in self._offsets()
-        }
-
-    def own_entries(self, rank: int) -> np.ndarray:
-        """Boolean mask of the entries a rank-``rank`` client holds (B[:, :r] and A[:r])."""
-        own = np.zeros(self.size, bool)
-        for _layer, m, n, b0, a0 in self._offsets():
-            own[b0 : b0 + m * self.r_max].reshape(m, self.r_max)[:, :rank] = True
-            own[a0 : a0 + self.r_max * n].reshape(self.r_max, n)[:rank] = True
-        return own
-
-    def layer_counts(self, indices: np.ndarray) -> dict[str, int]:
-        """How many of ``indices`` fall in each layer (B and A together)."""
-        ends = np.cumsum([self.r_max * (m + n) for _, m, n in self.shapes])
-        counts = np.bincount(np.searchsorted(ends, indices, side="right"), minlength=len(ends))
-        return {layer: int(c) for (layer, _, _), c in zip(self.shapes, counts, strict=True)}
 
 
 def maskcrypt_budget(

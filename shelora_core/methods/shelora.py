@@ -48,12 +48,13 @@ import numpy as np
 
 from ..adapters import AdapterWeights, fit_rank
 from ..aggregation import LowRankUpdate, lora_scaling, lowrank_svd
-from ..ckks import PackingLayout, ServerCrypto, check_fingerprint
+from ..ckks import ServerCrypto, check_fingerprint
 from ..column_aggregation import fuse, plain_part, protected_columns, reparameterize, split_columns
 from ..config import FederatedConfig
 from ..messages import Message, MessageError, require
 from .base import AggregateArgs, Method, ReceiveArgs, UploadArgs
 from .budget import encrypted_values
+from .packing import delta_layout
 from .wire import (
     SEP,
     adapter_to_upload,
@@ -120,14 +121,6 @@ def withheld_column_weights(budgets: Sequence[int], p: Sequence[float], k_max: i
     budgets_arr, p_arr = np.asarray(budgets), np.asarray(p, np.float64)
     q = np.array([p_arr[budgets_arr <= j].sum() for j in range(k_max)])
     return np.divide(1.0, q, out=np.zeros_like(q), where=q > 0)
-
-
-def delta_layout(layer_rows: Mapping[str, int], k_max: int, slots: int) -> PackingLayout:
-    """Position-major layout of the protected dW columns: ``layer#j`` has ``m_layer`` values."""
-    segments = [
-        (f"{layer}#{j}", m) for j in range(k_max) for layer, m in sorted(layer_rows.items())
-    ]
-    return PackingLayout.build(segments, slots)
 
 
 class SHELoRA(Method):
