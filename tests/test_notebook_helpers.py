@@ -1,5 +1,6 @@
 """shelora_core.notebook: the cell helpers the notebooks share (fast: no model is loaded)."""
 
+import ast
 import doctest
 import json
 import math
@@ -211,3 +212,39 @@ def test_lora_like_is_public_and_seeded():
 
 def test_module_example_runs():
     assert doctest.testmod(notebook).failed == 0
+
+
+# --- the notebooks use the package, they do not copy it ---------------------------------------
+
+
+def _notebook_code(path: Path) -> list[str]:
+    nb = json.loads(path.read_text())
+    return ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+
+
+def _package_functions() -> set[str]:
+    names = set()
+    for py in (ROOT / "shelora_core").rglob("*.py"):
+        tree = ast.parse(py.read_text())
+        names |= {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    return {n for n in names if not n.startswith("_")}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")), ids=str)
+def test_no_notebook_defines_a_function_the_package_has(path):
+    package = _package_functions() | {"clean", "jsonable"}  # the former JSON writers too
+    defined = {
+        node.name
+        for code in _notebook_code(path)
+        for node in ast.walk(ast.parse(code))
+        if isinstance(node, ast.FunctionDef)
+    }
+    assert not defined & package, f"{path.name} re-implements {sorted(defined & package)}"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")), ids=str)
+def test_notebooks_write_their_json_and_figures_through_the_package(path):
+    code = "\n".join(_notebook_code(path))
+    assert "from shelora_core.notebook import" in code
+    assert "write_json(" in code and "json.dumps" not in code
+    assert "results_paths(results_dir)" in code and ".mkdir(" not in code
