@@ -21,7 +21,7 @@ roles
 packing
     :class:`PackingLayout`, dense packing of named segments into ciphertext slots.
 measure
-    :func:`ciphertext_bytes` and :func:`measure_precision`.
+    :func:`ciphertext_bytes`, :func:`measure_precision` and the values it sums, :func:`lora_like`.
 
 Notes
 -----
@@ -45,7 +45,7 @@ from .context import (
 from .context import _as_bytes as _as_bytes
 from .errors import CKKSError
 from .measure import _lora_like as _lora_like
-from .measure import ciphertext_bytes, measure_precision
+from .measure import ciphertext_bytes, lora_like, measure_precision
 from .packing import PackingLayout
 from .params import _MAX_PRIME_BITS as _MAX_PRIME_BITS
 from .params import _WARN_HEADROOM_BITS as _WARN_HEADROOM_BITS
@@ -78,5 +78,6 @@ __all__ = [
     "get_params",
     "load_context",
     "load_vector",
+    "lora_like",
     "measure_precision",
 ]
