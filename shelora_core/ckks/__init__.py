@@ -27,7 +27,7 @@ Notes
 -----
 The package is standalone: numpy, tenseal and the standard library only.
 The private helpers of the former single module ``shelora_core/ckks.py`` (``_as_bytes``,
-``_new_context``, ``_lora_like`` and the ``_MAX_PRIME_BITS``-style constants) remain importable
+``_new_context`` and the ``_MAX_PRIME_BITS``-style constants) remain importable
 from here too.
 """
 
@@ -44,7 +44,6 @@ from .context import (
 )
 from .context import _as_bytes as _as_bytes
 from .errors import CKKSError
-from .measure import _lora_like as _lora_like
 from .measure import ciphertext_bytes, lora_like, measure_precision
 from .packing import PackingLayout
 from .params import _MAX_PRIME_BITS as _MAX_PRIME_BITS

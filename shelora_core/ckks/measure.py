@@ -57,7 +57,6 @@ def lora_like(rng: np.random.Generator, n: int) -> np.ndarray:
     return x
 
 
-_lora_like = lora_like  # the former private name, still importable
 
 
 def measure_precision(
