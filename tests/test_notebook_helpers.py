@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from shelora_core import notebook
-from shelora_core.ckks import _lora_like, lora_like
+from shelora_core.ckks import lora_like
 from shelora_core.notebook import (
     best_time,
     config_field_names,
@@ -207,7 +207,6 @@ def test_lora_like_is_public_and_seeded():
     x = lora_like(np.random.default_rng(0), 1000)
     assert x.shape == (1000,) and np.array_equal(x, lora_like(np.random.default_rng(0), 1000))
     assert np.sum(np.abs(x) > 0.2) <= 10  # the 1% outliers; N(0, 0.02) stays far below
-    assert _lora_like is lora_like  # the former private name still works
 
 
 def test_module_example_runs():

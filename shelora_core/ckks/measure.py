@@ -57,8 +57,6 @@ def lora_like(rng: np.random.Generator, n: int) -> np.ndarray:
     return x
 
 
-
-
 def measure_precision(
     params: CKKSParams | str, *, n_values: int = 4096, n_summands: int = 32, seed: int = 0
 ) -> dict[str, Any]:
