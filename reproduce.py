@@ -23,10 +23,11 @@ import sys
 import time
 from pathlib import Path
 
+from shelora_core.profiles import PROFILES
+
 ROOT = Path(__file__).resolve().parent
 NOTEBOOKS = ROOT / "notebooks"
 README = ROOT / "README.md"
-PROFILES = ("quick", "paper")
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 

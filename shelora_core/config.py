@@ -13,6 +13,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .assets import MODELS
+from .data import DATASETS as _DATASET_LOADERS
+from .partitions import PARTITION_SCHEMES as PARTITIONS
+
 __all__ = ["BUDGETED", "METHODS", "SHELORA_FAMILY", "FederatedConfig"]
 
 #: aggregation methods the federation loop knows
@@ -34,24 +38,17 @@ CIPHER_MODES = ("delta", "paper")
 LOSSES = ("ce", "logit_adjusted")
 PROTECT_MODES = ("encrypt", "withhold")
 COLUMN_ORDERS = ("negotiated", "w0_norm", "random")
-PARTITIONS = ("iid", "dirichlet")
-DATASETS = ("rotten_tomatoes", "bbc_news")
-MODEL_NAMES = ("minilm", "smollm2")
 
-#: ``(out, in)`` = ``(m, n)`` of every LoRA target module of the shipped models (public: the
-#: pretrained architectures; SmolLM2 has grouped-query attention, so k/v project to 3 x 64 = 192).
-#: Budgets are checked against these before any model is loaded; ``tests/test_config.py`` checks
-#: the MiniLM entries against the loaded model.
+#: the shipped models (:data:`shelora_core.assets.MODELS`) and datasets
+#: (:data:`shelora_core.data.DATASETS`): one registry each, read here so a config is checked before
+#: anything is loaded
+MODEL_NAMES = tuple(MODELS)
+DATASETS = tuple(_DATASET_LOADERS)
+#: ``(m, n)`` of every LoRA target module per model, from the model registry
 LAYER_SHAPES: dict[str, dict[str, tuple[int, int]]] = {
-    "minilm": {"query": (384, 384), "key": (384, 384), "value": (384, 384)},
-    "smollm2": {
-        "q_proj": (576, 576),
-        "k_proj": (192, 576),
-        "v_proj": (192, 576),
-        "o_proj": (576, 576),
-    },
+    k: dict(spec.module_shapes) for k, spec in MODELS.items()
 }
-_DEFAULT_TARGETS = {"minilm": ("query",), "smollm2": ("q_proj",)}
+_DEFAULT_TARGETS = {k: spec.default_targets for k, spec in MODELS.items()}
 
 #: fields added after runs were first recorded, with their defaults: they enter
 #: :meth:`FederatedConfig.fingerprint` only when set to another value, so the runs (names,

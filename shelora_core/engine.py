@@ -26,7 +26,7 @@ from .client import propose_masks, receive, upload
 from .config import FederatedConfig
 from .messages import Message, decode
 from .methods import get_method
-from .methods.base import is_ciphertext
+from .methods.wire import is_ciphertext
 from .server import server_consensus, server_step
 
 __all__ = ["RoundTrace", "run_round"]

@@ -49,12 +49,13 @@ from .client import (
     receive,
 )
 from .config import BUDGETED, FederatedConfig
-from .data import ClientData, encode_dataset, load_dataset, partition, partition_stats
+from .data import ClientData, encode_dataset, load_dataset
 from .lora import LoraModel
 from .messages import Message, decode
 from .methods import ckks_params_for, get_method
 from .methods.shelora import public_columns
 from .metrics import classification_metrics
+from .partitions import partition, partition_stats
 from .provenance import run_meta
 from .server import sample_clients, server_consensus, server_negotiate, server_step
 
@@ -80,6 +81,7 @@ METHOD_RESULTS_VERSION = {"fedshield": 3, "full_he": 3}
 def results_version(method: str) -> int:
     """The results version stamped on (and required of) a run of ``method``."""
     return METHOD_RESULTS_VERSION.get(method, RESULTS_VERSION)
+
 
 #: methods whose encrypted share is set by ``he_budgets`` and ``cipher_mode``
 

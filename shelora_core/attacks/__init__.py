@@ -17,7 +17,6 @@ from .dager import (
     score_reconstruction,
     token_set_scores,
 )
-from .evaluate import METHODS, attack_plan, attack_upload, run_grid, server_view, summarize
 from .gradients import (
     LayerUpdate,
     ObservedUpdate,
@@ -28,7 +27,9 @@ from .gradients import (
     multistep_update,
     update_from_weights,
 )
+from .grid import attack_plan, run_grid, summarize
 from .protection import deep_layer_probe, protection_cost
+from .threat import METHODS, attack_upload, server_view
 
 __all__ = [
     "ATTACKERS",

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adapters import layer_index as _layer_index
+from ..adapters import layer_index
 from ..privacy import clip_by_norm
 
 __all__ = [
@@ -48,7 +48,6 @@ __all__ = [
     "unwrap",
     "update_from_weights",
 ]
-
 
 
 # ---------------------------------------------------------------------------- containers
@@ -409,7 +408,7 @@ def update_from_weights(
         raise ValueError("before and after must hold the same layers")
     layers: dict[int, LayerUpdate] = {}
     for key in before:
-        idx = key if isinstance(key, int) else _layer_index(str(key))
+        idx = key if isinstance(key, int) else layer_index(str(key))
         (b0, a0), (b1, a1) = before[key], after[key]
         b0, a0, b1, a1 = (np.asarray(v, np.float64) for v in (b0, a0, b1, a1))
         if b0.shape != b1.shape or a0.shape != a1.shape:

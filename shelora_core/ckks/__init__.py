@@ -21,13 +21,13 @@ roles
 packing
     :class:`PackingLayout`, dense packing of named segments into ciphertext slots.
 measure
-    :func:`ciphertext_bytes` and :func:`measure_precision`.
+    :func:`ciphertext_bytes`, :func:`measure_precision` and the values it sums, :func:`lora_like`.
 
 Notes
 -----
 The package is standalone: numpy, tenseal and the standard library only.
 The private helpers of the former single module ``shelora_core/ckks.py`` (``_as_bytes``,
-``_new_context``, ``_lora_like`` and the ``_MAX_PRIME_BITS``-style constants) remain importable
+``_new_context`` and the ``_MAX_PRIME_BITS``-style constants) remain importable
 from here too.
 """
 
@@ -44,8 +44,7 @@ from .context import (
 )
 from .context import _as_bytes as _as_bytes
 from .errors import CKKSError
-from .measure import _lora_like as _lora_like
-from .measure import ciphertext_bytes, measure_precision
+from .measure import ciphertext_bytes, lora_like, measure_precision
 from .packing import PackingLayout
 from .params import _MAX_PRIME_BITS as _MAX_PRIME_BITS
 from .params import _WARN_HEADROOM_BITS as _WARN_HEADROOM_BITS
@@ -78,5 +77,6 @@ __all__ = [
     "get_params",
     "load_context",
     "load_vector",
+    "lora_like",
     "measure_precision",
 ]

@@ -4,8 +4,8 @@ Notes
 -----
 Both functions generate a throw-away key (without Galois keys, which change neither the
 ciphertexts nor the precision) and go through the bytes API, as between machines.
-:func:`measure_precision` sums LoRA-like vectors homomorphically and compares with numpy; the
-comments on :data:`~shelora_core.ckks.PARAM_SETS` quote its numbers.
+:func:`measure_precision` sums LoRA-like vectors (:func:`lora_like`) homomorphically and compares
+with numpy; the comments on :data:`~shelora_core.ckks.PARAM_SETS` quote its numbers.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 from .params import CKKSParams, get_params
 from .roles import KeyHolder
 
-__all__ = ["ciphertext_bytes", "measure_precision"]
+__all__ = ["ciphertext_bytes", "lora_like", "measure_precision"]
 
 
 def ciphertext_bytes(params: CKKSParams | str) -> int:
@@ -39,7 +39,17 @@ def ciphertext_bytes(params: CKKSParams | str) -> int:
     return len(client.encrypt(x)[0])
 
 
-def _lora_like(rng: np.random.Generator, n: int) -> np.ndarray:
+def lora_like(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` LoRA-like values: ``N(0, 0.02)`` with 1% of them (at least one) replaced by
+    ``U(-1, 1)`` outliers, drawn from ``rng``. What :func:`measure_precision` sums.
+
+    Args:
+        rng: the generator the values are drawn from (advanced by the call).
+        n: number of values.
+
+    Returns:
+        float64 array of shape ``(n,)``.
+    """
     x = rng.normal(0.0, 0.02, n)
     k = max(1, n // 100)
     idx = rng.choice(n, size=k, replace=False)
@@ -75,7 +85,7 @@ def measure_precision(
     holder = KeyHolder.generate(p)
     client, server = holder.client(), holder.server()
     rng = np.random.default_rng(seed)
-    xs = [_lora_like(rng, n_values) for _ in range(n_summands)]
+    xs = [lora_like(rng, n_values) for _ in range(n_summands)]
 
     t0 = time.perf_counter()
     enc = [client.encrypt(x) for x in xs]

@@ -25,7 +25,7 @@ from typing import Any, NoReturn
 import numpy as np
 import tenseal as ts
 
-from .context import context_fingerprint, context_info, load_context, load_vector
+from .context import ContextInfo, context_fingerprint, context_info, load_context, load_vector
 from .errors import CKKSError
 from .params import CKKSParams, check_security
 
@@ -136,6 +136,23 @@ class KeyHolder:
         return f"KeyHolder(params={self.params.name!r}, fingerprint={self._fingerprint!r})"
 
 
+def _role_context(data: bytes, *, private: bool) -> tuple[ts.Context, ContextInfo, str]:
+    """``(context, info, fingerprint)`` of a client's (``private``) or the server's context,
+    refusing a context that holds the wrong kind of key."""
+    ctx = load_context(data)
+    if private and not ctx.is_private():
+        raise CKKSError(
+            "this is a public context (no secret key): clients need the secret context "
+            "(KeyHolder.secret_bytes()) to decrypt the aggregate"
+        )
+    if not private and ctx.is_private():
+        raise CKKSError(
+            "this context holds the secret key: the server must never hold the secret key; "
+            "give it KeyHolder.public_bytes()"
+        )
+    return ctx, context_info(ctx), context_fingerprint(ctx)
+
+
 class ClientCrypto:
     """A client's view: encrypts updates and decrypts aggregates with the secret context.
 
@@ -147,15 +164,7 @@ class ClientCrypto:
     """
 
     def __init__(self, secret_context: bytes) -> None:
-        ctx = load_context(secret_context)
-        if not ctx.is_private():
-            raise CKKSError(
-                "this is a public context (no secret key): clients need the secret context "
-                "(KeyHolder.secret_bytes()) to decrypt the aggregate"
-            )
-        self.context = ctx
-        self.info = context_info(ctx)
-        self.fingerprint = context_fingerprint(ctx)
+        self.context, self.info, self.fingerprint = _role_context(secret_context, private=True)
         self._max_abs = 2.0 ** (self.info.level_bits[-1] - self.info.global_scale_bits - 1)
 
     @property
@@ -230,15 +239,7 @@ class ServerCrypto:
     """
 
     def __init__(self, public_context: bytes) -> None:
-        ctx = load_context(public_context)
-        if ctx.is_private():
-            raise CKKSError(
-                "this context holds the secret key: the server must never hold the secret key; "
-                "give it KeyHolder.public_bytes()"
-            )
-        self.context = ctx
-        self.info = context_info(ctx)
-        self.fingerprint = context_fingerprint(ctx)
+        self.context, self.info, self.fingerprint = _role_context(public_context, private=False)
 
     @property
     def slots(self) -> int:

@@ -1,4 +1,4 @@
-"""The contract every method fulfils, and the plaintext wire encoding of a client upload.
+"""The contract every method fulfils (the tensor names of the wire are in :mod:`.wire`).
 
 A method has two sides that never share a Python object:
 
@@ -19,95 +19,47 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..adapters import AdapterWeights, fit_rank
+from ..adapters import AdapterWeights
 from ..aggregation import normalize_weights, weighted_mean
-from ..messages import Message, MessageError, require
+from ..config import FederatedConfig
+from ..messages import Message, MessageError
+from .wire import SEP, adapter_to_upload, split_ciphertexts, upload_to_adapter
 
-__all__ = [
-    "Method",
-    "adapter_to_upload",
-    "attach_ciphertexts",
-    "fit_rank",
-    "is_ciphertext",
-    "split_ciphertexts",
-    "upload_to_adapter",
-]
-
-SEP = "|"
-#: tensor-name prefix of serialized CKKS ciphertexts inside a message (``enc|0``, ``enc|1``, ...)
-ENC = "enc"
+__all__ = ["AggregateArgs", "Method", "ReceiveArgs", "UploadArgs"]
 
 
-def is_ciphertext(tensor_name: str) -> bool:
-    """Whether a message tensor holds a serialized ciphertext (``enc|<c>``)."""
-    return tensor_name.startswith(ENC + SEP)
+class UploadArgs(NamedTuple):
+    """What a client's upload step knows besides its adapter (see :meth:`Method.make_upload`)."""
+
+    round_: int
+    client_id: int
+    num_examples: int
+    crypto: Any = None
+    columns: Any = None
+    start: AdapterWeights | None = None
+    seed: int = 0
 
 
-def attach_ciphertexts(tensors: dict[str, np.ndarray], blobs: Sequence[bytes]) -> None:
-    """Store serialized ciphertexts in a message's tensors as uint8 arrays ``enc|c``."""
-    for c, blob in enumerate(blobs):
-        tensors[f"{ENC}{SEP}{c}"] = np.frombuffer(blob, dtype=np.uint8)
+class ReceiveArgs(NamedTuple):
+    """What a client's receive step knows besides the broadcast (:meth:`Method.client_weights`)."""
+
+    rank: int
+    alpha: float
+    seed: int = 0
+    crypto: Any = None
 
 
-def split_ciphertexts(msg: Message) -> tuple[Message, list[bytes]]:
-    """``(msg without its ciphertexts, the ciphertexts in order)``; the count is in the header."""
-    require(msg.header, "ciphertexts")
-    blobs = [msg.tensors[f"{ENC}{SEP}{c}"].tobytes() for c in range(msg.header["ciphertexts"])]
-    rest = {k: v for k, v in msg.tensors.items() if not k.startswith(ENC + SEP)}
-    return Message(msg.kind, dict(msg.header), rest), blobs
+class AggregateArgs(NamedTuple):
+    """What the server's aggregation step knows besides the uploads (:meth:`Method.server_aggregate`)."""
 
-
-def adapter_to_upload(
-    weights: AdapterWeights, *, method: str, round_: int, client_id: int, num_examples: int
-) -> Message:
-    """A client's plaintext upload: every layer's B and A, and the head."""
-    tensors: dict[str, np.ndarray] = {}
-    for layer, (b, a) in weights.factors.items():
-        tensors[f"{layer}{SEP}B"] = np.asarray(b, np.float32)
-        tensors[f"{layer}{SEP}A"] = np.asarray(a, np.float32)
-    for k, v in weights.head.items():
-        tensors[f"head{SEP}{k}"] = np.asarray(v, np.float32)
-    header = {
-        "method": method,
-        "round": int(round_),
-        "client_id": int(client_id),
-        "num_examples": int(num_examples),
-        "rank": int(weights.rank),
-        "alpha": float(weights.alpha),
-    }
-    return Message("upload", header, tensors)
-
-
-def upload_to_adapter(msg: Message) -> tuple[dict, AdapterWeights]:
-    """Inverse of :func:`adapter_to_upload`; checks that every layer has a B and an A of rank r."""
-    require(msg.header, "method", "round", "client_id", "num_examples", "rank", "alpha")
-    h = msg.header
-    rank = int(h["rank"])
-    parts: dict[str, dict[str, np.ndarray]] = {}
-    head: dict[str, np.ndarray] = {}
-    for name, arr in msg.tensors.items():
-        owner, _, key = name.rpartition(SEP)
-        if owner == "head":
-            head[key] = arr
-        elif key in ("A", "B"):
-            parts.setdefault(owner, {})[key] = arr
-        else:
-            raise MessageError(f"upload tensor {name!r} is neither a LoRA factor nor the head")
-    factors = {}
-    for layer, ab in parts.items():
-        if set(ab) != {"A", "B"}:
-            raise MessageError(f"upload for layer {layer!r} lacks { ({'A', 'B'} - set(ab)) }")
-        b, a = ab["B"], ab["A"]
-        if b.ndim != 2 or a.ndim != 2 or b.shape[1] != rank or a.shape[0] != rank:
-            raise MessageError(
-                f"upload layer {layer!r}: B {b.shape} and A {a.shape} do not match rank {rank}"
-            )
-        factors[layer] = (b, a)
-    return h, AdapterWeights(rank=rank, alpha=float(h["alpha"]), factors=factors, head=head)
+    round_: int
+    max_rank: int | None = None
+    crypto: Any = None
+    consensus: Message | None = None
 
 
 class Method(ABC):
@@ -120,7 +72,8 @@ class Method(ABC):
     needs_consensus: bool = False
 
     def __init__(self, cfg: Any = None) -> None:
-        self.cfg = cfg
+        #: the run's public configuration (a default one when none is given)
+        self.cfg = cfg if cfg is not None else FederatedConfig(method=self.name)
 
     def make_upload(
         self,
@@ -134,12 +87,31 @@ class Method(ABC):
         start: AdapterWeights | None = None,
         seed: int = 0,
     ) -> Message:
-        """The client's upload after local training (plaintext by default)."""
-        return adapter_to_upload(
-            weights, method=self.name, round_=round_, client_id=client_id, num_examples=num_examples
+        """The client's upload after local training.
+
+        Args:
+            weights: the client's trained adapter.
+            round_, client_id, num_examples: who uploads, for which round, with what weight.
+            crypto: the client's secret CKKS context (encrypted methods).
+            columns: SHE-LoRA's ordered column list G per layer; MaskCrypt's decoded consensus.
+            start: the adapter the client started the round from (local DP privatizes the update).
+            seed: seeds any randomness of the upload (DP noise).
+        """
+        return self._upload(
+            weights,
+            UploadArgs(round_, client_id, num_examples, crypto, columns, start, seed),
         )
 
-    @abstractmethod
+    def _upload(self, weights: AdapterWeights, req: UploadArgs) -> Message:
+        """A method's upload (plaintext factors and head by default)."""
+        return adapter_to_upload(
+            weights,
+            method=self.name,
+            round_=req.round_,
+            client_id=req.client_id,
+            num_examples=req.num_examples,
+        )
+
     def server_aggregate(
         self,
         uploads: Sequence[Message],
@@ -147,24 +119,53 @@ class Method(ABC):
         round_: int,
         max_rank: int | None = None,
         crypto: Any = None,
+        consensus: Message | None = None,
     ) -> Message:
         """Combine the round's uploads into the broadcast.
 
         ``max_rank`` is the largest rank of any client in the federation (public), so clients
-        that did not answer this round still find enough components in the broadcast.
+        that did not answer this round still find enough components in the broadcast. ``crypto``
+        is the server's PUBLIC CKKS context; ``consensus`` MaskCrypt's decoded mask consensus.
         """
+        return self._aggregate(uploads, AggregateArgs(round_, max_rank, crypto, consensus))
 
     @abstractmethod
+    def _aggregate(self, uploads: Sequence[Message], req: AggregateArgs) -> Message:
+        """A method's aggregation (see :meth:`server_aggregate`)."""
+
+    def _need_crypto(self, crypto: Any, role: str) -> None:
+        """A clear error when an encrypted method's step lacks its CKKS context."""
+        if crypto is None:
+            raise ValueError(
+                {
+                    "server": f"the {self.name} server needs the public CKKS context",
+                    "upload": f"{self.name} uploads need the client's CKKS context",
+                    "client": f"a {self.name} client needs its CKKS context to read the broadcast",
+                }[role]
+            )
+
     def client_weights(
         self, broadcast: Message, *, rank: int, alpha: float, seed: int = 0, crypto: Any = None
     ) -> AdapterWeights:
-        """The client's starting adapter (of its own rank) for the next round."""
+        """The client's starting adapter (of its own rank) for the next round.
+
+        ``seed`` seeds the components the client must re-initialise; ``crypto`` is its secret
+        CKKS context (encrypted methods).
+        """
+        return self._receive(broadcast, ReceiveArgs(rank, alpha, seed, crypto))
+
+    @abstractmethod
+    def _receive(self, broadcast: Message, req: ReceiveArgs) -> AdapterWeights:
+        """A method's reading of its broadcast (see :meth:`client_weights`)."""
 
     # shared helpers ---------------------------------------------------------------
     @staticmethod
     def _decode_uploads(
-        uploads: Sequence[Message],
-    ) -> tuple[list[dict], list[AdapterWeights], np.ndarray]:
+        uploads: Sequence[Message], max_rank: int | None = None
+    ) -> tuple[list[dict], list[AdapterWeights], np.ndarray, int]:
+        """``(headers, adapters, p, r_max)`` of the plaintext uploads: weights ``p_i`` by sample
+        count over the clients that answered; ``r_max`` the largest rank of the answering clients
+        and of the federation (``max_rank``)."""
         if not uploads:
             raise ValueError("no uploads to aggregate: at least one client must answer a round")
         decoded = [upload_to_adapter(u) for u in uploads]
@@ -179,7 +180,19 @@ class Method(ABC):
                 )
         # p_i by sample count over the clients that answered (re-normalised on dropouts)
         p = normalize_weights([h["num_examples"] for h in headers])
-        return headers, weights, p
+        return headers, weights, p, max([w.rank for w in weights] + [max_rank or 0])
+
+    @staticmethod
+    def _split_encrypted(upload: Message, expected: int, need: str) -> tuple[Message, list[bytes]]:
+        """``(plaintext part, ciphertexts)`` of an upload that must carry ``expected``
+        ciphertexts (``need`` says what sets that number, for the error)."""
+        h = upload.header
+        if h["ciphertexts"] != expected:
+            raise MessageError(
+                f"client {h.get('client_id')} sent {h['ciphertexts']} ciphertexts; {need} need "
+                f"{expected}"
+            )
+        return split_ciphertexts(upload)
 
     def _broadcast(
         self,

@@ -18,9 +18,11 @@ from __future__ import annotations
 import numpy as np
 
 from ..adapters import AdapterWeights
+from ..messages import Message
 from ..privacy import privatize
-from .base import SEP, adapter_to_upload
+from .base import UploadArgs
 from .plaintext import FlexLoRA
+from .wire import SEP, adapter_to_upload
 
 __all__ = ["FlexLoRADP", "privatize_update"]
 
@@ -75,18 +77,8 @@ class FlexLoRADP(FlexLoRA):
 
     name = "flexlora-dp"
 
-    def make_upload(
-        self,
-        weights: AdapterWeights,
-        *,
-        round_: int,
-        client_id: int,
-        num_examples: int,
-        crypto: object = None,
-        columns: object = None,
-        start: AdapterWeights | None = None,
-        seed: int = 0,
-    ):
+    def _upload(self, weights: AdapterWeights, req: UploadArgs) -> Message:
+        round_, client_id, num_examples, _, _, start, seed = req
         if start is None:
             raise ValueError(
                 "flexlora-dp privatizes the round's update: pass start= (the adapter the client "

@@ -39,31 +39,15 @@ import numpy as np
 
 from ..adapters import AdapterWeights, fit_rank, layer_index
 from ..aggregation import SVDFactors, flexlora_redistribute, lora_scaling
-from ..ckks import ClientCrypto, PackingLayout, ServerCrypto, check_fingerprint
+from ..ckks import ClientCrypto, check_fingerprint
 from ..config import FederatedConfig
 from ..messages import Message, MessageError, require
-from .base import SEP, Method, attach_ciphertexts, split_ciphertexts
+from .base import AggregateArgs, Method, ReceiveArgs, UploadArgs
+from .packing import ENCRYPT_MODES, first_layers_layout
 from .shelora import SHELoRA
+from .wire import SEP, attach_ciphertexts, split_ciphertexts
 
-__all__ = ["ENCRYPT_MODES", "FirstLayersSHELoRA", "first_layers_layout"]
-
-#: what the protected layers encrypt: the weighted update (exact FlexLoRA aggregate) or the factors
-ENCRYPT_MODES: tuple[str, ...] = ("dw", "factors")
-
-
-def first_layers_layout(
-    shapes: Mapping[str, tuple[int, int]], slots: int, *, encrypt: str = "dw", rank: int = 0
-) -> PackingLayout:
-    """Dense packing of the protected layers: per layer (sorted) ``dW`` (m x n), or ``B`` then ``A``."""
-    if encrypt not in ENCRYPT_MODES:
-        raise ValueError(f"unknown encrypt mode {encrypt!r}; choose one of {list(ENCRYPT_MODES)}")
-    segs: list[tuple[str, int]] = []
-    for layer, (m, n) in sorted(shapes.items()):
-        if encrypt == "dw":
-            segs.append((f"{layer}{SEP}dW", m * n))
-        else:
-            segs += [(f"{layer}{SEP}B", m * rank), (f"{layer}{SEP}A", rank * n)]
-    return PackingLayout.build(segs, slots)
+__all__ = ["ENCRYPT_MODES", "FirstLayersSHELoRA"]
 
 
 class FirstLayersSHELoRA(Method):
@@ -88,7 +72,7 @@ class FirstLayersSHELoRA(Method):
         protected: Sequence[int] | None = None,
         encrypt: str | None = None,
     ) -> None:
-        self.cfg = cfg or FederatedConfig(method=self.name)
+        super().__init__(cfg)
         if self.cfg.cipher_mode != "delta":
             raise ValueError(
                 f"{self.name} is built on SHE-LoRA's delta mode (got cipher_mode="
@@ -108,21 +92,10 @@ class FirstLayersSHELoRA(Method):
         return prot, [n for n in names if n not in prot]
 
     # ------------------------------------------------------------------ client: upload
-    def make_upload(
-        self,
-        weights: AdapterWeights,
-        *,
-        round_: int,
-        client_id: int,
-        num_examples: int,
-        crypto: ClientCrypto | None = None,
-        columns: Mapping[str, Sequence[int]] | None = None,
-        start: AdapterWeights | None = None,
-        seed: int = 0,
-    ) -> Message:
+    def _upload(self, weights: AdapterWeights, req: UploadArgs) -> Message:
         """SHE-LoRA's upload of the other layers, then the protected layers' ciphertexts."""
-        if crypto is None:
-            raise ValueError(f"{self.name} uploads need the client's CKKS context")
+        round_, client_id, num_examples, crypto, columns, _, _ = req
+        self._need_crypto(crypto, "upload")
         prot, rest = self.split_layers(list(weights.factors))
         if not prot:
             raise ValueError(
@@ -182,17 +155,10 @@ class FirstLayersSHELoRA(Method):
         return she, blobs[len(blobs) - c :]
 
     # ------------------------------------------------------------------ server
-    def server_aggregate(
-        self,
-        uploads: Sequence[Message],
-        *,
-        round_: int,
-        max_rank: int | None = None,
-        crypto: ServerCrypto | None = None,
-    ) -> Message:
+    def _aggregate(self, uploads: Sequence[Message], req: AggregateArgs) -> Message:
         """SHE-LoRA's aggregate of the other layers; the slot-wise sum of the protected ones."""
-        if crypto is None:
-            raise ValueError(f"the {self.name} server needs the public CKKS context")
+        round_, max_rank, crypto, _ = req
+        self._need_crypto(crypto, "server")
         parts, lists = [], []
         for u in uploads:
             require(u.header, "first_layers", "fingerprint")
@@ -229,17 +195,9 @@ class FirstLayersSHELoRA(Method):
         return bc
 
     # ------------------------------------------------------------------ client: new adapter
-    def client_weights(
-        self,
-        broadcast: Message,
-        *,
-        rank: int,
-        alpha: float,
-        seed: int = 0,
-        crypto: ClientCrypto | None = None,
-    ) -> AdapterWeights:
-        if crypto is None:
-            raise ValueError(f"a {self.name} client needs its CKKS context to read the broadcast")
+    def _receive(self, broadcast: Message, req: ReceiveArgs) -> AdapterWeights:
+        rank, alpha, seed, crypto = req
+        self._need_crypto(crypto, "client")
         require(broadcast.header, "first_layers", "total_examples", "fingerprint")
         check_fingerprint(crypto.fingerprint, broadcast.header["fingerprint"])
         she, blobs = self.split_upload(broadcast)

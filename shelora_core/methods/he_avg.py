@@ -16,27 +16,19 @@ plaintext as in every method here.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
-from ..adapters import AdapterWeights, revive_missing
+from ..adapters import AdapterWeights, fit_rank, revive_missing
 from ..aggregation import normalize_weights, weighted_mean
-from ..ckks import ClientCrypto, PackingLayout, ServerCrypto, check_fingerprint
-from ..config import FederatedConfig
+from ..ckks import check_fingerprint
 from ..messages import Message, MessageError, require
 from ..pruning import l1_unstructured, prune_ratio
-from .base import SEP, Method, attach_ciphertexts, fit_rank, split_ciphertexts
+from .base import AggregateArgs, Method, ReceiveArgs, UploadArgs
+from .packing import FactorLayout
+from .wire import SEP, attach_ciphertexts, split_ciphertexts
 
 __all__ = ["FedShield", "FullHE"]
-
-
-def factor_layout(shapes: dict[str, tuple[int, int]], r_max: int, slots: int) -> PackingLayout:
-    """Every layer's B (m x r_max) then A (r_max x n), zero-padded to r_max, densely packed."""
-    segs = []
-    for layer, (m, n) in sorted(shapes.items()):
-        segs += [(f"{layer}{SEP}B", m * r_max), (f"{layer}{SEP}A", r_max * n)]
-    return PackingLayout.build(segs, slots)
 
 
 class FedShield(Method):
@@ -44,39 +36,20 @@ class FedShield(Method):
     needs_crypto = True
     prune = True
 
-    def __init__(self, cfg: FederatedConfig | None = None) -> None:
-        self.cfg = cfg or FederatedConfig(method=self.name)
-
     def ratio(self, round_: int) -> float:
         return prune_ratio(round_) if (self.prune and self.cfg.prune) else 0.0
 
-    def make_upload(
-        self,
-        weights: AdapterWeights,
-        *,
-        round_: int,
-        client_id: int,
-        num_examples: int,
-        crypto: ClientCrypto | None = None,
-        columns: Any = None,
-        start: AdapterWeights | None = None,
-        seed: int = 0,
-    ) -> Message:
-        if crypto is None:
-            raise ValueError(f"{self.name} uploads need the client's CKKS context")
+    def _upload(self, weights: AdapterWeights, req: UploadArgs) -> Message:
+        round_, client_id, num_examples, crypto, _, _, _ = req
+        self._need_crypto(crypto, "upload")
         r_max = max(self.cfg.client_ranks)
         ratio = self.ratio(round_)
         shapes = {k: (b.shape[0], a.shape[1]) for k, (b, a) in weights.factors.items()}
-        layout = factor_layout(shapes, r_max, crypto.slots)
-        arrays = {}
-        for layer, (b, a) in weights.factors.items():
-            bp = np.zeros((b.shape[0], r_max))
-            ap = np.zeros((r_max, a.shape[1]))
-            bp[:, : weights.rank] = l1_unstructured(b, ratio)
-            ap[: weights.rank] = l1_unstructured(a, ratio)
-            arrays[f"{layer}{SEP}B"] = bp.ravel()
-            arrays[f"{layer}{SEP}A"] = ap.ravel()
-        blobs = crypto.encrypt(layout.pack(arrays))
+        pruned = {
+            layer: (l1_unstructured(b, ratio), l1_unstructured(a, ratio))
+            for layer, (b, a) in weights.factors.items()
+        }
+        blobs = crypto.encrypt(FactorLayout.build(shapes, r_max).flatten(pruned))
         tensors: dict[str, np.ndarray] = {}
         attach_ciphertexts(tensors, blobs)
         for k, v in weights.head.items():
@@ -96,16 +69,9 @@ class FedShield(Method):
         }
         return Message("upload", header, tensors)
 
-    def server_aggregate(
-        self,
-        uploads: Sequence[Message],
-        *,
-        round_: int,
-        max_rank: int | None = None,
-        crypto: ServerCrypto | None = None,
-    ) -> Message:
-        if crypto is None:
-            raise ValueError(f"the {self.name} server needs the public CKKS context")
+    def _aggregate(self, uploads: Sequence[Message], req: AggregateArgs) -> Message:
+        round_, max_rank, crypto, _ = req
+        self._need_crypto(crypto, "server")
         blobs, sizes = [], []
         for u in uploads:
             require(u.header, "fingerprint", "ciphertexts", "num_examples", "shapes", "r_max")
@@ -139,29 +105,20 @@ class FedShield(Method):
         }
         return Message("broadcast", header, tensors)
 
-    def client_weights(
-        self,
-        broadcast: Message,
-        *,
-        rank: int,
-        alpha: float,
-        seed: int = 0,
-        crypto: ClientCrypto | None = None,
-    ) -> AdapterWeights:
-        if crypto is None:
-            raise ValueError(f"a {self.name} client needs its CKKS context to read the broadcast")
+    def _receive(self, broadcast: Message, req: ReceiveArgs) -> AdapterWeights:
+        rank, alpha, seed, crypto = req
+        self._need_crypto(crypto, "client")
         h = broadcast.header
         require(h, "round", "shapes", "max_rank", "live_rank", "ciphertexts", "fingerprint")
         check_fingerprint(crypto.fingerprint, h["fingerprint"])
         shapes = {k: tuple(v) for k, v in h["shapes"].items()}
         r_max = int(h["max_rank"])
-        layout = factor_layout(shapes, r_max, crypto.slots)
+        layout = FactorLayout.build(shapes, r_max)
         plain, blobs = split_ciphertexts(broadcast)
-        parts = layout.unpack(crypto.decrypt(blobs, layout.total))
+        parts = layout.unflatten(crypto.decrypt(blobs, layout.size))
         factors = {}
-        for layer, (m, n) in shapes.items():
-            b = parts[f"{layer}{SEP}B"].reshape(m, r_max)
-            a = parts[f"{layer}{SEP}A"].reshape(r_max, n)
+        for layer in shapes:  # the uploads' layer order
+            b, a = parts[layer]
             # empty components revive from the round's shared seed, as FedAvg's server does
             b, a = revive_missing(b, a, live_rank=int(h["live_rank"]), round_=int(h["round"]))
             factors[layer] = fit_rank(b[:, :rank], a[:rank], rank, seed=seed)

@@ -44,7 +44,7 @@ Entries beyond a client's rank hold no weight of it and score nothing; it encryp
 if the consensus (from higher-rank clients) puts them in its prefix.
 
 **Budget.** Client i encrypts ``E_i`` values, the number SHE-LoRA encrypts at the same
-``he_budgets`` and ``cipher_mode`` (:func:`shelora_encrypted_values`): ``sum_layers k_i m``
+``he_budgets`` and ``cipher_mode`` (:func:`~shelora_core.methods.budget.encrypted_values`): ``sum_layers k_i m``
 in ``delta`` mode, ``k_i r_i x layers`` in ``paper`` mode. The selection is global over all
 layers, as MaskCrypt ranks the whole flattened model. Cipher modes: ``delta`` clients pre-weight
 their values by their sample count and the server only adds (``add_only`` CKKS, 32 B/value, as
@@ -65,28 +65,20 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
-from ..adapters import AdapterWeights
+from ..adapters import AdapterWeights, fit_rank
 from ..aggregation import fedavg_truncate
-from ..ckks import ClientCrypto, ServerCrypto, check_fingerprint
+from ..ckks import check_fingerprint
 from ..config import FederatedConfig
 from ..messages import Message, MessageError, require
-from .base import (
-    SEP,
-    Method,
-    adapter_to_upload,
-    attach_ciphertexts,
-    fit_rank,
-    split_ciphertexts,
-    upload_to_adapter,
-)
-from .shelora import shelora_encrypted_values
+from .base import AggregateArgs, Method, ReceiveArgs, UploadArgs
+from .budget import encrypted_values
+from .packing import FactorLayout
+from .wire import SEP, adapter_to_upload, attach_ciphertexts, split_ciphertexts, upload_to_adapter
 
 __all__ = [
-    "FactorLayout",
     "MaskCrypt",
     "consensus_mask",
     "maskcrypt_budget",
@@ -98,85 +90,16 @@ __all__ = [
 MASK = "mask"
 
 
-@dataclass(frozen=True)
-class FactorLayout:
-    """Public flat layout of the zero-padded LoRA factors: per layer (sorted by name) B as
-    m x r_max row-major, then A as r_max x n row-major."""
-
-    shapes: tuple[tuple[str, int, int], ...]
-    r_max: int
-
-    @classmethod
-    def build(cls, shapes: Mapping[str, tuple[int, int]], r_max: int) -> FactorLayout:
-        if r_max < 1:
-            raise ValueError(f"r_max must be >= 1 (got {r_max})")
-        return cls(tuple((k, int(m), int(n)) for k, (m, n) in sorted(shapes.items())), r_max)
-
-    def _offsets(self) -> list[tuple[str, int, int, int, int]]:
-        out, pos = [], 0
-        for layer, m, n in self.shapes:
-            out.append((layer, m, n, pos, pos + m * self.r_max))
-            pos += self.r_max * (m + n)
-        return out
-
-    @property
-    def size(self) -> int:
-        """Entries of all padded factors."""
-        return sum(self.r_max * (m + n) for _, m, n in self.shapes)
-
-    def flatten(self, factors: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-        """Zero-pad every ``(B, A)`` to ``r_max`` and concatenate (float64)."""
-        flat = np.zeros(self.size)
-        for layer, m, n, b0, a0 in self._offsets():
-            b, a = factors[layer]
-            r = b.shape[1]
-            if r > self.r_max or b.shape != (m, r) or a.shape != (r, n):
-                raise ValueError(
-                    f"layer {layer!r}: B {b.shape} and A {a.shape} do not fit the layout "
-                    f"({m} x {n}, r_max {self.r_max})"
-                )
-            flat[b0 : b0 + m * self.r_max].reshape(m, self.r_max)[:, :r] = b
-            flat[a0 : a0 + self.r_max * n].reshape(self.r_max, n)[:r] = a
-        return flat
-
-    def unflatten(self, flat: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Inverse of :meth:`flatten`: ``(B (m x r_max), A (r_max x n))`` per layer (copies)."""
-        flat = np.asarray(flat, np.float64)
-        if flat.shape != (self.size,):
-            raise ValueError(f"flat vector has shape {flat.shape}, the layout holds {self.size}")
-        return {
-            layer: (
-                flat[b0 : b0 + m * self.r_max].reshape(m, self.r_max).copy(),
-                flat[a0 : a0 + self.r_max * n].reshape(self.r_max, n).copy(),
-            )
-            for layer, m, n, b0, a0 in self._offsets()
-        }
-
-    def own_entries(self, rank: int) -> np.ndarray:
-        """Boolean mask of the entries a rank-``rank`` client holds (B[:, :r] and A[:r])."""
-        own = np.zeros(self.size, bool)
-        for _layer, m, n, b0, a0 in self._offsets():
-            own[b0 : b0 + m * self.r_max].reshape(m, self.r_max)[:, :rank] = True
-            own[a0 : a0 + self.r_max * n].reshape(self.r_max, n)[:rank] = True
-        return own
-
-    def layer_counts(self, indices: np.ndarray) -> dict[str, int]:
-        """How many of ``indices`` fall in each layer (B and A together)."""
-        ends = np.cumsum([self.r_max * (m + n) for _, m, n in self.shapes])
-        counts = np.bincount(np.searchsorted(ends, indices, side="right"), minlength=len(ends))
-        return {layer: int(c) for (layer, _, _), c in zip(self.shapes, counts, strict=True)}
-
-
 def maskcrypt_budget(
     cfg: FederatedConfig, client_id: int, shapes: Mapping[str, tuple[int, int]]
 ) -> int:
     """``E_i``: the values MaskCrypt client ``client_id`` encrypts per round.
 
     Exactly SHE-LoRA's count at the same ``he_budgets`` and ``cipher_mode``
-    (:func:`~shelora_core.methods.shelora.shelora_encrypted_values`): delta ``sum_l k_i m_l``,
+    (:func:`~shelora_core.methods.budget.encrypted_values`): delta ``sum_l k_i m_l``,
     paper ``k_i r_i x layers``.
     """
-    return shelora_encrypted_values(cfg, client_id, shapes)
+    return encrypted_values(cfg, client_id, shapes)
 
 
 def weight_scores(
@@ -255,7 +178,7 @@ class MaskCrypt(Method):
     needs_consensus = True
 
     def __init__(self, cfg: FederatedConfig | None = None) -> None:
-        self.cfg = cfg or FederatedConfig(method=self.name)
+        super().__init__(cfg)
         self.mode = self.cfg.cipher_mode
 
     @property
@@ -329,19 +252,9 @@ class MaskCrypt(Method):
         return Message("mask_consensus", header, {MASK: mask.astype(_index_dtype(size))})
 
     # ------------------------------------------------------------------ phase 2: upload
-    def make_upload(
-        self,
-        weights: AdapterWeights,
-        *,
-        round_: int,
-        client_id: int,
-        num_examples: int,
-        crypto: ClientCrypto | None = None,
-        columns: Message | None = None,
-        start: AdapterWeights | None = None,
-        seed: int = 0,
-    ) -> Message:
+    def _upload(self, weights: AdapterWeights, req: UploadArgs) -> Message:
         """The upload; ``columns`` is this round's decoded ``mask_consensus`` message."""
+        round_, client_id, num_examples, crypto, columns, _, _ = req
         if crypto is None or columns is None:
             raise ValueError("MaskCrypt uploads need the client's CKKS context and the consensus")
         require(columns.header, "round", "digest", "size")
@@ -395,17 +308,9 @@ class MaskCrypt(Method):
         return msg
 
     # ------------------------------------------------------------------ server
-    def server_aggregate(
-        self,
-        uploads: Sequence[Message],
-        *,
-        round_: int,
-        max_rank: int | None = None,
-        crypto: ServerCrypto | None = None,
-        consensus: Message | None = None,
-    ) -> Message:
-        if crypto is None:
-            raise ValueError("the MaskCrypt server needs the public CKKS context")
+    def _aggregate(self, uploads: Sequence[Message], req: AggregateArgs) -> Message:
+        round_, max_rank, crypto, consensus = req
+        self._need_crypto(crypto, "server")
         if consensus is None:
             raise ValueError("the MaskCrypt server aggregates with this round's mask consensus")
         require(consensus.header, "digest")
@@ -439,15 +344,11 @@ class MaskCrypt(Method):
                     f"encrypted values do not fit r_max {self.r_max} / consensus of {mask.size}"
                 )
             expected = -(-int(h["encrypted_values"]) // crypto.slots)
-            if h["ciphertexts"] != expected:
-                raise MessageError(
-                    f"client {h.get('client_id')} sent {h['ciphertexts']} ciphertexts; "
-                    f"{h['encrypted_values']} encrypted values need {expected}"
-                )
-            plain, enc = split_ciphertexts(u)
+            need = f"{h['encrypted_values']} encrypted values"
+            plain, enc = self._split_encrypted(u, expected, need)
             plain_msgs.append(plain)
             blobs.append(enc)
-        headers, weights, p = self._decode_uploads(plain_msgs)
+        headers, weights, p, _ = self._decode_uploads(plain_msgs)
         r_max = self.r_max
         shapes = {k: (b.shape[0], a.shape[1]) for k, (b, a) in weights[0].factors.items()}
         layout = self.layout(shapes)
@@ -485,17 +386,9 @@ class MaskCrypt(Method):
         )
 
     # ------------------------------------------------------------------ client: new adapter
-    def client_weights(
-        self,
-        broadcast: Message,
-        *,
-        rank: int,
-        alpha: float,
-        seed: int = 0,
-        crypto: ClientCrypto | None = None,
-    ) -> AdapterWeights:
-        if crypto is None:
-            raise ValueError("a MaskCrypt client needs its CKKS context to read the broadcast")
+    def _receive(self, broadcast: Message, req: ReceiveArgs) -> AdapterWeights:
+        rank, alpha, seed, crypto = req
+        self._need_crypto(crypto, "client")
         h = broadcast.header
         require(h, "round", "ciphertexts", "encrypted_values", "total_examples", "fingerprint")
         require(h, "layout_r_max")

@@ -17,9 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..adapters import AdapterWeights, revive_missing
+from ..adapters import AdapterWeights, fit_rank, revive_missing
 from ..aggregation import (
-    SVDFactors,
     fedavg_factors,
     fedavg_truncate,
     flexlora_aggregate,
@@ -27,7 +26,8 @@ from ..aggregation import (
     lora_scaling,
 )
 from ..messages import Message, MessageError, require
-from .base import SEP, Method, fit_rank
+from .base import AggregateArgs, Method, ReceiveArgs
+from .wire import SEP, put_svd, read_svd
 
 __all__ = ["FedAvg", "FlexLoRA"]
 
@@ -41,16 +41,9 @@ def _check_broadcast(msg: Message, method: str) -> None:
 class FedAvg(Method):
     name = "fedavg"
 
-    def server_aggregate(
-        self,
-        uploads: Sequence[Message],
-        *,
-        round_: int,
-        max_rank: int | None = None,
-        crypto: object = None,
-    ) -> Message:
-        headers, weights, p = self._decode_uploads(uploads)
-        r_max = max([w.rank for w in weights] + [max_rank or 0])
+    def _aggregate(self, uploads: Sequence[Message], req: AggregateArgs) -> Message:
+        round_, max_rank, _, _ = req
+        headers, weights, p, r_max = self._decode_uploads(uploads, max_rank)
         live = max(w.rank for w in weights)
         tensors: dict[str, np.ndarray] = {}
         for layer in weights[0].factors:
@@ -62,9 +55,8 @@ class FedAvg(Method):
             tensors[f"{layer}{SEP}A"] = a
         return self._broadcast(tensors, weights, p, headers, round_=round_, r_max=r_max)
 
-    def client_weights(
-        self, broadcast: Message, *, rank: int, alpha: float, seed: int = 0, crypto: object = None
-    ) -> AdapterWeights:
+    def _receive(self, broadcast: Message, req: ReceiveArgs) -> AdapterWeights:
+        rank, alpha, seed, _ = req
         _check_broadcast(broadcast, self.name)
         layers, head = self._split(broadcast)
         factors = {}
@@ -77,40 +69,26 @@ class FedAvg(Method):
 class FlexLoRA(Method):
     name = "flexlora"
 
-    def server_aggregate(
-        self,
-        uploads: Sequence[Message],
-        *,
-        round_: int,
-        max_rank: int | None = None,
-        crypto: object = None,
-    ) -> Message:
-        headers, weights, p = self._decode_uploads(uploads)
-        r_max = max([w.rank for w in weights] + [max_rank or 0])
+    def _aggregate(self, uploads: Sequence[Message], req: AggregateArgs) -> Message:
+        round_, max_rank, _, _ = req
+        headers, weights, p, r_max = self._decode_uploads(uploads, max_rank)
         scalings = [lora_scaling(w.alpha, w.rank) for w in weights]
         tensors: dict[str, np.ndarray] = {}
         for layer in weights[0].factors:
             svd = flexlora_aggregate(
                 [w.factors[layer] for w in weights], p, scalings, max_rank=r_max
             )
-            tensors[f"{layer}{SEP}U"] = svd.u.astype(np.float32)
-            tensors[f"{layer}{SEP}S"] = svd.s.astype(np.float32)
-            tensors[f"{layer}{SEP}Vt"] = svd.vt.astype(np.float32)
+            put_svd(tensors, layer, svd)
         return self._broadcast(tensors, weights, p, headers, round_=round_, r_max=r_max)
 
-    def client_weights(
-        self, broadcast: Message, *, rank: int, alpha: float, seed: int = 0, crypto: object = None
-    ) -> AdapterWeights:
+    def _receive(self, broadcast: Message, req: ReceiveArgs) -> AdapterWeights:
+        rank, alpha, seed, _ = req
         _check_broadcast(broadcast, self.name)
         layers, head = self._split(broadcast)
         scaling = lora_scaling(alpha, rank)
         factors = {}
         for layer, t in layers.items():
-            svd = SVDFactors(
-                u=t["U"].astype(np.float64),
-                s=t["S"].astype(np.float64),
-                vt=t["Vt"].astype(np.float64),
-            )
+            svd = read_svd(t)
             # the stacked update may have fewer components than this client's rank (sum of the
             # answering clients' ranks < r): keep them all; fit_rank revives the missing ones
             b, a = flexlora_redistribute(svd, min(rank, svd.s.shape[0]), scaling)

@@ -42,21 +42,25 @@ stays low-rank and is broadcast like FlexLoRA's.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from ..adapters import AdapterWeights
-from ..aggregation import LowRankUpdate, SVDFactors, lora_scaling, lowrank_svd
-from ..ckks import ClientCrypto, PackingLayout, ServerCrypto, check_fingerprint
+from ..adapters import AdapterWeights, fit_rank
+from ..aggregation import LowRankUpdate, lora_scaling, lowrank_svd
+from ..ckks import ServerCrypto, check_fingerprint
 from ..column_aggregation import fuse, plain_part, protected_columns, reparameterize, split_columns
 from ..config import FederatedConfig
 from ..messages import Message, MessageError, require
-from .base import (
+from .base import AggregateArgs, Method, ReceiveArgs, UploadArgs
+from .budget import encrypted_values
+from .packing import delta_layout
+from .wire import (
     SEP,
-    Method,
     adapter_to_upload,
     attach_ciphertexts,
-    fit_rank,
+    put_svd,
+    read_svd,
     split_ciphertexts,
     upload_to_adapter,
 )
@@ -65,7 +69,6 @@ __all__ = [
     "SHELoRA",
     "public_column_order",
     "public_columns",
-    "shelora_encrypted_values",
     "withheld_column_weights",
 ]
 
@@ -110,26 +113,6 @@ def public_columns(
     return public_column_order(layer_weights, cfg.max_budget, order=cfg.column_order, seed=cfg.seed)
 
 
-def shelora_encrypted_values(
-    cfg: FederatedConfig, client_id: int, shapes: Mapping[str, tuple[int, int]]
-) -> int:
-    """Values client ``client_id`` encrypts per round under SHE-LoRA (its HE budget in values).
-
-    ``delta``: k_i protected dW columns of m values in every layer, ``sum_layers k_i * m``;
-    ``paper``: k_i protected A columns of r_i values, ``k_i * r_i * layers``. MaskCrypt encrypts
-    exactly this many (:mod:`shelora_core.methods.maskcrypt`), so costs compare like with like.
-
-    Args:
-        cfg: the run (budgets, ranks and cipher mode; ``cfg.method`` is not consulted).
-        client_id: the client.
-        shapes: ``(m, n)`` of every adapted layer.
-    """
-    k = cfg.client_budget(client_id)
-    if cfg.cipher_mode == "delta":
-        return int(sum(k * m for m, _ in shapes.values()))
-    return int(k * cfg.client_rank(client_id) * len(shapes))
-
-
 def withheld_column_weights(budgets: Sequence[int], p: Sequence[float], k_max: int) -> np.ndarray:
     """``1 / q_j`` per position j of G for the withhold ablation (0 where nobody sent G[j]).
 
@@ -140,14 +123,6 @@ def withheld_column_weights(budgets: Sequence[int], p: Sequence[float], k_max: i
     return np.divide(1.0, q, out=np.zeros_like(q), where=q > 0)
 
 
-def delta_layout(layer_rows: Mapping[str, int], k_max: int, slots: int) -> PackingLayout:
-    """Position-major layout of the protected dW columns: ``layer#j`` has ``m_layer`` values."""
-    segments = [
-        (f"{layer}#{j}", m) for j in range(k_max) for layer, m in sorted(layer_rows.items())
-    ]
-    return PackingLayout.build(segments, slots)
-
-
 class SHELoRA(Method):
     """SHE-LoRA's client and server steps (see the module docstring)."""
 
@@ -155,24 +130,14 @@ class SHELoRA(Method):
     needs_crypto = True
 
     def __init__(self, cfg: FederatedConfig | None = None) -> None:
-        self.cfg = cfg or FederatedConfig(method="shelora")
+        super().__init__(cfg)
         self.mode = self.cfg.cipher_mode
         self.withhold = self.cfg.shelora_protect == "withhold"
         self.needs_crypto = not self.withhold  # the withhold ablation sends no ciphertext
 
     # ------------------------------------------------------------------ client: upload
-    def make_upload(
-        self,
-        weights: AdapterWeights,
-        *,
-        round_: int,
-        client_id: int,
-        num_examples: int,
-        crypto: ClientCrypto | None = None,
-        columns: Mapping[str, Sequence[int]] | None = None,
-        start: AdapterWeights | None = None,
-        seed: int = 0,
-    ) -> Message:
+    def _upload(self, weights: AdapterWeights, req: UploadArgs) -> Message:
+        round_, client_id, num_examples, crypto, columns, _, _ = req
         if columns is None or (crypto is None and not self.withhold):
             raise ValueError(
                 "SHE-LoRA uploads need the client's CKKS context and the column list G"
@@ -214,7 +179,7 @@ class SHELoRA(Method):
                 }
             )
             # the client's prefix of the flat vector: sum over layers of k x m values
-            used = shelora_encrypted_values(
+            used = encrypted_values(
                 self.cfg,
                 client_id,
                 {layer: (b.shape[0], a.shape[1]) for layer, (b, a) in weights.factors.items()},
@@ -231,18 +196,11 @@ class SHELoRA(Method):
         return msg
 
     # ------------------------------------------------------------------ server
-    def server_aggregate(
-        self,
-        uploads: Sequence[Message],
-        *,
-        round_: int,
-        max_rank: int | None = None,
-        crypto: ServerCrypto | None = None,
-    ) -> Message:
+    def _aggregate(self, uploads: Sequence[Message], req: AggregateArgs) -> Message:
+        round_, max_rank, crypto, _ = req
         if self.withhold:
             return self._aggregate_withheld(uploads, round_=round_, max_rank=max_rank)
-        if crypto is None:
-            raise ValueError("the SHE-LoRA server needs the public CKKS context")
+        self._need_crypto(crypto, "server")
         plain_msgs, blobs, headers = [], [], []
         for u in uploads:
             require(u.header, "budget", "fingerprint", "columns", "ciphertexts", "cipher_mode")
@@ -252,13 +210,8 @@ class SHELoRA(Method):
                     f"client {u.header.get('client_id')} used cipher mode "
                     f"{u.header['cipher_mode']!r}, the server runs {self.mode!r}"
                 )
-            expected = self._expected_ciphertexts(u, crypto.slots)
-            if u.header["ciphertexts"] != expected:
-                raise MessageError(
-                    f"client {u.header.get('client_id')} sent {u.header['ciphertexts']} ciphertexts; "
-                    f"its budget {u.header['budget']} and layer shapes need {expected}"
-                )
-            plain, enc = split_ciphertexts(u)
+            need = f"its budget {u.header['budget']} and layer shapes"
+            plain, enc = self._split_encrypted(u, self._expected_ciphertexts(u, crypto.slots), need)
             plain_msgs.append(plain)
             blobs.append(enc)
             headers.append(u.header)
@@ -269,15 +222,12 @@ class SHELoRA(Method):
                     f"client {h['client_id']} protects other columns than client "
                     f"{headers[0]['client_id']}: the column list G must be shared"
                 )
-        _, weights, p = self._decode_uploads(plain_msgs)
-        r_max = max([w.rank for w in weights] + [max_rank or 0])
+        _, weights, p, r_max = self._decode_uploads(plain_msgs, max_rank)
         scalings = [lora_scaling(w.alpha, w.rank) for w in weights]
         tensors: dict[str, np.ndarray] = {}
         for layer in weights[0].factors:
             svd = lowrank_svd(plain_part([w.factors[layer] for w in weights], p, scalings))
-            tensors[f"{layer}{SEP}U"] = svd.u.astype(np.float32)
-            tensors[f"{layer}{SEP}S"] = svd.s.astype(np.float32)
-            tensors[f"{layer}{SEP}Vt"] = svd.vt.astype(np.float32)
+            put_svd(tensors, layer, svd)
         budgets = [int(h["budget"]) for h in headers]
         k_max = self.cfg.max_budget
         if self.mode == "delta":
@@ -286,21 +236,9 @@ class SHELoRA(Method):
             summed = self._paper_products(blobs, weights, p, scalings, budgets, crypto)
         attach_ciphertexts(tensors, summed)
         counts = [sum(1 for k in budgets if k > j) for j in range(k_max)]
-        return self._broadcast(
-            tensors,
-            weights,
-            p,
-            headers,
-            round_=round_,
-            r_max=r_max,
-            columns=columns,
-            k_max=k_max,
-            contributors=counts,
-            ciphertexts=len(summed),
-            total_examples=int(sum(h["num_examples"] for h in headers)),
-            fingerprint=crypto.fingerprint,
-            cipher_mode=self.mode,
-        )
+        extra = dict(k_max=k_max, contributors=counts, ciphertexts=len(summed))
+        extra.update(fingerprint=crypto.fingerprint, cipher_mode=self.mode)
+        return self._column_broadcast(tensors, weights, p, headers, round_, r_max, **extra)
 
     def _aggregate_withheld(
         self, uploads: Sequence[Message], *, round_: int, max_rank: int | None
@@ -318,8 +256,7 @@ class SHELoRA(Method):
         columns = headers[0]["columns"]
         if any(h["columns"] != columns for h in headers[1:]):
             raise MessageError("clients withhold other columns: the column list G must be shared")
-        _, weights, p = self._decode_uploads(uploads)
-        r_max = max([w.rank for w in weights] + [max_rank or 0])
+        _, weights, p, r_max = self._decode_uploads(uploads, max_rank)
         scalings = [lora_scaling(w.alpha, w.rank) for w in weights]
         budgets = [int(h["budget"]) for h in headers]
         k_max = self.cfg.max_budget
@@ -331,24 +268,23 @@ class SHELoRA(Method):
             g = list(columns[layer])[:k_max]
             right[:, g] *= inv_q[: len(g)]  # re-weight column G[j] over its senders
             svd = lowrank_svd(LowRankUpdate(left=stacked.left, right=right))
-            tensors[f"{layer}{SEP}U"] = svd.u.astype(np.float32)
-            tensors[f"{layer}{SEP}S"] = svd.s.astype(np.float32)
-            tensors[f"{layer}{SEP}Vt"] = svd.vt.astype(np.float32)
-        return self._broadcast(
-            tensors,
-            weights,
-            p,
-            headers,
-            round_=round_,
-            r_max=r_max,
-            columns=columns,
-            k_max=0,  # nothing encrypted: clients fuse no column
-            withheld=k_max,
-            contributors=[sum(1 for k in budgets if k <= j) for j in range(k_max)],
-            ciphertexts=0,
-            total_examples=int(sum(h["num_examples"] for h in headers)),
-            protect="withhold",
+            put_svd(tensors, layer, svd)
+        senders = [sum(1 for k in budgets if k <= j) for j in range(k_max)]
+        # k_max 0: nothing encrypted, clients fuse no column
+        extra = dict(k_max=0, withheld=k_max, contributors=senders, ciphertexts=0)
+        return self._column_broadcast(
+            tensors, weights, p, headers, round_, r_max, protect="withhold", **extra
         )
+
+    def _column_broadcast(
+        self, tensors, weights, p, headers, round_: int, r_max: int, **header: Any
+    ) -> Message:
+        """The broadcast with what every SHE-LoRA broadcast carries: G and the total sample count."""
+        header.update(
+            columns=headers[0]["columns"],
+            total_examples=int(sum(h["num_examples"] for h in headers)),
+        )
+        return self._broadcast(tensors, weights, p, headers, round_=round_, r_max=r_max, **header)
 
     def _expected_ciphertexts(self, upload: Message, slots: int) -> int:
         """Ciphertexts an upload must carry, from public inputs: its budget and layer shapes."""
@@ -386,15 +322,8 @@ class SHELoRA(Method):
         return out
 
     # ------------------------------------------------------------------ client: new adapter
-    def client_weights(
-        self,
-        broadcast: Message,
-        *,
-        rank: int,
-        alpha: float,
-        seed: int = 0,
-        crypto: ClientCrypto | None = None,
-    ) -> AdapterWeights:
+    def _receive(self, broadcast: Message, req: ReceiveArgs) -> AdapterWeights:
+        rank, alpha, seed, crypto = req
         require(
             broadcast.header, "columns", "k_max", "contributors", "ciphertexts", "total_examples"
         )
@@ -433,11 +362,7 @@ class SHELoRA(Method):
         scaling = lora_scaling(alpha, rank)
         factors = {}
         for layer, t in layers.items():
-            plain = SVDFactors(
-                u=t["U"].astype(np.float64),
-                s=t["S"].astype(np.float64),
-                vt=t["Vt"].astype(np.float64),
-            )
+            plain = read_svd(t)
             fused = fuse(plain, h["columns"][layer][:k_max], d[layer])
             b, a, _ = reparameterize(fused, rank, scaling)
             factors[layer] = fit_rank(b, a, rank, seed=seed)

@@ -1,0 +1,491 @@
+"""The attack grid: DAGER on every method's real upload, cell by cell, resumable.
+
+For every method the victim client (:mod:`~shelora_core.attacks.victim`) runs its real
+client-side code and the attacker (:mod:`~shelora_core.attacks.threat`) reads only what crosses
+the wire (docs/design.md, "Threat model"). :func:`attack_plan` lists the cells of a profile,
+:func:`run_grid` writes one row per (cell, batch) to a JSONL checkpoint, so an interrupted grid
+resumes, and :func:`summarize` averages them into the table rows.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..adapters import AdapterWeights, layer_index
+from .dager import match_sentences, score_reconstruction
+from .dager import token_set_scores as _token_scores
+from .threat import METHODS, attack_upload, observed_update, server_knowledge, try_decrypt
+from .victim import Victim, client_upload
+
+__all__ = ["PAPER_ROUGE1", "Cell", "apply_overrides", "attack_plan", "run_grid", "summarize"]
+
+#: SHE-LoRA paper (Liu et al., ICLR 2026), DAGER ROUGE-1 (%) on SST-2, batch 4 / 8 / 16
+PAPER_ROUGE1: dict[str, dict[int, float]] = {
+    "flexlora": {4: 95.18, 8: 61.14, 16: 10.27},
+    "shelora": {4: 0.72, 8: 0.98, 16: 0.0},
+    "flexlora-dp": {4: 86.25, 8: 80.28, 16: 68.62},
+    "maskcrypt": {4: 89.16, 8: 61.49, 16: 10.91},
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One row of the attack table (averaged over ``n_batches`` batches)."""
+
+    method: str
+    attacker: str
+    batch_size: int
+    rank: int
+    update: str
+    budget: int | None = None
+    dp_sigma: float | None = None
+    dp_epsilon: float | None = None
+    lr: float = 1e3
+
+    @property
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @property
+    def group(self) -> tuple[int, str, int, float]:
+        """Cells sharing one local training per batch."""
+        return (self.rank, self.update, self.batch_size, self.lr)
+
+
+def attack_plan(profile: str) -> dict[str, Any]:
+    """The grid of a profile: its cells and data settings.
+
+    ``quick``: short sentences at rank 128, batch 1 and 2 in round 1 and batch 1 in a later round,
+    every method, budget 4: well under a minute at one thread. ``paper``: batch 1/2/4/8, ranks 256
+    (where the unprotected attack works), 64/128 (FlexLoRA only) and 8/16/32 (training ranks),
+    round 1 / later / multi-step, budgets 1/2/4/8/16, DP at epsilon 10 plus a noise sweep, a secret
+    round-1 ``A``, the learning-rate (float32) sweep: ~45 minutes at one thread.
+    """
+    if profile == "quick":
+        settings = dict(
+            n_batches=1,
+            max_tokens=14,
+            negotiation_clients=2,
+            calibration_examples=8,
+            dp_sigmas=(),
+            local_steps=5,
+            local_lr=1e-3,
+            head_lr=1e-3,
+        )
+        cells = _cells(
+            batch_sizes=(1, 2), ranks=(128,), updates=("round1",), budgets=(4,), dp_sigmas=()
+        )
+        cells += _cells(
+            batch_sizes=(1,), ranks=(128,), updates=("later",), budgets=(4,), dp_sigmas=()
+        )
+    elif profile == "paper":
+        settings = dict(
+            n_batches=3,
+            max_tokens=24,
+            negotiation_clients=3,
+            calibration_examples=32,
+            dp_sigmas=(1e-4, 1e-6, 1e-8, 1e-10, 1e-11, 1e-12),
+            local_steps=5,
+            local_lr=1e-3,
+            head_lr=1e-3,
+        )
+        cells = _cells(
+            batch_sizes=(1, 2, 4, 8),
+            ranks=(256,),
+            updates=("round1", "later"),
+            budgets=(1, 2, 4, 8, 16),
+            dp_sigmas=settings["dp_sigmas"],
+        )
+        # training ranks: the unprotected attack and SHE-LoRA / MaskCrypt at budget 8
+        cells += _cells(
+            batch_sizes=(1, 2, 4),
+            ranks=(8, 16, 32),
+            updates=("round1", "later"),
+            budgets=(8,),
+            dp_sigmas=(),
+            methods=("flexlora", "maskcrypt", "shelora", "fedshield"),
+        )
+        # where the unprotected attack stops working: ranks 64 and 128 at every batch size
+        cells += _cells(
+            batch_sizes=(1, 2, 4, 8),
+            ranks=(64, 128),
+            updates=("round1",),
+            budgets=(),
+            dp_sigmas=(),
+            methods=("flexlora",),
+        )
+        # the real multi-step local update (AdamW): unprotected and SHE-LoRA
+        cells += _cells(
+            batch_sizes=(1, 4),
+            ranks=(256, 32),
+            updates=("multistep",),
+            budgets=(4,),
+            dp_sigmas=(),
+            methods=("flexlora", "shelora"),
+        )
+        # what SHE-LoRA would need round 1 to hide anything: a secret initial A (pessimistic)
+        cells += [
+            Cell("shelora", a, bs, 256, "round1-secret-a", budget=k)
+            for bs in (1, 2, 4)
+            for k in (1, 4, 16)
+            for a in ("oblivious", "adaptive")
+        ]
+        # float32 uploads: one SGD step is seen through rounded weights; smaller lr, more noise
+        cells += [
+            Cell("flexlora", "oblivious", bs, 256, "later", lr=lr)
+            for bs in (1, 4)
+            for lr in (1.0, 10.0, 100.0)
+        ]
+    else:
+        raise ValueError(f"unknown profile {profile!r}; choose 'quick' or 'paper'")
+    return {"profile": profile, "cells": cells, **settings}
+
+
+def _cells(
+    *,
+    batch_sizes: Sequence[int],
+    ranks: Sequence[int],
+    updates: Sequence[str],
+    budgets: Sequence[int],
+    dp_sigmas: Sequence[float],
+    methods: Sequence[str] = METHODS,
+) -> list[Cell]:
+    out: list[Cell] = []
+    for r in ranks:
+        for upd in updates:
+            for bs in batch_sizes:
+                for m in methods:
+                    if m in ("flexlora", "fedshield", "full_he"):
+                        out.append(Cell(m, "oblivious", bs, r, upd))
+                    elif m == "flexlora-dp":
+                        out.append(Cell(m, "oblivious", bs, r, upd, dp_epsilon=10.0))
+                        out += [Cell(m, "oblivious", bs, r, upd, dp_sigma=s) for s in dp_sigmas]
+                    elif m == "shelora+first-layers":
+                        out += [
+                            Cell(m, a, bs, r, upd, budget=max(budgets))
+                            for a in ("oblivious", "adaptive")
+                        ]
+                    else:
+                        out += [
+                            Cell(m, a, bs, r, upd, budget=k)
+                            for k in budgets
+                            for a in ("oblivious", "adaptive")
+                        ]
+    return out
+
+
+def sample_sentences(
+    n: int, *, max_tokens: int, seed: int = 0, exclude: Sequence[str] = ()
+) -> tuple[list[str], list[int]]:
+    """``n`` Rotten Tomatoes training snippets of at most ``max_tokens`` SmolLM2 tokens, seeded,
+    with their labels."""
+    from ..assets import load_tokenizer
+    from ..data import load_dataset
+
+    if n <= 0:
+        return [], []
+    train, _ = load_dataset("rotten_tomatoes", seed=0)
+    tok = load_tokenizer("smollm2")
+    order = np.random.default_rng([seed, 0x5E7]).permutation(len(train))
+    skip = set(exclude)
+    texts, labels = [], []
+    for i in order:
+        t = train.texts[int(i)]
+        if t in skip or len(tok(t, add_special_tokens=False)["input_ids"]) > max_tokens:
+            continue
+        texts.append(t)
+        labels.append(int(train.labels[int(i)]))
+        if len(texts) == n:
+            break
+    return texts, labels
+
+
+def run_grid(
+    plan: Mapping[str, Any],
+    *,
+    checkpoint: str | Path,
+    victim: Victim | None = None,
+    public_model: Any = None,
+    progress: bool | None = None,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Run (or resume) the cells of ``plan``; returns the per-(cell, batch) records.
+
+    Each record is appended to ``checkpoint`` (JSONL) as soon as it is measured; records already
+    there are not recomputed.
+    """
+    from tqdm.auto import tqdm
+
+    from ..assets import load_classifier
+    from ..federation import quiet
+
+    cells: list[Cell] = list(plan["cells"])
+    n_batches = int(plan["n_batches"])
+    max_batch = max(c.batch_size for c in cells)
+    path = Path(checkpoint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                done[(rec["key"], rec["batch"])] = rec
+    todo = [(c, b) for c in cells for b in range(n_batches) if (c.key, b) not in done]
+    bar = tqdm(
+        total=len(cells) * n_batches,
+        initial=len(cells) * n_batches - len(todo),
+        desc="attack grid",
+        disable=quiet() if progress is None else not progress,
+    )
+    if todo:
+        victim = victim or Victim(sorted({c.rank for c in cells}), seed=seed)
+        public_model = public_model or load_classifier("smollm2", num_labels=2, seed=seed)
+        pool, labels = sample_sentences(
+            n_batches * max_batch, max_tokens=int(plan["max_tokens"]), seed=seed
+        )
+        others, _ = sample_sentences(
+            (plan["negotiation_clients"] - 1) * plan["calibration_examples"],
+            max_tokens=64,
+            seed=seed + 1,
+            exclude=pool,
+        )
+        calib = [pool[: plan["calibration_examples"]]] + [
+            others[i : i + plan["calibration_examples"]]
+            for i in range(0, len(others), plan["calibration_examples"])
+        ]
+        k_max = max([c.budget or 1 for c in cells if c.method.startswith("shelora")] or [1])
+        groups: dict[tuple, list[tuple[Cell, int]]] = {}
+        for c, b in todo:
+            groups.setdefault((*c.group, b), []).append((c, b))
+        with path.open("a") as fh:
+            for (rank, update, bs, lr, b), items in groups.items():
+                texts = pool[b * bs : (b + 1) * bs]
+                y = labels[b * bs : (b + 1) * bs]
+                batch = victim.batch(texts, max_length=int(plan["max_tokens"]) + 1)
+                start = victim.start(rank, update)
+                after = victim.train(
+                    start,
+                    batch,
+                    y,
+                    update=update,
+                    lr=lr,
+                    head_lr=float(plan.get("head_lr", 1e-3)),
+                    local_steps=int(plan.get("local_steps", 5)),
+                    local_lr=float(plan.get("local_lr", 1e-3)),
+                    seed=seed,
+                )
+                step_lr = float(plan.get("local_lr", 1e-3)) if update == "multistep" else lr
+                uploads: dict[tuple, tuple[bytes, bytes | None, float]] = {}
+                for cell, _ in items:
+                    rec = _measure(
+                        cell,
+                        b,
+                        victim=victim,
+                        public_model=public_model,
+                        start=start,
+                        after=after,
+                        batch=batch,
+                        texts=texts,
+                        labels=y,
+                        step_lr=step_lr,
+                        columns=_columns_for(cell, victim, calib, k_max),
+                        uploads=uploads,
+                        seed=seed,
+                    )
+                    line = json.dumps(rec)
+                    fh.write(line + "\n")
+                    fh.flush()
+                    done[(cell.key, b)] = json.loads(line)  # as a resumed run reads it
+                    bar.update(1)
+    bar.close()
+    return [done[(c.key, b)] for c in cells for b in range(n_batches) if (c.key, b) in done]
+
+
+def _columns_for(cell: Cell, victim: Victim, calib: Sequence[Sequence[str]], k_max: int):
+    if not cell.method.startswith("shelora"):
+        return None
+    return victim.columns(cell.rank, k_max, calib)
+
+
+def _measure(
+    cell: Cell,
+    b: int,
+    *,
+    victim: Victim,
+    public_model: Any,
+    start: AdapterWeights,
+    after: AdapterWeights,
+    batch: Mapping[str, torch.Tensor],
+    texts: Sequence[str],
+    labels: Sequence[int],
+    step_lr: float,
+    columns: Mapping[str, Sequence[int]] | None,
+    uploads: dict,
+    seed: int,
+) -> dict[str, Any]:
+    """Upload (cached per method variant and batch), server view, attack, scores: one record."""
+    t0 = time.perf_counter()
+    ukey = (cell.method, cell.budget, cell.dp_sigma, cell.dp_epsilon)
+    if ukey not in uploads:
+        uploads[ukey] = client_upload(
+            cell.method,
+            victim,
+            after,
+            start,
+            batch=batch,
+            labels=labels,
+            budget=cell.budget or 0,
+            columns=columns,
+            dp_sigma=cell.dp_sigma,
+            dp_epsilon=cell.dp_epsilon,
+            lr=step_lr,
+            seed=seed + b,
+        )
+    data, consensus, client_s = uploads[ukey]
+    knowledge = server_knowledge(
+        cell.method,
+        start,
+        update=cell.update,
+        lr=step_lr,
+        bos_id=int(victim.tokenizer.bos_token_id),
+        batch_size=cell.batch_size,
+        columns=columns,
+        budget=cell.budget or 0,
+        consensus=consensus,
+    )
+    server_crypto = victim.server_crypto(cell.method)
+    res, view = attack_upload(
+        data,
+        method=cell.method,
+        knowledge=knowledge,
+        public_model=public_model,
+        server_crypto=server_crypto,
+        attacker=cell.attacker,
+        max_length=int(batch["input_ids"].shape[1]) + 1,
+    )
+    tok = victim.tokenizer
+    refs = list(texts)
+    ids = batch["input_ids"][batch["attention_mask"].bool()].tolist()
+    true_tokens = set(ids) - {tok.bos_token_id}
+    rec: dict[str, Any] = {"key": cell.key, "batch": b, **asdict(cell)}
+    hidden: dict[int, int] = {}
+    rec["note"] = view.note
+    rec["decrypt_error"] = (
+        try_decrypt(server_crypto, view.ciphertexts) if view.ciphertexts else None
+    )
+    if res is None:
+        recon: list[str] = []
+        rouge = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+        prec = recall = 0.0
+        r1 = r2 = None
+    else:
+        recon = [tok.decode(s) for s in res.sequences]
+        rouge = score_reconstruction(recon, refs)
+        prec, recall = _token_scores(res.tokens, true_tokens)
+        r1, r2 = res.rank_layer1, res.rank_layer2
+        rec["route"] = res.route
+        obs_hidden = observed_update(view, knowledge, attacker=cell.attacker)
+        hidden = {i: int(lu.hidden.size) for i, lu in obs_hidden.layers.items()}
+        names = {layer_index(n): n for n in view.after.factors}
+        rec["unknown_entries"] = {
+            i: int(
+                np.sum(view.unknown_a.get(names[i], 0))
+                + np.sum(view.unknown_b.get(names[i], 0))
+                + np.sum(knowledge.unknown_a.get(names[i], 0))
+            )
+            for i in (0, 1)
+        }
+    rec.update(
+        rouge1=rouge["rouge1"],
+        rouge2=rouge["rouge2"],
+        rougeL=rouge["rougeL"],
+        token_precision=prec,
+        token_recall=recall,
+        rank_layer1=r1,
+        rank_layer2=r2,
+        hidden_columns=hidden,
+        upload_bytes=view.upload_bytes,
+        ciphertexts=len(view.ciphertexts),
+        client_seconds=client_s,
+        distinct_tokens=len(true_tokens),
+        examples=[
+            {"reference": r, "reconstruction": p}
+            for r, p in zip(refs, match_sentences(recon, refs), strict=True)
+        ],
+        seconds=time.perf_counter() - t0,
+    )
+    return rec
+
+
+def summarize(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Average per-batch records into table rows (one per cell), in first-seen order."""
+    by: dict[str, list[Mapping[str, Any]]] = {}
+    for r in records:
+        by.setdefault(r["key"], []).append(r)
+    rows = []
+    for recs in by.values():
+        r0 = recs[0]
+        row = {
+            k: r0[k]
+            for k in (
+                "method",
+                "attacker",
+                "batch_size",
+                "rank",
+                "budget",
+                "update",
+                "dp_sigma",
+                "dp_epsilon",
+                "lr",
+            )
+        }
+        for k in ("rouge1", "rouge2", "rougeL", "token_precision", "token_recall"):
+            row[k] = float(np.mean([r[k] for r in recs]))
+        row["n_batches"] = len(recs)
+        row["upload_bytes"] = float(np.mean([r["upload_bytes"] for r in recs]))
+        row["ciphertexts"] = int(r0["ciphertexts"])
+        row["client_seconds"] = float(np.mean([r["client_seconds"] for r in recs]))
+        row["attack_seconds"] = float(np.mean([r["seconds"] for r in recs]))
+        row["note"] = r0.get("note", "")
+        if r0.get("decrypt_error"):
+            row["decrypt_error"] = r0["decrypt_error"]
+        row["examples"] = r0["examples"]
+        rows.append(row)
+    return rows
+
+
+#: plan settings a notebook override may replace, and the cell fields it may filter on
+_SETTINGS = ("n_batches", "max_tokens", "negotiation_clients", "calibration_examples")
+_FILTERS = {"batch_sizes": "batch_size", "ranks": "rank", "updates": "update", "methods": "method"}
+
+
+def apply_overrides(
+    plan: Mapping[str, Any], overrides: Mapping[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """``plan`` with ``overrides`` applied, and the override keys it does not know.
+
+    Settings (``n_batches``, ``max_tokens``, ``negotiation_clients``, ``calibration_examples``) are
+    replaced; ``batch_sizes``, ``ranks``, ``updates`` and ``methods`` keep only the matching
+    cells (e.g. ``{"batch_sizes": [1]}`` for a smoke test).
+    """
+    out = dict(plan)
+    ignored = []
+    for key, value in overrides.items():
+        if key in _SETTINGS:
+            out[key] = int(value)
+        elif key in _FILTERS:
+            keep = set(value if isinstance(value, (list, tuple)) else [value])
+            out["cells"] = [c for c in out["cells"] if getattr(c, _FILTERS[key]) in keep]
+        else:
+            ignored.append(key)
+    if not out["cells"]:
+        raise ValueError(f"the overrides {dict(overrides)} leave no cell of the attack grid")
+    return out, ignored
