@@ -93,5 +93,7 @@ def layer_index(name: str) -> int:
     ``...layer.<i>...`` (BERT)."""
     m = _LAYER_RE.search(name)
     if m is None:
-        raise ValueError(f"cannot read a layer index from {name!r} (expected 'layers.<i>.')")
+        raise ValueError(
+            f"cannot read a layer index from {name!r} (expected 'layers.<i>.' or 'layer.<i>.')"
+        )
     return int(m.group(1))

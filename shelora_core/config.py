@@ -352,6 +352,13 @@ class FederatedConfig:
                 bad("first_layers", self.first_layers, "give one or more block indices >= 0")
             if self.cipher_mode != "delta":
                 bad("cipher_mode", self.cipher_mode, "shelora+first-layers runs in 'delta' mode")
+            if self.shelora_protect != "encrypt":
+                bad(
+                    "shelora_protect",
+                    self.shelora_protect,
+                    "shelora+first-layers encrypts the protected layers: use 'encrypt' (the withhold "
+                    "ablation is a setting of method 'shelora')",
+                )
         if self.method == "flexlora-dp":
             self._check_dp(bad)
         if self.lora_alpha <= 0:

@@ -110,6 +110,11 @@ def run_round(
     n = len(adapters)
     ids = list(range(n)) if client_ids is None else [int(i) for i in client_ids]
     sizes = [100] * n if num_examples is None else [int(x) for x in num_examples]
+    if starts is None and cfg.method == "flexlora-dp":
+        raise ValueError(
+            "flexlora-dp privatizes each client's update (trained - start): pass starts= (the "
+            "adapters the clients started the round from)"
+        )
     starts = list(adapters) if starts is None else list(starts)
     if not (len(ids) == len(sizes) == len(starts) == n):
         raise ValueError(

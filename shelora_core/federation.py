@@ -83,9 +83,6 @@ def results_version(method: str) -> int:
     return METHOD_RESULTS_VERSION.get(method, RESULTS_VERSION)
 
 
-#: methods whose encrypted share is set by ``he_budgets`` and ``cipher_mode``
-
-
 @dataclass
 class RunResult:
     """What a run leaves: the config, one record per round and a summary."""

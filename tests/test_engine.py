@@ -151,3 +151,20 @@ def test_factor_averaging_methods_revive_missing_components_alike(keys):
         assert np.abs(a0[4:]).max() > 0.01  # revived, not left empty
         np.testing.assert_allclose(a1, a0, atol=1e-5)
         np.testing.assert_allclose(b1, b0, atol=1e-5)
+
+
+def test_first_layers_server_refuses_a_wrong_ciphertext_count_and_withhold_is_refused(keys):
+    from shelora_core.messages import MessageError, decode, encode
+    from shelora_core.server import server_step
+
+    cfg = _cfg("shelora+first-layers")
+    kh = keys["add_only"]
+    ups = [upload(cfg, w, round_=1, client_id=i, num_examples=10, crypto=kh.client(),
+                  columns=COLUMNS) for i, w in enumerate(_adapters())]  # fmt: skip
+    bad = decode(ups[1])
+    bad.header["first_layers"]["ciphertexts"] += 1
+
+    with pytest.raises(MessageError, match="client 1 sent 2 first-layer ciphertexts"):
+        server_step(cfg, [ups[0], encode(bad), ups[2]], round_=1, crypto=kh.server())
+    with pytest.raises(ValueError, match="shelora_protect"):
+        cfg.replace(shelora_protect="withhold")

@@ -49,7 +49,11 @@ def privatize_update(
             f"noise_multiplier={noise_multiplier!r}, epsilon={epsilon!r}"
         )
     if set(trained.factors) != set(start.factors) or trained.rank != start.rank:
-        raise ValueError("the trained adapter and the start adapter have other layers or ranks")
+        raise ValueError(
+            f"the trained adapter (rank {trained.rank}) and the start adapter (rank {start.rank}) "
+            f"differ in rank or layers (only in one: "
+            f"{sorted(set(trained.factors) ^ set(start.factors))[:3]})"
+        )
     layers = list(trained.factors)
     upd = {f"{k}{SEP}B": trained.factors[k][0] - start.factors[k][0] for k in layers}
     upd |= {f"{k}{SEP}A": trained.factors[k][1] - start.factors[k][1] for k in layers}

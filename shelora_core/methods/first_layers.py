@@ -170,13 +170,23 @@ class FirstLayersSHELoRA(Method):
                     f"{fl.get('encrypt')!r}; only 'dw' uploads add up across ranks "
                     "(set first_layers_encrypt='dw')"
                 )
-            if fl.get("shapes") != uploads[0].header["first_layers"].get("shapes"):
-                raise MessageError("clients protected other layers or shapes: they must agree")
+            first = uploads[0].header["first_layers"].get("shapes")
+            if fl.get("shapes") != first:
+                raise MessageError(
+                    f"client {u.header.get('client_id')} protected layers {fl.get('shapes')}, "
+                    f"client {uploads[0].header.get('client_id')} protected {first}: every client "
+                    "must protect the same layers (the same first_layers setting)"
+                )
+            shapes = {k: tuple(v) for k, v in fl["shapes"].items()}
+            expected = -(-first_layers_layout(shapes, crypto.slots).total // crypto.slots)
+            if int(fl.get("ciphertexts", -1)) != expected:
+                raise MessageError(
+                    f"client {u.header.get('client_id')} sent {fl.get('ciphertexts')} first-layer "
+                    f"ciphertexts; its protected layers {fl['shapes']} need {expected}"
+                )
             she, blobs = self.split_upload(u)
             parts.append(she)
             lists.append(blobs)
-        if len({len(b) for b in lists}) != 1:
-            raise MessageError("clients sent different numbers of first-layer ciphertexts")
         bc = self.shelora.server_aggregate(parts, round_=round_, max_rank=max_rank, crypto=crypto)
         summed = crypto.add(lists)
         _, before = split_ciphertexts(bc)

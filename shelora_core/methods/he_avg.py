@@ -74,7 +74,9 @@ class FedShield(Method):
         self._need_crypto(crypto, "server")
         blobs, sizes = [], []
         for u in uploads:
-            require(u.header, "fingerprint", "ciphertexts", "num_examples", "shapes", "r_max")
+            require(
+                u.header, "fingerprint", "ciphertexts", "num_examples", "shapes", "r_max", "rank"
+            )
             check_fingerprint(crypto.fingerprint, u.header["fingerprint"])
             blobs.append(split_ciphertexts(u)[1])
             sizes.append(u.header["num_examples"])
