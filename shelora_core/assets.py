@@ -120,7 +120,7 @@ def get_spec(name: str) -> ModelSpec:
     except KeyError:
         raise ValueError(
             f"unknown model {name!r}; choose one of {sorted(MODELS)} (models must ship in a package, "
-            "see ../shared/ASSETS.md)"
+            'see docs/design.md, "Layers", and the README\'s "Offline" paragraph)'
         ) from None
 
 
