@@ -33,7 +33,9 @@ def _git_commit() -> str | None:
             check=True,
         )
         dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            # the run's own outputs under results/ do not make the code dirty
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", "."]
+            + [":(exclude)results"],
             capture_output=True,
             text=True,
             timeout=5,
