@@ -1,4 +1,4 @@
-"""One round over adapters you already have: the round engine's client and server steps in order.
+"""One round (or one SHE-LoRA negotiation) in one process: the round engine's steps in order.
 
 :func:`run_round` is what the HE cost benchmark, notebook 04 and the protection cost use when
 there is no training to do: each client uploads its given adapter (:func:`shelora_core.client.upload`),
@@ -22,14 +22,14 @@ from typing import Any
 import numpy as np
 
 from .adapters import AdapterWeights
-from .client import propose_masks, receive, upload
+from .client import negotiated_columns, negotiation_proposal, propose_masks, receive, upload
 from .config import FederatedConfig
 from .messages import Message, decode
 from .methods import get_method
 from .methods.wire import is_ciphertext
-from .server import server_consensus, server_step
+from .server import server_consensus, server_negotiate, server_step
 
-__all__ = ["RoundTrace", "run_round"]
+__all__ = ["NegotiationTrace", "RoundTrace", "run_negotiation", "run_round"]
 
 
 @dataclass
@@ -164,3 +164,54 @@ def run_round(
         t_down.append(time.perf_counter() - t0)
     seconds["receive"] = t_down
     return RoundTrace(uploads, broadcast, received, proposals, consensus, seconds)
+
+
+@dataclass
+class NegotiationTrace:
+    """Everything one SHE-LoRA negotiation sent and measured.
+
+    Attributes:
+        columns: the ordered column list G per layer, as the clients decrypt it.
+        proposals: each client's OPE-encrypted proposal bytes.
+        broadcast: the server's negotiation bytes.
+        result: the server's own record (Coverage, Risk, the chosen (a, b) per tier).
+        seconds: ``proposal`` (per client), ``server`` and ``decrypt`` (one client).
+    """
+
+    columns: dict[str, list[int]]
+    proposals: list[bytes]
+    broadcast: bytes
+    result: Any
+    seconds: dict[str, Any]
+
+
+def run_negotiation(
+    cfg: FederatedConfig,
+    model: Any,
+    clients: Sequence[Any],
+    *,
+    ope: Any,
+    weights: Sequence[AdapterWeights | None] | None = None,
+) -> NegotiationTrace:
+    """Every client proposes (sensitivity on its own data, OPE), the server negotiates on the
+    ciphertexts, a client decrypts G: the steps the federation loop and the attack grid share.
+
+    Args:
+        cfg: the run's public configuration (ranks, budgets, calibration size).
+        model: the client-side :class:`~shelora_core.lora.LoraModel`.
+        clients: each client's :class:`~shelora_core.data.ClientData` (client ``i`` = index ``i``).
+        ope: the clients' shared :class:`~shelora_core.ope.ColumnOPE` (never the server's).
+        weights: per client, the adapter to score (``None``: its round-0 adapter).
+    """
+    weights = [None] * len(clients) if weights is None else list(weights)
+    proposals, t_prop = [], []
+    for i, (data, w) in enumerate(zip(clients, weights, strict=True)):
+        t0 = time.perf_counter()
+        proposals.append(negotiation_proposal(cfg, model, data, client_id=i, ope=ope, weights=w))
+        t_prop.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    broadcast, result = server_negotiate(cfg, proposals)
+    t1 = time.perf_counter()
+    columns = negotiated_columns(broadcast, ope)
+    seconds = {"proposal": t_prop, "server": t1 - t0, "decrypt": time.perf_counter() - t1}
+    return NegotiationTrace(columns, proposals, broadcast, result, seconds)

@@ -44,12 +44,11 @@ from .client import (
     client_step,
     client_upload,
     learning_rate,
-    negotiated_columns,
-    negotiation_proposal,
     receive,
 )
 from .config import BUDGETED, FederatedConfig
 from .data import ClientData, encode_dataset, load_dataset
+from .engine import run_negotiation
 from .lora import LoraModel
 from .messages import Message, decode
 from .methods import ckks_params_for, get_method
@@ -57,7 +56,7 @@ from .methods.shelora import public_columns
 from .metrics import classification_metrics
 from .partitions import partition, partition_stats
 from .provenance import run_meta
-from .server import sample_clients, server_consensus, server_negotiate, server_step
+from .server import sample_clients, server_consensus, server_step
 
 __all__ = ["Federation", "RunResult", "run_federated"]
 
@@ -294,30 +293,21 @@ class Federation:
         key_path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(key_path, key.to_bytes())  # the clients' shared key: never sent to the server
         ope = ColumnOPE(key)
-        t0 = time.perf_counter()
-        ups = []
-        for i in range(cfg.num_clients):
-            weights = None  # before round 1: the client's initial adapter
-            if broadcast is not None:  # the current global adapter at the client's rank
-                weights = receive(
-                    cfg, broadcast, client_id=i, round_=round_, crypto=self.client_crypto
-                )
-            ups.append(
-                negotiation_proposal(
-                    cfg, self.model, self.clients[i], client_id=i, ope=ope, weights=weights
-                )
-            )
-        t1 = time.perf_counter()
-        down, result = server_negotiate(cfg, ups)
-        t2 = time.perf_counter()
-        columns = negotiated_columns(down, ope)
+        weights = None  # before round 1: every client's initial adapter
+        if broadcast is not None:  # a re-negotiation: the current global adapter at each rank
+            weights = [
+                receive(cfg, broadcast, client_id=i, round_=round_, crypto=self.client_crypto)
+                for i in range(cfg.num_clients)
+            ]
+        trace = run_negotiation(cfg, self.model, self.clients, ope=ope, weights=weights)
+        ups, down, result, columns = trace.proposals, trace.broadcast, trace.result, trace.columns
         self.negotiation = {
             "round": e,
             "proposal_bytes_per_client": float(np.mean([len(u) for u in ups])),
             "upload_bytes": int(sum(len(u) for u in ups)),
             "broadcast_bytes": len(down),
-            "client_seconds": (t1 - t0) / cfg.num_clients,
-            "server_seconds": t2 - t1,
+            "client_seconds": float(np.mean(trace.seconds["proposal"])),
+            "server_seconds": trace.seconds["server"],
             "coverage": result.coverage,
             "risk": result.risk,
             "tiers": {layer: [(t.a, t.b) for t in tiers] for layer, tiers in result.tiers.items()},

@@ -158,10 +158,9 @@ class Victim:
         """
         key = (rank, k_max)
         if key not in self._columns:
-            from ..client import negotiated_columns, negotiation_proposal
             from ..data import ClientData
+            from ..engine import run_negotiation
             from ..ope import ColumnOPE, OPEKey
-            from ..server import server_negotiate
 
             cfg = FederatedConfig(
                 method="shelora",
@@ -172,15 +171,13 @@ class Victim:
                 seed=self.seed,
                 calibration_examples=max(len(c) for c in calibration),
             )
-            ope = ColumnOPE(OPEKey.generate())  # the clients' shared key; never sent
-            props = []
-            for i, texts in enumerate(calibration):
+            datas = []
+            for texts in calibration:
                 b = self.batch(list(texts), max_length=64)
                 y = torch.zeros(len(texts), dtype=torch.long)  # unused by the scores
-                data = ClientData(b["input_ids"], b["attention_mask"], y)
-                props.append(negotiation_proposal(cfg, self.model, data, client_id=i, ope=ope))
-            down, _ = server_negotiate(cfg, props)
-            self._columns[key] = negotiated_columns(down, ope)
+                datas.append(ClientData(b["input_ids"], b["attention_mask"], y))
+            ope = ColumnOPE(OPEKey.generate())  # the clients' shared key; never sent
+            self._columns[key] = run_negotiation(cfg, self.model, datas, ope=ope).columns
         return self._columns[key]
 
 
