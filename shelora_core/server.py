@@ -37,17 +37,17 @@ def sample_clients(cfg: FederatedConfig, round_: int) -> list[int]:
     return sorted(int(i) for i in rng.choice(cfg.num_clients, cfg.clients_per_round, replace=False))
 
 
-def _check_round(msgs: Sequence[Any], round_: int, what: str) -> None:
-    """Every message is for ``round_`` and comes from a distinct client."""
+def _check_round(msgs: Sequence[Any], round_: int | None, what: str) -> None:
+    """Every message comes from a distinct client and, unless ``round_`` is ``None``, is for it."""
     seen: set[int] = set()
     for m in msgs:
         cid, rnd = m.header.get("client_id"), m.header.get("round")
-        if rnd != round_:
+        if round_ is not None and rnd != round_:
             raise ValueError(f"{what} from client {cid} is for round {rnd}, not {round_}")
         if cid in seen:
+            where = "" if round_ is None else f" in round {round_}"
             raise MessageError(
-                f"two {what}s from client {cid} in round {round_}: each client counts once; "
-                "drop the duplicate"
+                f"two {what}s from client {cid}{where}: each client counts once; drop the duplicate"
             )
         seen.add(cid)
 
@@ -108,8 +108,6 @@ def server_negotiate(cfg: FederatedConfig, proposals: Sequence[bytes]) -> tuple[
     from .methods.shelora_negotiation import negotiate_proposals
 
     msgs = [decode(b, expect_kind="proposal") for b in proposals]
-    seen = [m.header.get("client_id") for m in msgs]
-    if len(set(seen)) != len(seen):
-        raise MessageError(f"two negotiation proposals from one client: {sorted(seen)}")
+    _check_round(msgs, None, "negotiation proposal")  # proposals precede round 1: no round
     msg, result = negotiate_proposals(cfg, msgs)
     return encode(msg), result
