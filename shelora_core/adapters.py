@@ -71,21 +71,21 @@ def fit_rank(
 
 
 def revive_missing(
-    b: np.ndarray, a: np.ndarray, *, live_rank: int, round_: int
+    b: np.ndarray, a: np.ndarray, *, live_rank: int, round_: int, rank: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Zero-padded averaged factors (r_max components) with the components that no answering
-    client had (``>= live_rank``) re-initialised from the round's SHARED seed.
+    """Averaged factors zero-padded to ``rank`` components (default: as many as given), with the
+    components that no answering client had (``>= live_rank``) re-initialised from the round's
+    SHARED seed (:func:`fit_rank` with ``seed=round_``).
 
-    Every method that averages factors goes through this rule, so the same components come back
-    with the same values whether the server sees the factors (FedAvg: it revives them itself) or
-    only ciphertexts of them (FedShield-LLM, full HE: each client revives them after decrypting,
-    where CKKS noise would otherwise hide that they are empty).
+    FedAvg's server, which sees the factors, and FedShield-LLM / full HE clients, which see only
+    the decrypted sum (where CKKS noise would otherwise hide that those components are empty),
+    both go through this rule, so the same components come back with the same values.
     """
     b = np.array(b, np.float32, copy=True)
     a = np.array(a, np.float32, copy=True)
     b[:, live_rank:] = 0.0
     a[live_rank:] = 0.0
-    return fit_rank(b, a, b.shape[1], seed=round_)
+    return fit_rank(b, a, b.shape[1] if rank is None else rank, seed=round_)
 
 
 def layer_index(name: str) -> int:

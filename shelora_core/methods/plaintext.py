@@ -48,9 +48,9 @@ class FedAvg(Method):
         tensors: dict[str, np.ndarray] = {}
         for layer in weights[0].factors:
             b, a = fedavg_factors([w.factors[layer] for w in weights], p)
-            b, a = fit_rank(b, a, r_max, seed=round_)  # zero-pad to the federation's max rank
-            # components no answering client had come back from the round's shared seed
-            b, a = revive_missing(b, a, live_rank=live, round_=round_)
+            # zero-pad to the federation's max rank; components no answering client had come
+            # back from the round's shared seed
+            b, a = revive_missing(b, a, live_rank=live, round_=round_, rank=r_max)
             tensors[f"{layer}{SEP}B"] = b
             tensors[f"{layer}{SEP}A"] = a
         return self._broadcast(tensors, weights, p, headers, round_=round_, r_max=r_max)
