@@ -171,7 +171,7 @@ def _mask_entries(
     """MaskCrypt: flat layout indices ``mask`` as bool masks ``(B masks, A masks)`` per layer."""
     from ..methods.packing import FactorLayout
 
-    shapes = {k: (b.shape[0], a.shape[1]) for k, (b, a) in weights.factors.items()}
+    shapes = weights.shapes
     layout = FactorLayout.build(shapes, weights.rank)
     flat = np.zeros(layout.size)
     flat[mask] = 1.0

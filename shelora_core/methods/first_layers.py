@@ -113,7 +113,7 @@ class FirstLayersSHELoRA(Method):
             crypto=crypto,
             columns={k: columns[k] for k in rest} if columns is not None else None,
         )
-        shapes = {k: (weights.factors[k][0].shape[0], weights.factors[k][1].shape[1]) for k in prot}
+        shapes = {k: v for k, v in weights.shapes.items() if k in prot}
         layout = first_layers_layout(shapes, crypto.slots, encrypt=self.encrypt, rank=weights.rank)
         s = lora_scaling(weights.alpha, weights.rank)
         arrays = {}

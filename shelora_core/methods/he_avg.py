@@ -44,7 +44,7 @@ class FedShield(Method):
         self._need_crypto(crypto, "upload")
         r_max = max(self.cfg.client_ranks)
         ratio = self.ratio(round_)
-        shapes = {k: (b.shape[0], a.shape[1]) for k, (b, a) in weights.factors.items()}
+        shapes = weights.shapes
         pruned = {
             layer: (l1_unstructured(b, ratio), l1_unstructured(a, ratio))
             for layer, (b, a) in weights.factors.items()

@@ -199,7 +199,7 @@ class MaskCrypt(Method):
         client_id: int,
     ) -> Message:
         """The client's ranked mask: its ``E_i`` most sensitive weights (flat layout indices)."""
-        shapes = {k: (b.shape[0], a.shape[1]) for k, (b, a) in trained.factors.items()}
+        shapes = trained.shapes
         layout = self.layout(shapes)
         budget = maskcrypt_budget(self.cfg, client_id, shapes)
         mask = propose_mask(weight_scores(trained, start, grads, layout), budget)
@@ -262,7 +262,7 @@ class MaskCrypt(Method):
             raise MessageError(
                 f"the mask consensus is for round {columns.header['round']}, not {round_}"
             )
-        shapes = {k: (b.shape[0], a.shape[1]) for k, (b, a) in weights.factors.items()}
+        shapes = weights.shapes
         layout = self.layout(shapes)
         consensus = np.asarray(columns.tensors[MASK], np.int64)
         if layout.size != int(columns.header["size"]):
@@ -350,7 +350,7 @@ class MaskCrypt(Method):
             blobs.append(enc)
         headers, weights, p, _ = self._decode_uploads(plain_msgs)
         r_max = self.r_max
-        shapes = {k: (b.shape[0], a.shape[1]) for k, (b, a) in weights[0].factors.items()}
+        shapes = weights[0].shapes
         layout = self.layout(shapes)
         total = np.zeros(layout.size)
         for pi, w in zip(p, weights, strict=True):  # plaintext part: sum_i p_i w_i^plain

@@ -182,7 +182,7 @@ class SHELoRA(Method):
             used = encrypted_values(
                 self.cfg,
                 client_id,
-                {layer: (b.shape[0], a.shape[1]) for layer, (b, a) in weights.factors.items()},
+                weights.shapes,
             )
             n_ct = crypto.num_ciphertexts(used)
             flat = flat[:used]  # zero-pad the last ciphertext: free, its size does not change
