@@ -22,6 +22,17 @@ def _version(name: str) -> str | None:
         return None
 
 
+#: what results are computed from: a change here makes a run's commit "-dirty"
+_CODE_PATHS = (
+    "shelora_core",
+    "notebooks",
+    "reproduce.py",
+    "pyproject.toml",
+    "requirements",
+    "Makefile",
+)
+
+
 def _git_commit() -> str | None:
     root = Path(__file__).resolve().parent.parent
     try:
@@ -33,9 +44,10 @@ def _git_commit() -> str | None:
             check=True,
         )
         dirty = subprocess.run(
-            # the run's own outputs under results/ do not make the code dirty
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", "."]
-            + [":(exclude)results"],
+            # only the code counts: a run's own outputs (results/, the README table it
+            # regenerates) do not make the results come from uncommitted code
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--"]
+            + list(_CODE_PATHS),
             capture_output=True,
             text=True,
             timeout=5,
