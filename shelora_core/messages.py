@@ -27,15 +27,13 @@ from typing import Any
 
 import numpy as np
 
+from .errors import MessageError
+
 __all__ = ["PROTOCOL_VERSION", "Message", "MessageError", "decode", "encode"]
 
 MAGIC = b"SHLR"
 PROTOCOL_VERSION = 1
 _PREFIX = struct.Struct("<4sHQ32s")
-
-
-class MessageError(ValueError):
-    """Bytes that are not a valid message: truncated, corrupted, the wrong kind or bad values."""
 
 
 @dataclass

@@ -87,6 +87,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import SheloraError
+
 __all__ = [
     "ClientProposal",
     "NegotiationError",
@@ -105,7 +107,7 @@ SOURCES = ("clients", "common", "sensitivity", "filler")
 """Where a tier's columns come from, in fill order."""
 
 
-class NegotiationError(ValueError):
+class NegotiationError(SheloraError, ValueError):
     """Proposals from which no valid ordered column list can be built; the message says why."""
 
 

@@ -9,8 +9,10 @@ another key, with a message that names the offending quantity and what to change
 
 from __future__ import annotations
 
+from ..errors import SheloraError
+
 __all__ = ["CKKSError"]
 
 
-class CKKSError(ValueError):
+class CKKSError(SheloraError, ValueError):
     """Bad CKKS parameters, bytes that are not a context / ciphertext, or a key mismatch."""
