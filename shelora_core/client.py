@@ -29,7 +29,8 @@ import torch
 from .adapters import AdapterWeights
 from .config import FederatedConfig
 from .data import ClientData
-from .messages import decode, encode
+from .errors import ProtocolError
+from .messages import Message, decode, encode
 from .methods import get_method
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "batch_loss",
+    "check_broadcast",
     "client_seed",
     "client_step",
     "client_upload",
@@ -201,13 +203,47 @@ def receive(
             raise ValueError("receive() needs the client_id or an explicit rank")
         rank = cfg.client_rank(client_id)
     seed = 0 if client_id is None or round_ is None else client_seed(cfg.seed, round_, client_id, 0)
+    msg = decode(broadcast, expect_kind="broadcast")
+    check_broadcast(cfg, msg, round_=round_, crypto=crypto)
     return get_method(cfg.method, cfg).client_weights(
-        decode(broadcast, expect_kind="broadcast"),
+        msg,
         rank=rank,
         alpha=cfg.lora_alpha,
         seed=seed,
         crypto=crypto,
     )
+
+
+def check_broadcast(
+    cfg: FederatedConfig, msg: Message, *, round_: int | None = None, crypto: Any = None
+) -> None:
+    """A client's checks of a decoded broadcast before it reads it: the run's method, the round
+    before ``round_`` (the round the client is starting; ``None``: any, e.g. the evaluator) and
+    the client's own key.
+
+    Raises:
+        ProtocolError: naming what does not match (a stale or replayed broadcast, another
+            method's or another key's).
+    """
+    h = msg.header
+    if h.get("method") != cfg.method:
+        raise ProtocolError(
+            f"the broadcast is for method {h.get('method')!r}; this client runs {cfg.method!r}",
+            reason="method",
+        )
+    if round_ is not None and h.get("round") != round_ - 1:
+        raise ProtocolError(
+            f"the broadcast is from round {h.get('round')!r}; starting round {round_} needs round "
+            f"{round_ - 1}'s (a stale or replayed broadcast): pass the server's latest broadcast",
+            reason="round",
+        )
+    fp = getattr(crypto, "fingerprint", None)
+    if fp is not None and "fingerprint" in h and h["fingerprint"] != fp:
+        raise ProtocolError(
+            f"the broadcast was encrypted under key {h['fingerprint']!r}, this client holds "
+            f"{fp!r}: it comes from another key or session",
+            reason="key",
+        )
 
 
 def upload(

@@ -10,15 +10,22 @@ Per round: the server samples clients (``client_fraction``), every sampled clien
 adapter from the last broadcast (or the common initial adapter in round 1), trains
 ``local_steps`` AdamW steps with a learning rate cosine-annealed over rounds, and uploads; the
 server weighs clients by sample count over those that answered, aggregates and broadcasts. The
-global model (the broadcast at the largest rank) is evaluated on held-out data. After every round
-a checkpoint is written atomically; running the same configuration again resumes from it.
+global model (the broadcast at the largest rank) is evaluated on held-out data by the evaluator
+(its own key). After every round one checkpoint file is written atomically
+(:mod:`shelora_core.checkpoint`: key holder, server, clients and evaluator each have their own
+directory; the server's holds no secret); running the same configuration again resumes from it.
+
+A client whose own step refuses (a stale broadcast, a named error) drops out of the round; the
+server refuses bad uploads one by one (:mod:`shelora_core.validation`) and aggregates the rest,
+re-weighted, when at least ``cfg.min_clients`` remain. Both are recorded in the round's record
+under ``"rejected"``.
 
 Two methods add an exchange to the plain client-step / server-step round:
 
 * SHE-LoRA (``column_order="negotiated"``) negotiates its column list G before round 1 and, with
   ``renegotiate_every=K``, again before rounds 1+K, 1+2K, ... on the current global adapter
   (sensitivity -> OPE -> server negotiation; the cost lands in that round's record). Every G is
-  kept with the clients' keys (``keys/columns.json`` for round 1, ``keys/columns_r<round>.json``
+  kept by every client (``clients/<i>/columns.json`` for round 1, ``columns_r<round>.json``
   after), so a resumed run uses the same lists.
 * MaskCrypt exchanges masks inside every round: :func:`client_step` returns the client's mask
   proposal and keeps its trained adapter in a client-side ``state``; :func:`server_consensus`
@@ -39,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checkpoint import RunDirs, atomic_write
 from .ckks import ClientCrypto, KeyHolder, ServerCrypto
 from .client import (
     client_step,
@@ -49,6 +57,7 @@ from .client import (
 from .config import BUDGETED, FederatedConfig
 from .data import ClientData, encode_dataset, load_dataset
 from .engine import run_negotiation
+from .errors import CheckpointError, SheloraError
 from .lora import LoraModel
 from .messages import Message, decode
 from .methods import ckks_params_for, get_method
@@ -56,7 +65,7 @@ from .methods.shelora import public_columns
 from .metrics import classification_metrics
 from .partitions import partition, partition_stats
 from .provenance import run_meta
-from .server import sample_clients, server_consensus, server_step
+from .server import sample_clients, server_consensus, server_round
 
 __all__ = ["Federation", "RunResult", "run_federated"]
 
@@ -226,12 +235,25 @@ class Federation:
         self.columns: dict[str, list[int]] | None = None
         self.client_crypto: ClientCrypto | None = None
         self.server_crypto: ServerCrypto | None = None
+        self.evaluator_crypto: ClientCrypto | None = None
         self.key_bytes = {"public": 0, "secret": 0}
+        self.dirs = RunDirs(self.checkpoint_dir, config.num_clients)
+        ckks = None
         if get_method(config.method, config).needs_crypto:
-            secret, public = self._keys(ckks_params_for(config))
+            params = ckks_params_for(config)
+            ckks = lambda: KeyHolder.generate(params, seed=config.seed)  # noqa: E731
+        self.keys = self.dirs.keys(
+            ckks=ckks, ope=config.uses_columns and config.column_order == "negotiated"
+        )
+        if ckks is not None:
+            secret, public = self.keys.client_secret, self.keys.server_public
             self.client_crypto = ClientCrypto(secret)  # what every client loads
             self.server_crypto = ServerCrypto(public)  # what the server loads: no secret key
+            self.evaluator_crypto = ClientCrypto(self.keys.evaluator_secret)
             self.key_bytes = {"public": len(public), "secret": len(secret)}
+            get_method(config.method, config).check_sum_range(
+                max(len(p) for p in self.parts), self.client_crypto.max_abs
+            )
         enc_test = encode_dataset(tok, test, max_length=config.max_length)
         self.test_data = ClientData(
             enc_test["input_ids"], enc_test["attention_mask"], enc_test["labels"]
@@ -242,19 +264,17 @@ class Federation:
     def checkpoint_dir(self) -> Path:
         return self.results_dir / "checkpoints" / self.cfg.run_name
 
-    @property
-    def keys_dir(self) -> Path:
-        """The key holder's and clients' keys (CKKS contexts, OPE key, negotiated lists)."""
-        return self.checkpoint_dir / "keys"
+    def role_dir(self, role: str, client_id: int | None = None) -> Path:
+        """A role's directory: ``"keyholder"``, ``"server"``, ``"evaluator"`` or ``"client"``
+        (with ``client_id``); see :mod:`shelora_core.checkpoint`."""
+        dirs = RunDirs(self.checkpoint_dir, self.cfg.num_clients)
+        if role == "client":
+            return dirs.client(0 if client_id is None else client_id)
+        return getattr(dirs, role)
 
     @property
     def metrics_path(self) -> Path:
         return self.results_dir / "federated_tuning" / f"{self.cfg.run_name}.jsonl"
-
-    def _columns_path(self, round_: int) -> Path:
-        """Where the column list negotiated before ``round_`` is kept (with the clients' keys)."""
-        name = "columns.json" if round_ == 1 else f"columns_r{round_}.json"
-        return self.keys_dir / name
 
     def _columns(
         self, *, fresh: bool, round_: int = 1, broadcast: bytes | None = None
@@ -274,25 +294,23 @@ class Federation:
         if public is not None:
             return public
         e = cfg.negotiation_round(round_)
-        path = self._columns_path(e)
-        if path.exists() and not fresh:
-            saved = json.loads(path.read_text())
+        saved = None if fresh else self.dirs.load_columns(e)
+        if saved is not None:
             self.negotiation = saved["negotiation"]
             return saved["columns"]
         if e != round_:
-            raise RuntimeError(
-                f"round {round_} uses the column list negotiated before round {e}, but {path} is "
+            raise CheckpointError(
+                f"round {round_} uses the column list negotiated before round {e}, but the "
+                f"clients' {self.dirs.columns_name(e)} under {self.dirs.root / 'clients'} is "
                 f"missing; delete {self.checkpoint_dir} to start the run over"
             )
         if e > 1 and broadcast is None:
             raise ValueError("a re-negotiation scores the global adapter: pass the last broadcast")
         from .ope import ColumnOPE, OPEKey
 
-        key_path = self.keys_dir / "ope.key"
-        key = OPEKey.from_bytes(key_path.read_bytes()) if key_path.exists() else OPEKey.generate()
-        key_path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(key_path, key.to_bytes())  # the clients' shared key: never sent to the server
-        ope = ColumnOPE(key)
+        ope = ColumnOPE(
+            OPEKey.from_bytes(self.keys.ope_key)
+        )  # the clients' key, never the server's
         weights = None  # before round 1: every client's initial adapter
         if broadcast is not None:  # a re-negotiation: the current global adapter at each rank
             weights = [
@@ -312,10 +330,7 @@ class Federation:
             "risk": result.risk,
             "tiers": {layer: [(t.a, t.b) for t in tiers] for layer, tiers in result.tiers.items()},
         }
-        _atomic_write(
-            path,
-            json.dumps({"columns": columns, "negotiation": self.negotiation}, indent=1).encode(),
-        )
+        self.dirs.save_columns(e, {"columns": columns, "negotiation": self.negotiation})
         return columns
 
     def _negotiation_record(self) -> dict[str, Any]:
@@ -329,44 +344,28 @@ class Federation:
             "negotiation_server_seconds": float(n.get("server_seconds", 0.0)),
         }
 
-    def _keys(self, params: str) -> tuple[bytes, bytes]:
-        """The key holder's CKKS contexts, kept beside the checkpoint so a resumed run can read
-        the last broadcast (TenSEAL keys cannot be seeded)."""
-        d = self.keys_dir
-        sec, pub = d / "secret.ctx", d / "public.ctx"
-        if sec.exists() and pub.exists():
-            return sec.read_bytes(), pub.read_bytes()
-        kh = KeyHolder.generate(params, seed=self.cfg.seed)
-        d.mkdir(parents=True, exist_ok=True)
-        _atomic_write(sec, kh.secret_bytes())
-        _atomic_write(pub, kh.public_bytes())
-        return kh.secret_bytes(), kh.public_bytes()
-
     def _load_checkpoint(self) -> tuple[int, bytes | None, list[dict]]:
-        state = self.checkpoint_dir / "state.json"
-        blob = self.checkpoint_dir / "broadcast.bin"
-        if not (state.exists() and blob.exists()):
-            return 0, None, []
-        s = json.loads(state.read_text())
-        if s.get("fingerprint") != self.cfg.fingerprint():
-            raise RuntimeError(f"checkpoint {state} belongs to another configuration; delete it")
-        data = blob.read_bytes()
-        decode(data, expect_kind="broadcast")  # a damaged checkpoint fails loudly, not silently
-        return int(s["round"]), data, list(s["history"])
+        start, broadcast, history = self.dirs.load_checkpoint(self.cfg.fingerprint())
+        if start:  # the derived records follow the checkpoint (a kill may have come between)
+            self._write_metrics(history)
+        return start, broadcast, history
+
+    def last_broadcast(self) -> bytes | None:
+        """The broadcast of the last checkpointed round (``None`` before round 1)."""
+        return self.dirs.load_checkpoint(self.cfg.fingerprint())[1]
 
     def _save_checkpoint(self, round_: int, broadcast: bytes, history: list[dict]) -> None:
-        d = self.checkpoint_dir
-        d.mkdir(parents=True, exist_ok=True)
-        _atomic_write(d / "broadcast.bin", broadcast)
-        state = {
-            "round": round_,
-            "fingerprint": self.cfg.fingerprint(),
-            "config": self.cfg.to_dict(),
-            "history": history,
-        }
-        _atomic_write(d / "state.json", json.dumps(state, indent=1).encode())
-        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.metrics_path, "".join(json.dumps(h) + "\n" for h in history).encode())
+        self.dirs.save_checkpoint(
+            round_=round_,
+            broadcast=broadcast,
+            history=history,
+            fingerprint=self.cfg.fingerprint(),
+            config=self.cfg.to_dict(),
+        )
+        self._write_metrics(history)
+
+    def _write_metrics(self, history: list[dict]) -> None:
+        atomic_write(self.metrics_path, "".join(json.dumps(h) + "\n" for h in history).encode())
 
     @property
     def summary_path(self) -> Path:
@@ -376,8 +375,7 @@ class Federation:
 
     def _save_summary(self, result: RunResult) -> None:
         rec = {**result.summary(), "meta": result.meta}
-        self.summary_path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.summary_path, json.dumps(rec, indent=1, default=str).encode())
+        atomic_write(self.summary_path, json.dumps(rec, indent=1, default=str).encode())
 
     def completed_history(self) -> list[dict[str, Any]] | None:
         """This configuration's records from its JSONL when it holds every round from this code
@@ -395,7 +393,7 @@ class Federation:
     def evaluate(self, broadcast: bytes) -> dict[str, float]:
         """Accuracy and macro-F1 of the global model (the broadcast at the largest rank)."""
         r_max = max(self.cfg.client_ranks)
-        weights = receive(self.cfg, broadcast, rank=r_max, crypto=self.client_crypto)
+        weights = receive(self.cfg, broadcast, rank=r_max, crypto=self.evaluator_crypto)
         self.model.load(weights)
         preds, refs = self.model.predict(self.test_data.batches(64))
         return classification_metrics(preds, refs)
@@ -451,26 +449,33 @@ class Federation:
             if negotiated and neg_round == rnd:  # G was negotiated before this round: its cost
                 extra.update(self._negotiation_record())
             t0 = time.perf_counter()
-            uploads, losses, client_secs, parts, states = [], [], [], [], []
-            for cid in sample_clients(cfg, rnd):
+            uploads, losses, client_secs, parts, states, ids = [], [], [], [], [], []
+            failed: list[dict[str, Any]] = []  # clients whose own step refused (named errors)
+            sampled = sample_clients(cfg, rnd)
+            for cid in sampled:
                 tc = time.perf_counter()
                 state: dict[str, Any] | None = {} if method.needs_consensus else None
-                up, loss, secs = client_step(
-                    cfg,
-                    self.model,
-                    self.clients[cid],
-                    client_id=cid,
-                    round_=rnd,
-                    broadcast=broadcast,
-                    crypto=self.client_crypto,
-                    columns=self.columns,
-                    state=state,
-                )
+                try:
+                    up, loss, secs = client_step(
+                        cfg,
+                        self.model,
+                        self.clients[cid],
+                        client_id=cid,
+                        round_=rnd,
+                        broadcast=broadcast,
+                        crypto=self.client_crypto,
+                        columns=self.columns,
+                        state=state,
+                    )
+                except SheloraError as exc:  # this client drops out; the round goes on
+                    failed.append(_failure(cid, exc))
+                    continue
                 client_secs.append(time.perf_counter() - tc)
                 parts.append(secs)
                 uploads.append(up)
                 losses.append(loss)
                 states.append(state)
+                ids.append(cid)
             download = len(broadcast) if broadcast is not None else 0
             consensus = None
             if method.needs_consensus:  # MaskCrypt: masks -> consensus -> encrypted uploads
@@ -481,9 +486,14 @@ class Federation:
                 uploads = []
                 for j, st in enumerate(states):
                     tc = time.perf_counter()
-                    up, parts[j]["upload"] = client_upload(
-                        cfg, consensus, state=st, crypto=self.client_crypto
-                    )
+                    try:
+                        up, parts[j]["upload"] = client_upload(
+                            cfg, consensus, state=st, crypto=self.client_crypto
+                        )
+                    except SheloraError as exc:
+                        failed.append(_failure(ids[j], exc))
+                        parts[j]["upload"] = time.perf_counter() - tc
+                        continue
                     client_secs[j] += time.perf_counter() - tc
                     uploads.append(up)
                 extra.update(
@@ -492,17 +502,26 @@ class Federation:
                     client_mask_seconds=float(np.mean([x["mask"] for x in parts])),
                 )
             ts = time.perf_counter()
-            broadcast = server_step(
-                cfg, uploads, round_=rnd, crypto=self.server_crypto, consensus=consensus
+            outcome = server_round(
+                cfg,
+                uploads,
+                round_=rnd,
+                crypto=self.server_crypto,
+                consensus=consensus,
+                sampled=sampled,
+                layers=self.model.layer_shapes,
             )
+            broadcast = outcome.broadcast
+            if failed or outcome.rejected:  # recorded only when it happens (records stay as before)
+                extra["rejected"] = failed + outcome.rejected
             server_secs = time.perf_counter() - ts
             rec: dict[str, Any] = {
                 "round": rnd,
-                "clients": len(uploads),
+                "clients": len(outcome.clients),
                 "lr": learning_rate(cfg, rnd),
                 "train_loss": float(np.mean(losses)),
                 "upload_bytes": int(sum(len(u) for u in uploads)),
-                "download_bytes": download * len(uploads),
+                "download_bytes": download * len(ids),
                 "broadcast_bytes": len(broadcast),
                 "client_seconds": float(np.mean(client_secs)),
                 "client_receive_seconds": float(np.mean([x["receive"] for x in parts])),
@@ -554,10 +573,13 @@ class Federation:
         return result
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def _failure(client_id: int, exc: Exception) -> dict[str, Any]:
+    """A round record's entry for a client whose own step refused (it did not upload)."""
+    return {
+        "client_id": int(client_id),
+        "reason": getattr(exc, "reason", None) or f"client:{type(exc).__name__}",
+        "error": str(exc),
+    }
 
 
 def run_federated(config: FederatedConfig, *, results_dir: str | Path, **kwargs: Any) -> RunResult:

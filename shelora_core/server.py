@@ -12,21 +12,49 @@ Steps, in the order a round uses them:
 * :func:`server_negotiate` (SHE-LoRA, before round 1 and at re-negotiations): the ordered column
   list from the clients' OPE-encrypted proposals;
 * :func:`server_consensus` (MaskCrypt, every round): the mask consensus from the clients' proposals;
-* :func:`server_step`: the round's aggregate (the broadcast) from the clients' uploads.
+* :func:`server_round` (:func:`server_step` returns just its bytes): the round's aggregate (the
+  broadcast) from the clients' uploads. Every upload is checked on its own
+  (:mod:`shelora_core.validation`); the bad ones are refused by name and recorded, the rest are
+  aggregated, re-weighted, when at least ``cfg.min_clients`` remain.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from .config import FederatedConfig
-from .messages import MessageError, decode, encode
+from .errors import ProtocolError, RoundError
+from .messages import decode, encode
 from .methods import get_method
+from .validation import validate_uploads
 
-__all__ = ["sample_clients", "server_consensus", "server_negotiate", "server_step"]
+__all__ = [
+    "ServerResult",
+    "sample_clients",
+    "server_consensus",
+    "server_negotiate",
+    "server_round",
+    "server_step",
+]
+
+
+@dataclass
+class ServerResult:
+    """What the server's round step produced.
+
+    Attributes:
+        broadcast: the broadcast bytes.
+        clients: the ids of the clients whose uploads were aggregated.
+        rejected: one ``{"client_id", "reason", "error"}`` record per refused upload.
+    """
+
+    broadcast: bytes
+    clients: list[int] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
 
 
 def sample_clients(cfg: FederatedConfig, round_: int) -> list[int]:
@@ -39,17 +67,94 @@ def sample_clients(cfg: FederatedConfig, round_: int) -> list[int]:
 
 def _check_round(msgs: Sequence[Any], round_: int | None, what: str) -> None:
     """Every message comes from a distinct client and, unless ``round_`` is ``None``, is for it."""
-    seen: set[int] = set()
+    seen: set[Any] = set()
     for m in msgs:
         cid, rnd = m.header.get("client_id"), m.header.get("round")
         if round_ is not None and rnd != round_:
-            raise ValueError(f"{what} from client {cid} is for round {rnd}, not {round_}")
+            raise ProtocolError(
+                f"{what} from client {cid} is for round {rnd}, not {round_}",
+                client_id=cid,
+                reason="round",
+            )
         if cid in seen:
             where = "" if round_ is None else f" in round {round_}"
-            raise MessageError(
-                f"two {what}s from client {cid}{where}: each client counts once; drop the duplicate"
+            raise ProtocolError(
+                f"two {what}s from client {cid}{where}: each client counts once; drop the duplicate",
+                client_id=cid,
+                reason="duplicate",
             )
         seen.add(cid)
+
+
+def min_clients(cfg: FederatedConfig) -> int:
+    """The fewest valid uploads a round may be aggregated from (``cfg.min_clients``, default 1)."""
+    return int(getattr(cfg, "min_clients", 1))
+
+
+def server_round(
+    cfg: FederatedConfig,
+    uploads: Sequence[bytes],
+    *,
+    round_: int,
+    crypto: Any = None,
+    consensus: bytes | None = None,
+    sampled: Iterable[int] | None = None,
+    senders: Sequence[Any] | None = None,
+    layers: Mapping[str, tuple[int, int]] | None = None,
+) -> ServerResult:
+    """Check every upload on its own, then aggregate the valid ones into broadcast bytes.
+
+    Args:
+        cfg: the run's public configuration.
+        uploads: the upload bytes of the clients that answered (any order).
+        round_: the 1-based round number; every upload must be for it.
+        crypto: the server's PUBLIC CKKS context (:class:`shelora_core.ckks.ServerCrypto`) for
+            encrypted methods; it cannot decrypt.
+        consensus: MaskCrypt, the mask consensus the server itself broadcast this round.
+        sampled: the clients asked to train this round (an upload from another is refused);
+            ``None`` accepts any client of the federation.
+        senders: who delivered each upload, as the transport knows it (names a sender whose
+            bytes do not decode).
+        layers: ``(m, n)`` of every adapted layer from the public model (``None``: what most
+            uploads agree on).
+
+    Returns:
+        A :class:`ServerResult`: the broadcast, weighted over the clients whose uploads were
+        valid, and the record of every refused upload.
+
+    Raises:
+        RoundError: fewer than ``cfg.min_clients`` valid uploads; it lists every refusal.
+    """
+    method = get_method(cfg.method, cfg)
+    cons = None
+    if method.needs_consensus:
+        if consensus is None:
+            raise ValueError(f"{cfg.method}'s server step needs this round's mask consensus")
+        cons = decode(consensus, expect_kind="mask_consensus")
+    valid, rejected = validate_uploads(
+        cfg,
+        method,
+        uploads,
+        round_=round_,
+        sampled=sampled,
+        crypto=crypto,
+        consensus=cons,
+        senders=senders,
+        layers=layers,
+    )
+    need = min_clients(cfg)
+    if len(valid) < need:
+        lines = "; ".join(f"client {r['client_id']}: {r['error']}" for r in rejected) or "none"
+        raise RoundError(
+            f"round {round_}: {len(valid)} valid upload(s) of {len(uploads)}, fewer than "
+            f"min_clients = {need}; refused: {lines}",
+            rejected=rejected,
+        )
+    msg = method.server_aggregate(
+        valid, round_=round_, max_rank=max(cfg.client_ranks), crypto=crypto, consensus=cons
+    )
+    clients = [int(m.header["client_id"]) for m in valid]
+    return ServerResult(encode(msg), clients, rejected)
 
 
 def server_step(
@@ -59,33 +164,12 @@ def server_step(
     round_: int,
     crypto: Any = None,
     consensus: bytes | None = None,
+    sampled: Iterable[int] | None = None,
 ) -> bytes:
-    """Aggregate the uploads of the clients that answered ``round_`` into broadcast bytes.
-
-    Args:
-        cfg: the run's public configuration.
-        uploads: the upload bytes of the clients that answered (any order).
-        round_: the 1-based round number; every upload must be for it.
-        crypto: the server's PUBLIC CKKS context (:class:`shelora_core.ckks.ServerCrypto`) for
-            encrypted methods; it cannot decrypt.
-        consensus: MaskCrypt, the mask consensus the server itself broadcast this round.
-
-    Returns:
-        The broadcast bytes. Weights are re-normalised over the clients that answered.
-    """
-    method = get_method(cfg.method, cfg)
-    msgs = [decode(u, expect_kind="upload") for u in uploads]
-    _check_round(msgs, round_, "upload")
-    extra: dict[str, Any] = {}
-    if method.needs_consensus:
-        if consensus is None:
-            raise ValueError(f"{cfg.method}'s server step needs this round's mask consensus")
-        extra["consensus"] = decode(consensus, expect_kind="mask_consensus")
-    return encode(
-        method.server_aggregate(
-            msgs, round_=round_, max_rank=max(cfg.client_ranks), crypto=crypto, **extra
-        )
-    )
+    """The broadcast bytes of :func:`server_round` (bad uploads refused, the rest aggregated)."""
+    return server_round(
+        cfg, uploads, round_=round_, crypto=crypto, consensus=consensus, sampled=sampled
+    ).broadcast
 
 
 def server_consensus(cfg: FederatedConfig, proposals: Sequence[bytes], *, round_: int) -> bytes:

@@ -129,11 +129,20 @@ def test_the_server_rejects_two_uploads_from_one_client(keys):
     cfg = _cfg("flexlora")
     ads = _adapters()
     ups = [upload(cfg, w, round_=1, client_id=0, num_examples=10) for w in ads[:2]]
-    from shelora_core.messages import MessageError
-    from shelora_core.server import server_step
+    from shelora_core.errors import RoundError
+    from shelora_core.server import server_round
 
-    with pytest.raises(MessageError, match="two uploads from client 0"):
-        server_step(cfg, ups, round_=1)
+    # Act: only the duplicated client answered: nothing valid remains
+    with pytest.raises(RoundError, match="2 uploads from client 0") as err:
+        server_round(cfg, ups, round_=1)
+    # a third, honest client: the round completes without either copy
+    ups.append(upload(cfg, ads[1], round_=1, client_id=1, num_examples=10))
+    res = server_round(cfg, ups, round_=1)
+
+    # Assert
+    assert [r["reason"] for r in err.value.rejected] == ["duplicate"]
+    assert res.clients == [1]
+    assert [(r["client_id"], r["reason"]) for r in res.rejected] == [(0, "duplicate")]
 
 
 def test_factor_averaging_methods_revive_missing_components_alike(keys):
@@ -155,7 +164,7 @@ def test_factor_averaging_methods_revive_missing_components_alike(keys):
 
 def test_first_layers_server_refuses_a_wrong_ciphertext_count_and_withhold_is_refused(keys):
     from shelora_core.messages import MessageError, decode, encode
-    from shelora_core.server import server_step
+    from shelora_core.server import server_round
 
     cfg = _cfg("shelora+first-layers")
     kh = keys["add_only"]
@@ -164,7 +173,11 @@ def test_first_layers_server_refuses_a_wrong_ciphertext_count_and_withhold_is_re
     bad = decode(ups[1])
     bad.header["first_layers"]["ciphertexts"] += 1
 
-    with pytest.raises(MessageError, match="client 1 sent 2 first-layer ciphertexts"):
-        server_step(cfg, [ups[0], encode(bad), ups[2]], round_=1, crypto=kh.server())
+    res = server_round(cfg, [ups[0], encode(bad), ups[2]], round_=1, crypto=kh.server())
+    assert res.clients == [0, 2]  # the round completes without the bad upload
+    [rej] = res.rejected
+    assert rej["client_id"] == 1 and "2 first-layer ciphertexts" in rej["error"]
+    with pytest.raises(MessageError, match="first-layer ciphertexts"):
+        server_round(cfg, [encode(bad)], round_=1, crypto=kh.server())
     with pytest.raises(ValueError, match="shelora_protect"):
         cfg.replace(shelora_protect="withhold")

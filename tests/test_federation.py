@@ -204,7 +204,7 @@ def test_shelora_ablations_run_through_the_federation(tiny_config, minilm_model,
     assert w["accuracy"] is not None and e["accuracy"] is not None
     assert w["negotiation_upload_bytes"] > 0 and "negotiation_upload_bytes" not in e
     assert withhold.columns != encrypt.columns  # negotiated vs random G
-    bc = decode((withhold.checkpoint_dir / "broadcast.bin").read_bytes())
+    bc = decode(withhold.last_broadcast())
     assert bc.header["protect"] == "withhold" and bc.header["ciphertexts"] == 0
 
 
@@ -225,7 +225,7 @@ def test_maskcrypt_runs_through_the_federation_with_a_mask_exchange(
     assert not fed.server_crypto.context.is_private()
     assert h["consensus_upload_bytes"] > 0 and h["consensus_broadcast_bytes"] > 0
     assert h["client_mask_seconds"] > 0 and h["accuracy"] is not None
-    bc = decode((fed.checkpoint_dir / "broadcast.bin").read_bytes())
+    bc = decode(fed.last_broadcast())
     # budgets 1 and 2 columns of 384-row layers on 6 layers: 2 x 384 x 6 values at most
     assert bc.header["encrypted_values"] == 2 * 384 * 6
     s = res.summary()
@@ -246,7 +246,7 @@ def test_renegotiation_every_k_rounds_records_its_cost_and_resume_reuses_each_li
         eval_examples=16,
     )
     first = Federation(cfg, results_dir=tmp_path, model=minilm_model)
-    keys = first.checkpoint_dir / "keys"
+    keys = first.role_dir("client", 1)  # every client keeps its OPE key and the lists
     # Execute
     cut = first.run(stop_after_round=2).history
     g1 = json.loads((keys / "columns.json").read_text())["columns"]
@@ -261,7 +261,7 @@ def test_renegotiation_every_k_rounds_records_its_cost_and_resume_reuses_each_li
     g3 = json.loads((keys / "columns_r3.json").read_text())["columns"]
     assert resumed.columns == g3 and (keys / "ope.key").read_bytes() == ope_key
     assert json.loads((keys / "columns.json").read_text())["columns"] == g1
-    bc = decode((resumed.checkpoint_dir / "broadcast.bin").read_bytes())
+    bc = decode(resumed.last_broadcast())
     assert bc.header["columns"] == {k: v[:2] for k, v in g3.items()}
     # a finished run reloads the list of its last negotiation
     again = Federation(cfg, results_dir=tmp_path, model=minilm_model)
@@ -360,7 +360,7 @@ def test_dp_and_first_layers_variants_train_through_the_federation(
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
         assert a["upload_bytes"] == b["upload_bytes"]  # to the server a DP upload is FlexLoRA's
     assert dp.final_accuracy == pytest.approx(plain.final_accuracy, abs=1e-9)
-    bc = decode((fl_fed.checkpoint_dir / "broadcast.bin").read_bytes())
+    bc = decode(fl_fed.last_broadcast())
     assert bc.header["method"] == "shelora+first-layers"
     assert sorted(bc.header["first_layers"]["layers"]) == sorted(
         bc.header["first_layers"]["shapes"]

@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 from shelora_core import FederatedConfig
 from shelora_core.aggregation import lora_scaling
-from shelora_core.ckks import CKKSError, KeyHolder
+from shelora_core.ckks import KeyHolder
+from shelora_core.errors import RoundError
 from shelora_core.lora import AdapterWeights
 from shelora_core.messages import decode, encode
 from shelora_core.methods import get_method
@@ -162,7 +163,7 @@ def test_upload_under_another_key_is_refused_by_fingerprint(keys):
             columns={k: [0] for k in SHAPES},
         )
     )
-    with pytest.raises(CKKSError, match="another key"):
+    with pytest.raises(RoundError, match="another key"):
         server_step(cfg, [up], round_=1, crypto=keys["add_only"].server())
 
 
@@ -208,7 +209,7 @@ def test_federation_gives_the_server_only_the_public_context(tiny_config, minilm
     with pytest.raises(PermissionError, match="no secret key"):
         fed.server_crypto.decrypt([], 0)
     h = fed.run().history[0]
-    assert h["key_bytes_public"] == len((fed.checkpoint_dir / "keys" / "public.ctx").read_bytes())
+    assert h["key_bytes_public"] == len((fed.role_dir("server") / "public.ctx").read_bytes())
     flex = Federation(
         cfg.replace(method="flexlora"), results_dir=tmp_path, model=minilm_model
     ).run()
@@ -231,7 +232,9 @@ def test_upload_with_a_ciphertext_count_that_does_not_match_the_layout_is_refuse
     )
     msg.tensors["enc|1"] = msg.tensors["enc|0"]
     msg.header["ciphertexts"] = 2
-    with pytest.raises(MessageError, match="sent 2 ciphertexts; its budget 2 .* need 1"):
+    with pytest.raises(
+        MessageError, match=r"carries 2 ciphertexts \(header: 2\); its budget 2 .* need 1"
+    ):
         server_step(cfg, [encode(msg)], round_=1, crypto=keys["add_only"].server())
 
 

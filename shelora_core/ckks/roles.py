@@ -172,6 +172,11 @@ class ClientCrypto:
         """Values per ciphertext."""
         return self.info.slots
 
+    @property
+    def max_abs(self) -> float:
+        """The largest ``|value|`` a ciphertext of these parameters (or a sum of them) holds."""
+        return self._max_abs
+
     def num_ciphertexts(self, length: int) -> int:
         """``ceil(length / slots)``: ciphertexts needed for ``length`` values."""
         return -(-int(length) // self.slots)

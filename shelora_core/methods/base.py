@@ -25,9 +25,11 @@ import numpy as np
 
 from ..adapters import AdapterWeights
 from ..aggregation import normalize_weights, weighted_mean
+from ..ckks.errors import CKKSError
 from ..config import FederatedConfig
+from ..errors import ConfigError, ProtocolError, SheloraError
 from ..messages import Message, MessageError
-from .wire import SEP, adapter_to_upload, split_ciphertexts, upload_to_adapter
+from .wire import ENC, SEP, adapter_to_upload, is_ciphertext, split_ciphertexts, upload_to_adapter
 
 __all__ = ["AggregateArgs", "Method", "ReceiveArgs", "UploadArgs"]
 
@@ -70,10 +72,13 @@ class Method(ABC):
     needs_crypto: bool = False
     #: whether a round has a proposal -> consensus exchange before the upload (MaskCrypt)
     needs_consensus: bool = False
+    #: the method named in upload headers (``name`` unless uploads are another method's)
+    wire_name: str = ""
 
     def __init__(self, cfg: Any = None) -> None:
         #: the run's public configuration (a default one when none is given)
         self.cfg = cfg if cfg is not None else FederatedConfig(method=self.name)
+        self.wire_name = self.wire_name or self.name
 
     def make_upload(
         self,
@@ -157,6 +162,169 @@ class Method(ABC):
     @abstractmethod
     def _receive(self, broadcast: Message, req: ReceiveArgs) -> AdapterWeights:
         """A method's reading of its broadcast (see :meth:`client_weights`)."""
+
+    # clients: encrypted sums that stay representable ------------------------------
+    #: the stated bound on the entries a client pre-weights and encrypts for an add-only sum
+    #: (SHE-LoRA's dW columns, MaskCrypt's factor entries): honest LoRA updates are far below
+    UPDATE_BOUND = 1.0
+
+    @property
+    def adds_preweighted(self) -> bool:
+        """Whether clients multiply their encrypted values by their sample count and the server
+        only adds them, so the decrypted sum grows with the clients and their data."""
+        return False
+
+    def check_sum_range(self, max_examples: int, max_abs: float) -> None:
+        """Refuse a setup whose encrypted sums could leave the range CKKS represents.
+
+        The server adds up to ``clients_per_round`` ciphertexts holding ``n_i * x`` with
+        ``|x| <= UPDATE_BOUND``; ``clients_per_round * max_examples * UPDATE_BOUND`` must stay
+        below ``max_abs`` (:attr:`~shelora_core.ckks.ClientCrypto.max_abs`), or a legal round
+        could decrypt to a wrapped-around value without any error.
+
+        Raises:
+            ConfigError: naming the bound, the parameters' range and the fixes.
+        """
+        if not self.adds_preweighted:
+            return
+        k = self.cfg.clients_per_round
+        need = k * int(max_examples) * self.UPDATE_BOUND
+        if need >= max_abs:
+            raise ConfigError(
+                f"{self.name}: the server adds up to {k} clients' ciphertexts pre-weighted by up "
+                f"to {max_examples} examples: sums up to {need:.3g}, but the CKKS parameters "
+                f"represent |x| < {max_abs:.3g}. Sample fewer clients per round "
+                "(client_fraction), use fewer examples per client, or choose ckks_params with "
+                "more integer bits (a larger first prime or a smaller scale)"
+            )
+
+    def _encrypt_summed(self, crypto: Any, values: np.ndarray) -> list[bytes]:
+        """Encrypt values the server adds across up to ``clients_per_round`` clients: each
+        must stay below ``max_abs / clients_per_round`` so that the sum does."""
+        k = self.cfg.clients_per_round
+        limit = crypto.max_abs / k
+        x = np.asarray(values, np.float64)
+        peak = float(np.max(np.abs(x))) if x.size else 0.0
+        if not peak < limit:
+            raise CKKSError(
+                f"{self.name}: a value of {peak:.3g} to encrypt exceeds {limit:.3g}, the share of "
+                f"each of {k} clients in the range |x| < {crypto.max_abs:.3g} their encrypted sum "
+                "must stay in; the local update diverged (lower lr) or the sample count is too "
+                "large for these CKKS parameters"
+            )
+        return crypto.encrypt(x)
+
+    # server: per-client checks (shelora_core.validation calls these) -------------
+    def upload_geometry(self, upload: Message) -> dict[str, tuple[int, int]]:
+        """``(m, n)`` of every layer an upload adapts (from its plaintext factors by default).
+
+        Raises:
+            ProtocolError: a tensor that is neither a factor, the head nor a ciphertext, or a
+                layer without both factors.
+        """
+        cid = upload.header.get("client_id")
+        parts: dict[str, dict[str, tuple[int, ...]]] = {}
+        for name, arr in upload.tensors.items():
+            owner, _, key = name.rpartition(SEP)
+            if owner in ("head", ENC) or key in self.extra_tensors:
+                continue
+            if key not in ("A", "B") or arr.ndim != 2:
+                raise ProtocolError(
+                    f"upload from client {cid}: tensor {name!r} {arr.shape} is neither a 2-D LoRA "
+                    "factor, the head nor a ciphertext",
+                    client_id=cid,
+                    reason="shape",
+                )
+            parts.setdefault(owner, {})[key] = arr.shape
+        out = {}
+        for layer, ab in parts.items():
+            if set(ab) != {"A", "B"}:
+                raise ProtocolError(
+                    f"upload from client {cid}: layer {layer!r} lacks its "
+                    f"{sorted({'A', 'B'} - set(ab))} factor",
+                    client_id=cid,
+                    reason="shape",
+                )
+            out[layer] = (int(ab["B"][0]), int(ab["A"][1]))
+        return out
+
+    #: tensor keys (``<owner>|<key>``) a method adds besides factors, head and ciphertexts
+    extra_tensors: tuple[str, ...] = ()
+
+    def agreement(self, upload: Message) -> Any:
+        """What every upload of a round must share besides the geometry (hashable; e.g.
+        SHE-LoRA's column list). The server takes the value most uploads carry."""
+        return None
+
+    def check_upload(self, upload: Message, ctx: Any) -> None:
+        """Method-specific checks of one upload (``ctx`` a
+        :class:`~shelora_core.validation.RoundContext`); :class:`ProtocolError` naming the client
+        and the reason. The default: plaintext factors of the client's rank within the value
+        bound, and no ciphertexts."""
+        self._check_factors(upload, ctx)
+        self._check_ciphertexts(upload, ctx, 0, "a plaintext method")
+
+    def _check_factors(self, upload: Message, ctx: Any) -> None:
+        """Plaintext factors ``B`` (m x r) and ``A`` (r x n) at the client's configured rank, and
+        every plaintext value within :data:`~shelora_core.validation.MAX_ABS_VALUE`."""
+        from ..validation import check_plain_values
+
+        cid = int(upload.header["client_id"])
+        r = ctx.cfg.client_rank(cid)
+        for layer, (m, n) in self.upload_geometry(upload).items():
+            b = upload.tensors[f"{layer}{SEP}B"]
+            a = upload.tensors[f"{layer}{SEP}A"]
+            if b.shape != (m, r) or a.shape != (r, n):
+                raise ProtocolError(
+                    f"upload from client {cid}: layer {layer!r} has B {b.shape} and A {a.shape}; "
+                    f"its rank {r} needs B ({m}, {r}) and A ({r}, {n})",
+                    client_id=cid,
+                    reason="shape",
+                )
+        check_plain_values(upload, skip=is_ciphertext)
+
+    def _check_ciphertexts(self, upload: Message, ctx: Any, expected: int, need: str) -> None:
+        """The header's ciphertext count equals ``expected`` (``need`` says what sets it), the
+        message holds exactly ``enc|0 .. enc|expected-1``, each a 1-D uint8 array that loads
+        under the server's public context, and the key fingerprint matches."""
+        from ..validation import check_int
+
+        h = upload.header
+        cid = h.get("client_id")
+        got = check_int(h, "ciphertexts") if (expected or "ciphertexts" in h) else 0
+        names = sorted(k for k in upload.tensors if is_ciphertext(k))
+        want = [f"{ENC}{SEP}{c}" for c in range(expected)]
+        if got != expected or sorted(want) != names:
+            raise ProtocolError(
+                f"upload from client {cid} carries {len(names)} ciphertexts (header: {got}); "
+                f"{need} need {expected}",
+                client_id=cid,
+                reason="ciphertexts",
+            )
+        if not expected:
+            return
+        crypto = ctx.crypto
+        self._need_crypto(crypto, "server")
+        if h.get("fingerprint") != crypto.fingerprint:
+            raise ProtocolError(
+                f"upload from client {cid} was encrypted under key {h.get('fingerprint')!r}, "
+                f"this round's key is {crypto.fingerprint}: a message from another key or session",
+                client_id=cid,
+                reason="key",
+            )
+        for name in want:
+            arr = upload.tensors[name]
+            try:
+                if arr.dtype != np.uint8 or arr.ndim != 1:
+                    raise ProtocolError(f"{arr.dtype} {arr.shape} is not serialized bytes")
+                crypto.load(arr.tobytes())
+            except SheloraError as exc:
+                raise ProtocolError(
+                    f"upload from client {cid}: ciphertext {name!r} is not a valid ciphertext "
+                    f"under the round's key ({exc})",
+                    client_id=cid,
+                    reason="ciphertext",
+                ) from exc
 
     # shared helpers ---------------------------------------------------------------
     @staticmethod

@@ -80,6 +80,8 @@ class FlexLoRADP(FlexLoRA):
     """FlexLoRA whose clients upload a clipped, noised update (settings ``dp_*`` of the config)."""
 
     name = "flexlora-dp"
+    #: to the server a DP upload is a FlexLoRA upload (only the client adds noise)
+    wire_name = "flexlora"
 
     def _upload(self, weights: AdapterWeights, req: UploadArgs) -> Message:
         round_, client_id, num_examples, _, _, start, seed = req

@@ -41,6 +41,7 @@ from ..adapters import AdapterWeights, fit_rank, layer_index
 from ..aggregation import SVDFactors, flexlora_redistribute, lora_scaling
 from ..ckks import ClientCrypto, check_fingerprint
 from ..config import FederatedConfig
+from ..errors import ProtocolError
 from ..messages import Message, MessageError, require
 from .base import AggregateArgs, Method, ReceiveArgs, UploadArgs
 from .packing import ENCRYPT_MODES, first_layers_layout
@@ -91,6 +92,8 @@ class FirstLayersSHELoRA(Method):
         prot = [n for n in names if layer_index(n) in self.protected]
         return prot, [n for n in names if n not in prot]
 
+    adds_preweighted = True  # type: ignore[assignment]  # dW * n_i * s, summed by the server
+
     # ------------------------------------------------------------------ client: upload
     def _upload(self, weights: AdapterWeights, req: UploadArgs) -> Message:
         """SHE-LoRA's upload of the other layers, then the protected layers' ciphertexts."""
@@ -123,10 +126,11 @@ class FirstLayersSHELoRA(Method):
                 arrays[f"{k}{SEP}dW"] = (num_examples * s * (b @ a)).ravel()
             else:
                 arrays[f"{k}{SEP}B"], arrays[f"{k}{SEP}A"] = b.ravel(), a.ravel()
-        blobs = crypto.encrypt(layout.pack(arrays))
+        blobs = self._encrypt_summed(crypto, layout.pack(arrays))
         _, before = split_ciphertexts(msg)
         attach_ciphertexts(msg.tensors, list(before) + blobs)
         msg.header["ciphertexts"] = len(before) + len(blobs)
+        msg.header["method"] = self.name
         msg.header["first_layers"] = {
             "layers": prot,
             "shapes": {k: list(v) for k, v in shapes.items()},
@@ -153,6 +157,75 @@ class FirstLayersSHELoRA(Method):
         she.header.pop("first_layers")
         she.header["method"] = "shelora"
         return she, blobs[len(blobs) - c :]
+
+    # ------------------------------------------------------------------ server: checks
+    def upload_geometry(self, upload: Message) -> dict[str, tuple[int, int]]:
+        """The plaintext (SHE-LoRA) layers' shapes and the protected layers' declared shapes."""
+        out = super().upload_geometry(upload)
+        fl = upload.header.get("first_layers")
+        cid = upload.header.get("client_id")
+        try:
+            prot = {str(k): (int(v[0]), int(v[1])) for k, v in fl["shapes"].items()}
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise ProtocolError(
+                f"upload from client {cid}: header 'first_layers' = {fl!r:.80} does not declare "
+                "the protected layers' shapes",
+                client_id=cid,
+                reason="header",
+            ) from None
+        if set(prot) & set(out):
+            raise ProtocolError(
+                f"upload from client {cid} sends protected layers {sorted(set(prot) & set(out))} "
+                "in plaintext too",
+                client_id=cid,
+                reason="shape",
+            )
+        return {**out, **prot}
+
+    def agreement(self, upload: Message) -> Any:
+        return self.shelora.agreement(upload)
+
+    def check_upload(self, upload: Message, ctx: Any) -> None:
+        """The protected layers are exactly the configured blocks, sent as ``dw`` in the
+        ciphertext count their shapes need; the rest is a SHE-LoRA upload."""
+        h = upload.header
+        cid = int(h["client_id"])
+        fl = h["first_layers"]
+        geometry = self.upload_geometry(upload)
+        prot, _ = self.split_layers(list(geometry))
+
+        def bad(text: str, reason: str) -> ProtocolError:
+            return ProtocolError(f"upload from client {cid}: {text}", client_id=cid, reason=reason)
+
+        if fl.get("encrypt") != "dw":
+            raise bad(
+                f"protected layers encrypted as {fl.get('encrypt')!r}; only 'dw' uploads add up "
+                "across ranks (set first_layers_encrypt='dw')",
+                "mode",
+            )
+        if set(fl["shapes"]) != set(prot) or set(fl.get("layers", ())) != set(prot):
+            raise bad(
+                f"protects layers {sorted(fl['shapes'])[:3]}...; blocks {list(self.protected)} "
+                f"are {sorted(prot)[:3]}...",
+                "shape",
+            )
+        shapes = {k: geometry[k] for k in prot}
+        slots = ctx.crypto.slots if ctx.crypto is not None else 1
+        need = -(-first_layers_layout(shapes, slots).total // slots)
+        if fl.get("ciphertexts") != need:
+            raise bad(
+                f"{fl.get('ciphertexts')!r} first-layer ciphertexts; its protected layers need "
+                f"{need}",
+                "ciphertexts",
+            )
+        try:
+            she, blobs = self.split_upload(upload)
+        except MessageError as exc:
+            raise bad(str(exc), "ciphertexts") from exc
+        self.shelora.check_upload(she, ctx)
+        rest = Message(she.kind, {**she.header, "ciphertexts": len(blobs)}, {})
+        attach_ciphertexts(rest.tensors, blobs)
+        self._check_ciphertexts(rest, ctx, need, "its protected layers")
 
     # ------------------------------------------------------------------ server
     def _aggregate(self, uploads: Sequence[Message], req: AggregateArgs) -> Message:

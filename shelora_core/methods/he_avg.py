@@ -16,17 +16,19 @@ plaintext as in every method here.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from ..adapters import AdapterWeights, fit_rank, revive_missing
 from ..aggregation import normalize_weights, weighted_mean
 from ..ckks import check_fingerprint
+from ..errors import ProtocolError
 from ..messages import Message, MessageError, require
 from ..pruning import l1_unstructured, prune_ratio
 from .base import AggregateArgs, Method, ReceiveArgs, UploadArgs
 from .packing import FactorLayout
-from .wire import SEP, attach_ciphertexts, split_ciphertexts
+from .wire import SEP, attach_ciphertexts, is_ciphertext, split_ciphertexts
 
 __all__ = ["FedShield", "FullHE"]
 
@@ -69,6 +71,53 @@ class FedShield(Method):
         }
         return Message("upload", header, tensors)
 
+    def upload_geometry(self, upload: Message) -> dict[str, tuple[int, int]]:
+        """The layer shapes the header declares (the factors travel only as ciphertexts)."""
+        cid = upload.header.get("client_id")
+        shapes = upload.header.get("shapes")
+        try:
+            out = {str(k): (int(v[0]), int(v[1])) for k, v in shapes.items() if len(v) == 2}
+            if len(out) != len(shapes) or not out or min(min(v) for v in out.values()) < 1:
+                raise ValueError
+        except (AttributeError, TypeError, ValueError):
+            raise ProtocolError(
+                f"upload from client {cid}: header 'shapes' = {shapes!r:.80} is not a map of "
+                "layer -> [m, n]",
+                client_id=cid,
+                reason="shape",
+            ) from None
+        for name in upload.tensors:
+            if not (name.startswith(f"head{SEP}") or is_ciphertext(name)):
+                raise ProtocolError(
+                    f"upload from client {cid}: unexpected plaintext tensor {name!r} (this method "
+                    "sends its factors only as ciphertexts)",
+                    client_id=cid,
+                    reason="shape",
+                )
+        return out
+
+    def check_upload(self, upload: Message, ctx: Any) -> None:
+        """The federation's ``r_max`` (not the client's word for it), the head within the value
+        bound, and the ciphertext count the padded factor layout needs."""
+        from ..validation import check_plain_values
+
+        h = upload.header
+        cid = h.get("client_id")
+        r_max = max(self.cfg.client_ranks)
+        if h.get("r_max") != r_max:
+            raise ProtocolError(
+                f"upload from client {cid} declares r_max {h.get('r_max')!r}; the federation's "
+                f"largest rank is {r_max}",
+                client_id=cid,
+                reason="rank",
+            )
+        check_plain_values(upload, skip=is_ciphertext)
+        size = FactorLayout.build(self.upload_geometry(upload), r_max).size
+        slots = ctx.crypto.slots if ctx.crypto is not None else 1
+        self._check_ciphertexts(
+            upload, ctx, -(-size // slots), f"factors zero-padded to rank {r_max}"
+        )
+
     def _aggregate(self, uploads: Sequence[Message], req: AggregateArgs) -> Message:
         round_, max_rank, crypto, _ = req
         self._need_crypto(crypto, "server")
@@ -97,7 +146,7 @@ class FedShield(Method):
         header = {
             "method": self.name,
             "round": round_,
-            "max_rank": h0["r_max"],
+            "max_rank": max(self.cfg.client_ranks),  # the federation's, not a client's word
             # the largest rank that answered: components beyond it are empty (zero-padded)
             "live_rank": max(int(u.header["rank"]) for u in uploads),
             "shapes": h0["shapes"],

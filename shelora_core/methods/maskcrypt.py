@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -72,6 +73,7 @@ from ..adapters import AdapterWeights, fit_rank
 from ..aggregation import fedavg_truncate
 from ..ckks import check_fingerprint
 from ..config import FederatedConfig
+from ..errors import ProtocolError
 from ..messages import Message, MessageError, require
 from .base import AggregateArgs, Method, ReceiveArgs, UploadArgs
 from .budget import encrypted_values
@@ -251,6 +253,10 @@ class MaskCrypt(Method):
         }
         return Message("mask_consensus", header, {MASK: mask.astype(_index_dtype(size))})
 
+    @property
+    def adds_preweighted(self) -> bool:
+        return self.mode == "delta"
+
     # ------------------------------------------------------------------ phase 2: upload
     def _upload(self, weights: AdapterWeights, req: UploadArgs) -> Message:
         """The upload; ``columns`` is this round's decoded ``mask_consensus`` message."""
@@ -292,8 +298,11 @@ class MaskCrypt(Method):
         blobs: list[bytes] = []
         if mine.size:
             n_ct = crypto.num_ciphertexts(mine.size)
-            blobs = crypto.encrypt(
-                np.concatenate([values, np.zeros(n_ct * crypto.slots - mine.size)])
+            padded = np.concatenate([values, np.zeros(n_ct * crypto.slots - mine.size)])
+            blobs = (
+                self._encrypt_summed(crypto, padded)
+                if self.adds_preweighted
+                else crypto.encrypt(padded)
             )
         attach_ciphertexts(msg.tensors, blobs)
         msg.header.update(
@@ -306,6 +315,37 @@ class MaskCrypt(Method):
             ciphertexts=len(blobs),
         )
         return msg
+
+    # ------------------------------------------------------------------ server: checks
+    def check_upload(self, upload: Message, ctx: Any) -> None:
+        """Cipher mode, this round's mask digest, the federation's ``r_max``, the encrypted-value
+        count of the client's budget and its ciphertexts; then the plaintext checks."""
+        h = upload.header
+        cid = int(h["client_id"])
+        cons = ctx.consensus
+        if cons is None:
+            raise ValueError("the MaskCrypt server checks uploads against this round's consensus")
+
+        def bad(text: str, reason: str) -> ProtocolError:
+            return ProtocolError(f"upload from client {cid}: {text}", client_id=cid, reason=reason)
+
+        if h.get("cipher_mode") != self.mode:
+            raise bad(
+                f"cipher mode {h.get('cipher_mode')!r}, the server runs {self.mode!r}", "mode"
+            )
+        if h.get("mask_digest") != cons.header.get("digest"):
+            raise bad("encrypted another mask than this round's consensus", "mask")
+        if h.get("r_max") != self.r_max:
+            raise bad(f"r_max {h.get('r_max')!r}, the federation's is {self.r_max}", "rank")
+        geometry = self.upload_geometry(upload)
+        want = min(maskcrypt_budget(self.cfg, cid, geometry), int(cons.header.get("size", 0)))
+        if h.get("encrypted_values") != want:
+            raise bad(
+                f"{h.get('encrypted_values')!r} encrypted values; its budget gives {want}", "budget"
+            )
+        self._check_factors(upload, ctx)
+        slots = ctx.crypto.slots if ctx.crypto is not None else 1
+        self._check_ciphertexts(upload, ctx, -(-want // slots), f"{want} encrypted values")
 
     # ------------------------------------------------------------------ server
     def _aggregate(self, uploads: Sequence[Message], req: AggregateArgs) -> Message:

@@ -51,6 +51,7 @@ from ..aggregation import LowRankUpdate, lora_scaling, lowrank_svd
 from ..ckks import ServerCrypto, check_fingerprint
 from ..column_aggregation import fuse, plain_part, protected_columns, reparameterize, split_columns
 from ..config import FederatedConfig
+from ..errors import ProtocolError
 from ..messages import Message, MessageError, require
 from .base import AggregateArgs, Method, ReceiveArgs, UploadArgs
 from .budget import encrypted_values
@@ -135,6 +136,10 @@ class SHELoRA(Method):
         self.withhold = self.cfg.shelora_protect == "withhold"
         self.needs_crypto = not self.withhold  # the withhold ablation sends no ciphertext
 
+    @property
+    def adds_preweighted(self) -> bool:
+        return self.mode == "delta" and not self.withhold
+
     # ------------------------------------------------------------------ client: upload
     def _upload(self, weights: AdapterWeights, req: UploadArgs) -> Message:
         round_, client_id, num_examples, crypto, columns, _, _ = req
@@ -186,7 +191,9 @@ class SHELoRA(Method):
             )
             n_ct = crypto.num_ciphertexts(used)
             flat = flat[:used]  # zero-pad the last ciphertext: free, its size does not change
-            blobs = crypto.encrypt(np.concatenate([flat, np.zeros(n_ct * crypto.slots - used)]))
+            blobs = self._encrypt_summed(
+                crypto, np.concatenate([flat, np.zeros(n_ct * crypto.slots - used)])
+            )
         elif k > 0:  # paper mode: one ciphertext per protected A column (r values)
             for j in range(k):
                 for layer in sorted(protected):
@@ -194,6 +201,97 @@ class SHELoRA(Method):
         attach_ciphertexts(msg.tensors, blobs)
         msg.header["ciphertexts"] = len(blobs)
         return msg
+
+    # ------------------------------------------------------------------ server: checks
+    def agreement(self, upload: Message) -> Any:
+        """The column list G the upload protects (every client of a round shares it)."""
+        cols = upload.header.get("columns")
+        if not isinstance(cols, dict):
+            return None
+        try:
+            return tuple(sorted((k, tuple(int(c) for c in v)) for k, v in cols.items()))
+        except (TypeError, ValueError):
+            return None
+
+    def check_upload(self, upload: Message, ctx: Any) -> None:
+        """Budget, cipher mode, the shared column list G (``k_max`` distinct columns per layer,
+        each within the layer's width), G's first k_i columns of A zeroed in plaintext, and the
+        ciphertext count its budget and layer shapes give; then the plaintext checks."""
+        from ..validation import check_int
+
+        h = upload.header
+        cid = int(h["client_id"])
+        geometry = self.upload_geometry(upload)
+        k = check_int(h, "budget")
+        if k != self.cfg.client_budget(cid):
+            raise ProtocolError(
+                f"upload from client {cid} has budget {k}; the configuration gives it "
+                f"{self.cfg.client_budget(cid)}",
+                client_id=cid,
+                reason="budget",
+            )
+        self._check_columns(upload, geometry, ctx)
+        for layer in geometry:
+            g = h["columns"][layer][:k]
+            if g and np.any(upload.tensors[f"{layer}{SEP}A"][:, g]):
+                raise ProtocolError(
+                    f"upload from client {cid}: layer {layer!r} sends protected columns "
+                    f"{g[:4]}... of A in plaintext; they must be zero (they travel encrypted)",
+                    client_id=cid,
+                    reason="columns",
+                )
+        self._check_factors(upload, ctx)
+        if self.withhold:
+            if h.get("protect") != "withhold":
+                raise ProtocolError(
+                    f"upload from client {cid} is a {h.get('protect', 'encrypt')!r} upload; the "
+                    "server runs the withhold ablation",
+                    client_id=cid,
+                    reason="mode",
+                )
+            self._check_ciphertexts(upload, ctx, 0, "withheld columns")
+            return
+        if h.get("cipher_mode") != self.mode:
+            raise ProtocolError(
+                f"upload from client {cid} used cipher mode {h.get('cipher_mode')!r}; the "
+                f"server runs {self.mode!r}",
+                client_id=cid,
+                reason="mode",
+            )
+        slots = ctx.crypto.slots if ctx.crypto is not None else 1
+        self._check_ciphertexts(
+            upload,
+            ctx,
+            self._expected_ciphertexts(upload, slots),
+            f"its budget {k} and layer shapes",
+        )
+
+    def _check_columns(self, upload: Message, geometry: dict, ctx: Any) -> None:
+        cid = upload.header.get("client_id")
+        cols = upload.header.get("columns")
+        k_max = self.cfg.max_budget
+
+        def bad(why: str) -> ProtocolError:
+            return ProtocolError(
+                f"upload from client {cid}: column list {why}", client_id=cid, reason="columns"
+            )
+
+        if not isinstance(cols, dict) or set(cols) != set(geometry):
+            raise bad(
+                f"covers layers {sorted(cols)[:3] if isinstance(cols, dict) else cols!r}, "
+                "not the layers it uploads"
+            )
+        for layer, g in cols.items():
+            n = geometry[layer][1]
+            ok = isinstance(g, list) and all(
+                isinstance(c, int) and not isinstance(c, bool) for c in g
+            )
+            if not ok or len(g) != k_max or len(set(g)) != len(g):
+                raise bad(f"of layer {layer!r} must be {k_max} distinct integers, got {g!r:.80}")
+            if g and not 0 <= min(g) <= max(g) < n:
+                raise bad(f"of layer {layer!r} has columns outside 0 .. {n - 1}: {g!r:.80}")
+        if ctx.agreed is not None and self.agreement(upload) != ctx.agreed:
+            raise bad("differs from the one the round's other clients share (G is common)")
 
     # ------------------------------------------------------------------ server
     def _aggregate(self, uploads: Sequence[Message], req: AggregateArgs) -> Message:

@@ -47,7 +47,15 @@ def attach_ciphertexts(tensors: dict[str, np.ndarray], blobs: Sequence[bytes]) -
 def split_ciphertexts(msg: Message) -> tuple[Message, list[bytes]]:
     """``(msg without its ciphertexts, the ciphertexts in order)``; the count is in the header."""
     require(msg.header, "ciphertexts")
-    blobs = [msg.tensors[f"{ENC}{SEP}{c}"].tobytes() for c in range(msg.header["ciphertexts"])]
+    count = msg.header["ciphertexts"]
+    held = sum(1 for k in msg.tensors if is_ciphertext(k))
+    names = [f"{ENC}{SEP}{c}" for c in range(count)] if isinstance(count, int) else None
+    if names is None or held != count or any(k not in msg.tensors for k in names):
+        raise MessageError(
+            f"{msg.kind} from client {msg.header.get('client_id')}: the header promises "
+            f"{count!r} ciphertexts, the message holds {held}"
+        )
+    blobs = [msg.tensors[k].tobytes() for k in names]
     rest = {k: v for k, v in msg.tensors.items() if not k.startswith(ENC + SEP)}
     return Message(msg.kind, dict(msg.header), rest), blobs
 
