@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,20 +37,33 @@ import numpy as np
 from .errors import CheckpointError, MessageError
 from .messages import Message, decode, encode
 
-__all__ = ["KeyBundle", "RunDirs", "atomic_write"]
+__all__ = ["KeyBundle", "RunDirs", "atomic_write", "write_hook"]
 
 _MANIFEST_VERSION = 1
 _LEGACY = ("state.json", "broadcast.bin", "keys")
+
+
+#: called with ``(path, step)`` at every point where a run writes to disk (``step`` is
+#: ``"write"`` before a temporary file is written, ``"replace"`` before it replaces ``path``):
+#: the fault-injection suite raises there to kill a run at every write point
+write_hook: Callable[[Path, str], None] | None = None
+
+
+def _at(path: Path, step: str) -> None:
+    if write_hook is not None:
+        write_hook(path, step)
 
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (a temporary file, fsync, then ``os.replace``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    _at(path, "write")
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
+    _at(path, "replace")
     os.replace(tmp, path)
 
 
@@ -182,6 +196,7 @@ class RunDirs:
         for rel in sorted(files, key=lambda r: r.startswith("keyholder/")):
             dest = self.root / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
+            _at(dest, "replace")
             os.replace(stage / rel, dest)
         atomic_write(self.manifest, json.dumps(manifest, indent=1).encode())
         shutil.rmtree(stage, ignore_errors=True)

@@ -29,7 +29,7 @@ import torch
 from .adapters import AdapterWeights
 from .config import FederatedConfig
 from .data import ClientData
-from .errors import ProtocolError
+from .errors import ProtocolError, SheloraError
 from .messages import Message, decode, encode
 from .methods import get_method
 
@@ -186,6 +186,7 @@ def receive(
     round_: int | None = None,
     rank: int | None = None,
     crypto: Any = None,
+    model: Any = None,
 ) -> AdapterWeights:
     """The client's adapter from the server's broadcast: decrypt, fuse, truncate to its rank.
 
@@ -197,6 +198,14 @@ def receive(
             global model): seed 0.
         rank: overrides the client's rank (the evaluator reads the largest).
         crypto: the client's secret CKKS context for encrypted methods.
+        model: the client's model (anything with ``validate(weights)``, e.g.
+            :class:`~shelora_core.lora.LoraModel`): the adapter read from the broadcast must fit
+            its layers and head.
+
+    Raises:
+        MessageError, ProtocolError: bytes that are not a broadcast, or a broadcast for another
+            round, method or key, or one that does not fit the client's model; the client does
+            not train on it.
     """
     if rank is None:
         if client_id is None:
@@ -205,13 +214,25 @@ def receive(
     seed = 0 if client_id is None or round_ is None else client_seed(cfg.seed, round_, client_id, 0)
     msg = decode(broadcast, expect_kind="broadcast")
     check_broadcast(cfg, msg, round_=round_, crypto=crypto)
-    return get_method(cfg.method, cfg).client_weights(
+    weights = get_method(cfg.method, cfg).client_weights(
         msg,
         rank=rank,
         alpha=cfg.lora_alpha,
         seed=seed,
         crypto=crypto,
     )
+    if model is not None:
+        try:
+            model.validate(weights)
+        except SheloraError:
+            raise
+        except ValueError as exc:
+            raise ProtocolError(
+                f"the broadcast of round {msg.header.get('round')} does not fit this client's "
+                f"model: {exc}",
+                reason="shape",
+            ) from exc
+    return weights
 
 
 def check_broadcast(
@@ -226,6 +247,12 @@ def check_broadcast(
             method's or another key's).
     """
     h = msg.header
+    missing = [k for k in ("method", "round", "max_rank", "clients") if k not in h]
+    if missing:
+        raise ProtocolError(
+            f"the broadcast's header lacks {missing}: not a broadcast of this protocol",
+            reason="header",
+        )
     if h.get("method") != cfg.method:
         raise ProtocolError(
             f"the broadcast is for method {h.get('method')!r}; this client runs {cfg.method!r}",
@@ -374,7 +401,9 @@ def client_step(
     if broadcast is None:
         weights = model.init_weights(rank, seed=cfg.seed)
     else:
-        weights = receive(cfg, broadcast, client_id=client_id, round_=round_, crypto=crypto)
+        weights = receive(
+            cfg, broadcast, client_id=client_id, round_=round_, crypto=crypto, model=model
+        )
     model.load(weights)
     t1 = time.perf_counter()
     loss = local_train(

@@ -477,13 +477,14 @@ class Federation:
                 states.append(state)
                 ids.append(cid)
             download = len(broadcast) if broadcast is not None else 0
+            senders = list(ids)  # who delivered each upload
             consensus = None
             if method.needs_consensus:  # MaskCrypt: masks -> consensus -> encrypted uploads
                 proposals = uploads
                 ts = time.perf_counter()
                 consensus = server_consensus(cfg, proposals, round_=rnd)
                 extra["consensus_server_seconds"] = time.perf_counter() - ts
-                uploads = []
+                uploads, senders = [], []
                 for j, st in enumerate(states):
                     tc = time.perf_counter()
                     try:
@@ -496,6 +497,7 @@ class Federation:
                         continue
                     client_secs[j] += time.perf_counter() - tc
                     uploads.append(up)
+                    senders.append(ids[j])
                 extra.update(
                     consensus_upload_bytes=int(sum(len(x) for x in proposals)),
                     consensus_broadcast_bytes=len(consensus),
@@ -509,6 +511,7 @@ class Federation:
                 crypto=self.server_crypto,
                 consensus=consensus,
                 sampled=sampled,
+                senders=senders,
                 layers=self.model.layer_shapes,
             )
             broadcast = outcome.broadcast

@@ -247,10 +247,25 @@ def validate_uploads(
     decoded: list[tuple[Any, Message]] = []
     for i, data in enumerate(uploads):
         who = senders[i] if senders is not None else f"#{i}"
+        label = f"upload from client {who}" if senders is not None else f"upload #{i}"
         try:
-            decoded.append((who, decode(data, expect_kind="upload")))
+            msg = decode(data, expect_kind="upload")
         except MessageError as exc:
-            refuse(ProtocolError(f"upload {who}: {exc}", reason="malformed"), who)
+            refuse(ProtocolError(f"{label}: {exc}", reason="malformed"), who)
+            continue
+        claimed = msg.header.get("client_id")
+        if senders is not None and (isinstance(claimed, bool) or claimed != who):
+            refuse(
+                ProtocolError(
+                    f"{label} claims to come from client {claimed!r}: a client uploads only "
+                    "under its own id",
+                    client_id=who,
+                    reason="sender",
+                ),
+                who,
+            )
+            continue
+        decoded.append((who, msg))
     # 2. one upload per client: every copy of a repeated id is refused
     counts = Counter(_hashable(m.header.get("client_id")) for _, m in decoded)
     for cid, n in counts.items():

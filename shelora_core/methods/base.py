@@ -157,7 +157,15 @@ class Method(ABC):
         ``seed`` seeds the components the client must re-initialise; ``crypto`` is its secret
         CKKS context (encrypted methods).
         """
-        return self._receive(broadcast, ReceiveArgs(rank, alpha, seed, crypto))
+        try:
+            return self._receive(broadcast, ReceiveArgs(rank, alpha, seed, crypto))
+        except SheloraError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError) as exc:  # a layout it cannot read
+            raise MessageError(
+                f"the {self.name} broadcast of round {broadcast.header.get('round')} is "
+                f"malformed ({type(exc).__name__}: {exc}); the client does not use it"
+            ) from exc
 
     @abstractmethod
     def _receive(self, broadcast: Message, req: ReceiveArgs) -> AdapterWeights:
