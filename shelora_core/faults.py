@@ -11,6 +11,7 @@ Each case records the expected and the observed outcome:
 
 * ``rejected``: refused with a shelora error that names the client (server side) or the reason
   (client, configuration, disk); for uploads the round completed without it;
+* ``recovered``: a run killed at a write point resumed to its uninterrupted result;
 * ``undetectable``: well-formed but wrong ciphertexts under a forged key fingerprint: a server
   without the secret key cannot tell (the papers' threat model is a semi-honest server and honest
   clients; ``docs/design.md``);
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -46,7 +48,7 @@ from .messages import Message, decode, encode
 
 __all__ = ["Case", "OUTCOMES", "broadcast_cases", "run_cases", "summarize", "upload_cases"]
 
-OUTCOMES = ("rejected", "undetectable", "silently_accepted", "obscure", "data_lost")
+OUTCOMES = ("rejected", "recovered", "undetectable", "silently_accepted", "obscure", "data_lost")
 
 #: the synthetic federation the message-level cases run on: 3 clients, ranks 2/4/8, budgets
 #: 1/2/4, three 24 x 16 layers (a real model is not needed to build real messages)
@@ -609,9 +611,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     cases = run_cases()
     if not args.no_crash:
-        from .fault_crash import crash_cases
+        from .fault_crash import crash_cases, disk_cases
 
-        cases += list(crash_cases(out / "faults_tmp"))
+        work = out / "checkpoints" / "faults"
+        cases += list(disk_cases(work))
+        cases += list(crash_cases(work))
+        shutil.rmtree(work, ignore_errors=True)
     totals = summarize(cases)
     record = {
         "meta": {**run_meta(0), "seconds": time.perf_counter() - t0},
@@ -623,6 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [c for c in cases if c.observed != c.expected]
     print(
         f"faults: {totals['tried']} cases, {totals['rejected']} rejected by name, "
+        f"{totals['recovered']} crashes recovered, "
         f"{totals['undetectable']} undetectable (out of threat model), "
         f"{totals['silently_accepted']} silently accepted, {totals['obscure']} obscure, "
         f"{totals['data_lost']} data lost -> {out / 'faults.json'}"
