@@ -6,11 +6,15 @@
     python reproduce.py --only 05            # notebooks whose name contains "05"
     python reproduce.py --set rounds=1       # override a config field in every notebook
     python reproduce.py --readme             # only regenerate the README results table
+    python reproduce.py --cell-timeout 3600  # fail a notebook whose cell runs longer than 1 h
+    python reproduce.py --notebook my.ipynb  # run another notebook the same way
 
 Executed copies go to ``results/<profile>/notebooks/``; JSON, per-round metrics, checkpoints and
-figures to ``results/<profile>/``. A failing notebook stops the run with a non-zero exit status and
-a message naming the notebook and the cell. Re-running resumes interrupted federated runs from
-their checkpoints.
+figures to ``results/<profile>/``. A failing notebook (an error in a cell, a kernel that dies, e.g.
+out of memory, a cell over --cell-timeout) stops the run with a non-zero exit status and one line
+starting ``FAILED:`` that names the notebook, the cell as JupyterLab counts it in the source
+notebook (1-based, markdown cells included), the error and the executed copy. Re-running resumes
+interrupted federated runs from their checkpoints.
 """
 
 from __future__ import annotations
@@ -70,12 +74,34 @@ def _jsonable(value):
     return value
 
 
-def run_notebook(nb: Path, out_dir: Path, params: dict, kernel: str) -> float:
+def run_notebook(
+    nb: Path, out_dir: Path, params: dict, kernel: str, cell_timeout: int | None = None
+) -> float:
+    """Execute ``nb`` with papermill into ``out_dir/notebooks/``; return the seconds it took.
+
+    Args:
+        nb: any notebook (the kernel's working directory is its folder).
+        out_dir: the profile's results directory; the executed copy goes to ``notebooks/``.
+        params: papermill parameters (injected after the cell tagged ``parameters``).
+        kernel: the kernel name.
+        cell_timeout: seconds a single cell may run (papermill's ``execution_timeout``);
+            ``None``: no limit. A cell over it is interrupted (so the kernel shuts down
+            cleanly) and the notebook fails.
+
+    Raises:
+        SystemExit: on any failure, with the one-line message of :func:`failure_line`.
+    """
     import papermill as pm
-    from papermill.exceptions import PapermillExecutionError
 
     out = out_dir / "notebooks" / nb.name
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        out.unlink()  # a copy left by an earlier run must not be mistaken for this run's
+    replies: list[dict] = []  # the error reply of the failing cell (nbclient's on_cell_error)
+
+    def on_cell_error(execute_reply: dict | None = None, **_: object) -> None:
+        replies.append(dict((execute_reply or {}).get("content") or {}))
+
     t0 = time.perf_counter()
     try:
         pm.execute_notebook(
@@ -83,17 +109,124 @@ def run_notebook(nb: Path, out_dir: Path, params: dict, kernel: str) -> float:
             str(out),
             parameters=params,
             kernel_name=kernel,
-            cwd=str(NOTEBOOKS),
+            cwd=str(nb.parent),
             progress_bar=False,
             log_output=False,
             request_save_on_cell_execute=True,
+            execution_timeout=cell_timeout,
+            # on a timeout, interrupt the cell and report _TIMEOUT_REPLY as its error: shutting
+            # down a kernel that is still busy makes it print its own traceback
+            interrupt_on_timeout=True,
+            error_on_timeout=_TIMEOUT_REPLY,
+            on_cell_error=on_cell_error,
         )
-    except PapermillExecutionError as exc:
-        raise SystemExit(
-            f"FAILED: notebook {nb.name}, cell {exc.cell_index} (execution count {exc.exec_count}): "
-            f"{exc.ename}: {exc.evalue}\nThe executed copy with the traceback is {out}"
-        ) from None
+    except Exception as exc:  # a raised error, a dead kernel, a timeout, a kernel that won't start
+        timed_out = any(r.get("evalue") == _TIMEOUT_REPLY["evalue"] for r in replies)
+        raise SystemExit(failure_line(nb, out, exc, cell_timeout, timed_out=timed_out)) from None
     return time.perf_counter() - t0
+
+
+#: the error nbclient reports for a cell interrupted after ``--cell-timeout``
+_TIMEOUT_REPLY = {
+    "ename": "CellTimeoutError",
+    "evalue": "reproduce.py: the cell ran longer than --cell-timeout and was interrupted",
+    "traceback": [],
+}
+_MAX_ERROR_CHARS = 1000
+
+
+def failure_line(
+    nb: Path,
+    out: Path,
+    exc: BaseException,
+    cell_timeout: int | None = None,
+    *,
+    timed_out: bool = False,
+) -> str:
+    """The one line ``FAILED: ...`` for a notebook that did not run to the end.
+
+    Names the notebook, the failing cell as a user counts it in the source notebook in
+    JupyterLab (1-based, markdown cells included; papermill's injected parameters cell is not
+    counted), the error on one line, and the executed copy (which holds the traceback).
+
+    Args:
+        nb: the source notebook.
+        out: where papermill wrote (or would have written) the executed copy.
+        exc: what ``papermill.execute_notebook`` raised.
+        cell_timeout: the ``--cell-timeout`` in force, named when a cell timed out.
+        timed_out: the failing cell was interrupted after ``cell_timeout`` (``exc`` then
+            carries the kernel's ``KeyboardInterrupt``).
+    """
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+    from papermill.exceptions import PapermillExecutionError
+
+    if timed_out or (isinstance(exc, CellTimeoutError) and cell_timeout):
+        error = (
+            f"CellTimeoutError: the cell ran longer than --cell-timeout {cell_timeout} s and was "
+            "stopped; raise --cell-timeout, or lower the work with --set"
+        )
+    elif isinstance(exc, PapermillExecutionError):
+        error = f"{exc.ename}: {exc.evalue}"
+    elif isinstance(exc, DeadKernelError):
+        error = (
+            f"DeadKernelError: the kernel died while running the cell ({exc}); usually out of "
+            "memory (the OS killed it: smaller --set values or fewer jobs at once) or the code "
+            "ended the process"
+        )
+    else:  # CellTimeoutError without --cell-timeout (nbclient's IOPub timeout); anything else
+        lines = str(exc).strip().splitlines()
+        error = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    error = " ".join(error.split())  # one line
+    if len(error) > _MAX_ERROR_CHARS:
+        error = error[: _MAX_ERROR_CHARS - 3] + "..."
+    copy = (
+        f"the executed copy (with the traceback) is {out}"
+        if out.exists()
+        else "no executed copy was written"
+    )
+    return f"FAILED: notebook {nb.name}, {_failed_cell(nb, out, exc)}: {error}; {copy}"
+
+
+def _failed_cell(nb: Path, out: Path, exc: BaseException) -> str:
+    """Where ``nb`` failed, in the source notebook's numbering ("cell 7 of 12 (1-based, ...)").
+
+    The executed copy is the source plus papermill's injected parameters cell (and, after an
+    error, papermill's error-marker cells); cells are matched back to the source by their id,
+    by position when the notebook has no cell ids.
+    """
+    import nbformat
+    from papermill.exceptions import PapermillExecutionError
+
+    try:
+        source = nbformat.read(str(nb), as_version=4).cells
+        executed = nbformat.read(str(out), as_version=4).cells
+    except Exception:  # the notebook did not load, or papermill failed before writing a copy
+        return "before any cell ran"
+    executed = [c for c in executed if "papermill-error-cell-tag" not in c.metadata.get("tags", [])]
+    if isinstance(exc, PapermillExecutionError) and 0 <= exc.cell_index < len(executed):
+        index = exc.cell_index
+    else:  # papermill runs the cells in order and stops at the failing one: the last started
+        started = [
+            i for i, c in enumerate(executed) if c.metadata.get("papermill", {}).get("start_time")
+        ]
+        if not started:
+            return "before any cell ran (the kernel did not start)"
+        index = started[-1]
+    cell = executed[index]
+    count = f"of {len(source)} (1-based, markdown cells included, as in JupyterLab)"
+    ids = [c.get("id") for c in source]
+    injected = [
+        i for i, c in enumerate(executed) if "injected-parameters" in c.metadata.get("tags", [])
+    ]
+    if injected and index == injected[0]:
+        where = f"after source cell {index}" if index else "before source cell 1"
+        return f"in the parameters cell papermill injected {where} {count}"
+    if cell.get("id") is not None and cell.get("id") in ids:
+        number = ids.index(cell.get("id")) + 1
+    else:  # no cell ids: papermill inserted one cell, unless it replaced an injected one
+        replaced = any("injected-parameters" in c.metadata.get("tags", []) for c in source)
+        number = index + 1 - (1 if injected and injected[0] < index and not replaced else 0)
+    return f"cell {number} {count}"
 
 
 def _rel(path: Path) -> Path:
@@ -305,6 +438,16 @@ def update_readme(results_root: Path) -> None:
     README.write_text(f"{head}{START}\n{body}\n{END}{tail}")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expects a positive number of seconds, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -324,6 +467,20 @@ def main(argv: list[str] | None = None) -> int:
         default=ROOT / "results",
         help="root of the results tree (default: results/)",
     )
+    ap.add_argument(
+        "--cell-timeout",
+        type=_positive_int,
+        default=None,
+        metavar="SECONDS",
+        help="fail a notebook whose single cell runs longer than this (default: no limit)",
+    )
+    ap.add_argument(
+        "--notebook",
+        action="append",
+        type=Path,
+        metavar="PATH",
+        help="run this notebook instead of notebooks/NN_*.ipynb (repeatable)",
+    )
     ap.add_argument("--readme", action="store_true", help="only regenerate the README table")
     ap.add_argument("--list", action="store_true", help="list the notebooks and exit")
     args = ap.parse_args(argv)
@@ -331,7 +488,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.readme:
         update_readme(args.results_dir)
         return 0
-    nbs = notebooks(args.only)
+    if args.notebook:
+        missing = [str(p) for p in args.notebook if not p.is_file()]
+        if missing:
+            print(f"no such notebook: {', '.join(missing)}", file=sys.stderr)
+            return 2
+        nbs = [p.resolve() for p in args.notebook]
+    else:
+        nbs = notebooks(args.only)
     if args.list or not nbs:
         for nb in nbs:
             print(nb.name)
@@ -352,10 +516,10 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter()
     for nb in nbs:
         print(f"  {nb.name} ...", flush=True)
-        secs = run_notebook(nb, out_dir, params, kernel)
+        secs = run_notebook(nb, out_dir, params, kernel, args.cell_timeout)
         print(f"  {nb.name} done in {secs:.0f} s", flush=True)
     print(f"all done in {time.perf_counter() - total:.0f} s; results in {out_dir}")
-    if args.results_dir.resolve() == (ROOT / "results").resolve():
+    if not args.notebook and args.results_dir.resolve() == (ROOT / "results").resolve():
         update_readme(args.results_dir)
     return 0
 

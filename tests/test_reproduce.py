@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -263,3 +264,155 @@ def test_quick_profile_executes_notebook_06_and_records_the_attack_table(tmp_pat
     assert meta["versions"]["torch"].startswith("2.13.0")
     assert (tmp_path / "quick" / "attack_records.jsonl").exists()
     assert (tmp_path / "quick" / "figures" / "attack_overview.png").stat().st_size > 10_000
+
+
+# --- failures of any kind end in one FAILED line (issue 12, item 10) ------------------------
+
+KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
+PARAMETERS = "profile = 'quick'\nresults_dir = ''\noverrides = {}"
+
+
+def _notebook(path: Path, cells: list[str], *, parameters: bool = True, ids: bool = True) -> Path:
+    """A notebook of a markdown title, a parameters cell (tagged, if ``parameters``), then
+    ``cells``: code, or markdown when the text starts with ``"# "``."""
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+    params = new_code_cell(PARAMETERS)
+    if parameters:
+        params.metadata["tags"] = ["parameters"]
+    body = [new_markdown_cell(c) if c.startswith("# ") else new_code_cell(c) for c in cells]
+    nb = new_notebook(
+        cells=[new_markdown_cell("# A tiny notebook"), params, *body],
+        metadata={"kernelspec": KERNELSPEC, "language_info": {"name": "python"}},
+    )
+    if not ids:  # an nbformat 4.4 notebook: cells have no ids
+        nb.nbformat_minor = 4
+        for c in nb.cells:
+            del c["id"]
+    nbformat.write(nb, str(path))
+    return path
+
+
+def _run_one(tmp_path: Path, nb: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "reproduce.py"), "--notebook", str(nb)]
+    cmd += ["--results-dir", str(tmp_path / "results"), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def _failed_line(proc: subprocess.CompletedProcess) -> str:
+    """The FAILED line, checking it is the only one, the last line of stderr, and that
+    nothing dumped a traceback."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    everything = (proc.stdout + proc.stderr).splitlines()
+    assert sum(line.startswith("FAILED:") for line in everything) == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("FAILED:"), proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    return last
+
+
+#: (id, cells after the title and parameters cell, options, 1-based source number of the
+#: failing cell, what the line must say)
+FAILURES = [
+    (
+        "raises",
+        ["x = 1", "# a markdown cell", "raise ValueError('boom\\nsecond line')", "print(x)"],
+        {},
+        5,
+        "ValueError: boom second line",
+    ),
+    (
+        "raises_without_parameters_tag",
+        ["x = 1", "raise KeyError('missing')"],
+        {"parameters": False},
+        4,
+        "KeyError: 'missing'",
+    ),
+    ("raises_without_cell_ids", ["x = 1", "1 / 0"], {"ids": False}, 4, "ZeroDivisionError"),
+    ("os_exit", ["x = 1", "import os\nos._exit(1)", "print(x)"], {}, 4, "DeadKernelError"),
+    (
+        "sigkill",
+        ["import os, signal", "# killed like the OOM killer does", "os.kill(os.getpid(), 9)"],
+        {},
+        5,
+        "DeadKernelError",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("cells", "options", "number", "says"),
+    [f[1:] for f in FAILURES],
+    ids=[f[0] for f in FAILURES],
+)
+def test_a_failing_notebook_ends_in_one_failed_line_with_the_source_cell(
+    tmp_path, cells, options, number, says
+):
+    nb = _notebook(tmp_path / "tiny.ipynb", cells, **options)
+    total = len(cells) + 2
+    line = _failed_line(_run_one(tmp_path, nb))
+    assert line.startswith(f"FAILED: notebook tiny.ipynb, cell {number} of {total} (1-based")
+    assert says in line
+    copy = tmp_path / "results" / "quick" / "notebooks" / "tiny.ipynb"
+    assert str(copy) in line and copy.exists()
+
+
+def test_a_cell_over_the_timeout_fails_the_notebook_naming_the_cell_and_the_timeout(tmp_path):
+    nb = _notebook(tmp_path / "slow.ipynb", ["import time", "time.sleep(120)", "print('never')"])
+    t0 = time.perf_counter()
+    proc = _run_one(tmp_path, nb, "--cell-timeout", "2")
+    assert time.perf_counter() - t0 < 60
+    line = _failed_line(proc)
+    assert line.startswith("FAILED: notebook slow.ipynb, cell 4 of 5 (1-based")
+    assert "CellTimeoutError" in line and "--cell-timeout 2 s" in line
+
+
+def test_a_notebook_that_ends_passes_with_a_cell_timeout(tmp_path):
+    nb = _notebook(tmp_path / "ok.ipynb", ["x = 1 + 1", "assert x == 2"])
+    proc = _run_one(tmp_path, nb, "--cell-timeout", "30")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "FAILED" not in proc.stdout + proc.stderr
+    assert (tmp_path / "results" / "quick" / "notebooks" / "ok.ipynb").exists()
+
+
+@pytest.mark.parametrize("bad", ["0", "-5", "soon"])
+def test_cell_timeout_must_be_a_positive_number_of_seconds(tmp_path, bad):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "reproduce.py"), "--cell-timeout", bad, "--list"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "--cell-timeout" in proc.stderr
+
+
+def test_failure_line_in_the_injected_parameters_cell_and_before_any_cell(tmp_path):
+    """Without a kernel: an executed copy whose injected parameters cell failed, and none."""
+    import nbformat
+    from nbclient.exceptions import DeadKernelError
+    from nbformat.v4 import new_code_cell
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        from reproduce import failure_line
+    finally:
+        sys.path.pop(0)
+    nb = _notebook(tmp_path / "src.ipynb", ["x = 1"])
+    executed = nbformat.read(str(nb), as_version=4)
+    injected = new_code_cell("overrides = {}")
+    injected.metadata["tags"] = ["injected-parameters"]
+    executed.cells.insert(2, injected)
+    for i, cell in enumerate(executed.cells):
+        cell.metadata["papermill"] = {"start_time": "2026-01-01T00:00:00" if i <= 2 else None}
+    out = tmp_path / "out.ipynb"
+    nbformat.write(executed, str(out))
+    line = failure_line(nb, out, DeadKernelError("Kernel died"))
+    assert line.startswith(
+        "FAILED: notebook src.ipynb, in the parameters cell papermill injected after source "
+        "cell 2 of 3 (1-based"
+    )
+    line = failure_line(nb, tmp_path / "missing.ipynb", RuntimeError("kernel failed\nto start"))
+    assert line == (
+        "FAILED: notebook src.ipynb, before any cell ran: RuntimeError: kernel failed; "
+        "no executed copy was written"
+    )

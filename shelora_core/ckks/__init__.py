@@ -11,9 +11,10 @@ params
     :class:`CKKSParams`, the named sets in :data:`PARAM_SETS`, :func:`get_params` and
     :func:`check_security` (128-bit security bound, scale and modulus-chain checks).
 context
-    Contexts and ciphertexts as bytes: :func:`load_context`, :func:`load_vector`,
-    :func:`context_info` / :class:`ContextInfo`, :func:`context_fingerprint` and
-    :func:`check_fingerprint`.
+    Contexts and ciphertexts as bytes: :func:`load_context` (which runs
+    :func:`check_context`, i.e. :func:`check_security` on the loaded parameters),
+    :func:`load_vector`, :func:`context_info` / :class:`ContextInfo`, :func:`context_params`,
+    :func:`context_fingerprint` and :func:`check_fingerprint`.
 roles
     :class:`KeyHolder` (generates the keys), :class:`ClientCrypto` (encrypts and decrypts with
     the secret context) and :class:`ServerCrypto` (adds and weights ciphertexts with the public
@@ -36,9 +37,11 @@ from __future__ import annotations
 from .context import _FINGERPRINT_HEX as _FINGERPRINT_HEX
 from .context import (
     ContextInfo,
+    check_context,
     check_fingerprint,
     context_fingerprint,
     context_info,
+    context_params,
     load_context,
     load_vector,
 )
@@ -69,11 +72,13 @@ __all__ = [
     "KeyHolder",
     "PackingLayout",
     "ServerCrypto",
+    "check_context",
     "check_fingerprint",
     "check_security",
     "ciphertext_bytes",
     "context_fingerprint",
     "context_info",
+    "context_params",
     "get_params",
     "load_context",
     "load_vector",

@@ -138,8 +138,11 @@ class KeyHolder:
 
 def _role_context(data: bytes, *, private: bool) -> tuple[ts.Context, ContextInfo, str]:
     """``(context, info, fingerprint)`` of a client's (``private``) or the server's context,
-    refusing a context that holds the wrong kind of key."""
-    ctx = load_context(data)
+    refusing parameters that fail :func:`~shelora_core.ckks.check_security` (the check
+    :meth:`KeyHolder.generate` runs, repeated on load) and a context that holds the wrong kind
+    of key."""
+    role = "the client's ClientCrypto" if private else "the server's ServerCrypto"
+    ctx = load_context(data, role=role)
     if private and not ctx.is_private():
         raise CKKSError(
             "this is a public context (no secret key): clients need the secret context "
@@ -160,7 +163,9 @@ class ClientCrypto:
         secret_context: bytes from :meth:`KeyHolder.secret_bytes`.
 
     Raises:
-        CKKSError: the bytes are not a context, or the context holds no secret key.
+        CKKSError: the bytes are not a context, its parameters fail
+            :func:`~shelora_core.ckks.check_security` (insecure, or a scale that does not fit
+            the modulus chain), or the context holds no secret key.
     """
 
     def __init__(self, secret_context: bytes) -> None:
@@ -240,7 +245,8 @@ class ServerCrypto:
         public_context: bytes from :meth:`KeyHolder.public_bytes`.
 
     Raises:
-        CKKSError: the bytes are not a context, or they hold the secret key.
+        CKKSError: the bytes are not a context, its parameters fail
+            :func:`~shelora_core.ckks.check_security`, or they hold the secret key.
     """
 
     def __init__(self, public_context: bytes) -> None:
