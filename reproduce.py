@@ -422,9 +422,51 @@ def results_table(results_dir: Path) -> str:
     return "\n".join(lines) if lines else "_No results yet: run `make reproduce`._"
 
 
+FAULTS_START, FAULTS_END = "<!-- faults:start -->", "<!-- faults:end -->"
+
+
+def faults_table(path: Path) -> str:
+    """Markdown tables of results/<profile>/faults.json (``make faults``): outcomes per method
+    and per kind of fault, and the cases that did not end as expected."""
+    d = json.loads(path.read_text())
+    t, cases = d["totals"], d["cases"]
+    outcomes = [o for o in ("rejected", "recovered", "undetectable", "silently_accepted",
+                            "obscure", "data_lost")]  # fmt: skip
+    lines = [
+        f"`{_rel(path)}` (commit {str(d['meta'].get('git_commit'))[:12]}): **{t['tried']} cases**, "
+        f"{t['rejected']} refused by name, {t['recovered']} crashes recovered, "
+        f"{t['undetectable']} undetectable by design, **{t['silently_accepted']} silently "
+        f"accepted, {t['obscure']} obscure, {t['data_lost']} data lost**.",
+        "",
+        "| where | " + " | ".join(o.replace("_", " ") for o in outcomes) + " |",
+        "|---|" + "---|" * len(outcomes),
+    ]
+    rows: dict[str, dict[str, int]] = {}
+    for c in cases:
+        key = c["method"] if c["kind"] in ("upload", "broadcast") else c["kind"]
+        key = f"{key} ({c['kind']})" if c["kind"] in ("upload", "broadcast") else key
+        rows.setdefault(key, dict.fromkeys(outcomes, 0))[c["observed"]] += 1
+    for key in sorted(rows):
+        lines.append(f"| {key} | " + " | ".join(str(rows[key][o]) for o in outcomes) + " |")
+    odd = [c for c in cases if not c["ok"]]
+    if odd:
+        lines += ["", "Cases that did not end as expected:", ""]
+        lines += [f"- {c['method']} / {c['kind']} / {c['case']}: {c['observed']} "
+                  f"(expected {c['expected']})" for c in odd]  # fmt: skip
+    return "\n".join(lines)
+
+
 def update_readme(results_root: Path) -> None:
     if not README.exists() or START not in README.read_text():
         return
+    faults = [results_root / p / "faults.json" for p in PROFILES]
+    faults = [f for f in faults if f.exists()]
+    text = README.read_text()
+    if faults and FAULTS_START in text:
+        head, _, rest = text.partition(FAULTS_START)
+        _, _, tail = rest.partition(FAULTS_END)
+        body = "\n\n".join(faults_table(f) for f in faults)
+        README.write_text(f"{head}{FAULTS_START}\n{body}\n{FAULTS_END}{tail}")
     parts = []
     for profile in PROFILES:
         d = results_root / profile
