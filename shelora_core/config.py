@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -188,7 +189,8 @@ class FederatedConfig:
       plaintexts and need a set with multiplicative depth >= 1; SHE-LoRA paper mode also needs
       Galois keys). Methods that send no ciphertext ignore ``ckks_params``.
 
-    :meth:`replace` and :meth:`from_dict` refuse unknown field names, suggesting close ones.
+    The constructor, :meth:`replace` and :meth:`from_dict` refuse unknown field names with a
+    :class:`~shelora_core.errors.ConfigError` suggesting close ones.
     """
 
     method: str = "flexlora"
@@ -887,3 +889,18 @@ def _refuse_unknown(names: Any, where: str) -> None:
         f"unknown config field(s) in {where}: {', '.join(parts)}; FederatedConfig has no such "
         f"field. Known fields: {list(_FIELD_NAMES)}"
     )
+
+
+def _wrap_init(init: Callable[..., None]) -> Callable[..., None]:
+    """The dataclass ``__init__``, refusing unknown keyword names with a :class:`ConfigError`
+    (close field names suggested) instead of a bare ``TypeError``."""
+
+    @functools.wraps(init)
+    def __init__(self: FederatedConfig, *args: Any, **kwargs: Any) -> None:
+        _refuse_unknown(kwargs, "FederatedConfig()")
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+FederatedConfig.__init__ = _wrap_init(FederatedConfig.__init__)  # type: ignore[method-assign]

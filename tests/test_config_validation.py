@@ -361,6 +361,15 @@ def test_replace_with_an_unknown_field_suggests_close_names():
         FederatedConfig().replace(ckks_param="fedshield")
 
 
+def test_constructor_with_an_unknown_field_suggests_close_names():
+    from shelora_core.profiles import profile_config
+
+    with pytest.raises(ConfigError, match=r"'lr_final' \(did you mean 'lr_final_ratio'\?\)"):
+        FederatedConfig(lr_final=0.2)
+    with pytest.raises(ConfigError, match="did you mean 'num_clients'"):
+        profile_config("quick", num_client=4)
+
+
 def test_from_dict_with_an_unknown_field_suggests_close_names():
     d = FederatedConfig().to_dict()
     d["min_client"] = 2
