@@ -553,10 +553,19 @@ def _integral(value: Any) -> int | None:
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, numbers.Real):
-        v = float(value)
-        if math.isfinite(v) and v.is_integer():
+        v = _finite_float(value)
+        if v is not None and v.is_integer():
             return int(v)
     return None
+
+
+def _finite_float(value: Any) -> float | None:
+    """``float(value)`` when it is finite, else ``None`` (NaN, Inf, too large for a float)."""
+    try:
+        v = float(value)
+    except (OverflowError, TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
 
 
 def _int(
@@ -582,7 +591,7 @@ def _int(
         example = example if isinstance(example, int) and not _is_bool(example) else minimum
         if _is_bool(value):
             fix = f"got a bool; give an int such as {example}"
-        elif isinstance(value, numbers.Real) and math.isfinite(float(value)):
+        elif isinstance(value, numbers.Real) and _finite_float(value) is not None:
             fix = f"not a whole number; give e.g. {math.floor(value)} or {math.ceil(value)}"
         elif isinstance(value, numbers.Real):
             fix = f"NaN and Inf are refused; give an int such as {example}"
@@ -609,13 +618,10 @@ def _real(
     if _is_bool(value) or not isinstance(value, numbers.Real):
         kind = "a bool" if _is_bool(value) else _kind(value)
         _bad(name, value, f"{allowed} (got {kind}; give a number{' or None' if optional else ''})")
-    v: float | int = int(value) if isinstance(value, numbers.Integral) else float(value)
-    try:
-        finite = math.isfinite(v)
-    except OverflowError:  # an int too large for a float
-        finite = False
-    if not finite:
+    finite = _finite_float(value)
+    if finite is None:
         _bad(name, value, f"{allowed} (NaN and Inf are refused: give a finite number)")
+    v: float | int = int(value) if isinstance(value, numbers.Integral) else finite
     if not ok(v):
         _bad(name, value, allowed)
     return v
