@@ -160,10 +160,9 @@ class FederatedConfig:
             only as ciphertexts. Defaults to ``(0, 1)`` (the two layers DAGER reads).
         first_layers_encrypt: ``shelora+first-layers``: ``"dw"`` (each client's weighted update
             of those layers; the server adds) or ``"factors"`` (B and A; for its cost only).
-        min_clients: the fewest valid uploads a round may be aggregated from: the server rejects
-            bad uploads one by one and aggregates the rest (re-weighted) while at least this many
-            remain, otherwise the round fails. ``1 <= min_clients <= clients_per_round``.
-            Defaults to 1.
+        min_clients: the fewest valid uploads a round may be aggregated from (for the server: when
+            it rejects bad uploads, it aggregates the rest only if at least this many remain).
+            ``1 <= min_clients <= clients_per_round``. Defaults to 1.
         extra: free-form notes (not compared, not hashed, not saved by :meth:`to_dict`).
 
     How fields are checked: every field is typed and range-checked when the config is built
@@ -173,14 +172,14 @@ class FederatedConfig:
     ``config.<field> = <value> is invalid: <allowed range and the fix>``. The rules:
 
     * integer fields take ints; numpy integers and integral floats (``2.0``) are converted, ``2.5``,
-      NaN, Inf, strings and bools are refused;
+      NaN, Inf, strings and bools are refused; ``seed`` is in ``[0, 2**64)`` (torch's range);
     * number fields take finite ints or floats (numpy scalars are converted to Python numbers;
       NaN and Inf are refused); booleans take ``True`` / ``False`` only;
     * choice fields (``method``, ``model``, ``partition``, ...) take one of their listed strings;
     * ``ranks``, ``he_budgets``, ``first_layers`` and ``target_modules`` take a list or tuple (or
       a 1-D numpy array), stored as a tuple; a scalar or a string is refused, and so is an
       element that is not an integral number (``target_modules``: not a module name of
-      ``model``);
+      ``model``; ``first_layers``: not a block index of ``model``, or repeated);
     * cross-field rules: budgets that fit the model's layers, more training examples than
       ``num_clients x min_client_examples``, ``min_clients <= clients_per_round``, the
       ``shelora+first-layers`` and ``flexlora-dp`` settings, and a ``ckks_params`` set that
