@@ -1,20 +1,29 @@
-"""Experiment configuration: one frozen dataclass, validated before any work starts.
+"""Experiment configuration: one frozen dataclass, checked when it is built.
 
 Defaults live here; a profile or a notebook overrides a few fields with :meth:`FederatedConfig.replace`.
-Every bad value fails in :meth:`FederatedConfig.validate` with a message naming the value, the
-allowed range and what to change.
+Every field is typed and range-checked when the config is constructed: a bad value raises
+:class:`~shelora_core.errors.ConfigError` (a ``ValueError``) whose message names the field, the
+value, the allowed range and what to change, before any data, model or key is loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import hashlib
 import json
+import math
+import numbers
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
+
+import numpy as np
 
 from .assets import MODELS
 from .data import DATASETS as _DATASET_LOADERS
+from .errors import ConfigError
 from .partitions import PARTITION_SCHEMES as PARTITIONS
 
 __all__ = ["BUDGETED", "METHODS", "SHELORA_FAMILY", "FederatedConfig"]
@@ -38,6 +47,7 @@ CIPHER_MODES = ("delta", "paper")
 LOSSES = ("ce", "logit_adjusted")
 PROTECT_MODES = ("encrypt", "withhold")
 COLUMN_ORDERS = ("negotiated", "w0_norm", "random")
+FIRST_LAYERS_ENCRYPT = ("dw", "factors")
 
 #: the shipped models (:data:`shelora_core.assets.MODELS`) and datasets
 #: (:data:`shelora_core.data.DATASETS`): one registry each, read here so a config is checked before
@@ -64,7 +74,11 @@ _LATE_FIELDS: dict[str, Any] = {
     "dp_noise_multiplier": None,
     "first_layers": (0, 1),
     "first_layers_encrypt": "dw",
+    "min_clients": 1,
 }
+
+#: torch.manual_seed takes seeds below 2**64 (numpy's generators take any non-negative integer)
+_SEED_LIMIT = 2**64
 
 
 @dataclass(frozen=True)
@@ -146,6 +160,36 @@ class FederatedConfig:
             only as ciphertexts. Defaults to ``(0, 1)`` (the two layers DAGER reads).
         first_layers_encrypt: ``shelora+first-layers``: ``"dw"`` (each client's weighted update
             of those layers; the server adds) or ``"factors"`` (B and A; for its cost only).
+        min_clients: the fewest valid uploads a round may be aggregated from (for the server: when
+            it rejects bad uploads, it aggregates the rest only if at least this many remain).
+            ``1 <= min_clients <= clients_per_round``. Defaults to 1.
+        extra: free-form notes (not compared, not hashed, not saved by :meth:`to_dict`).
+
+    How fields are checked: every field is typed and range-checked when the config is built
+    (``__post_init__``, so also by :meth:`replace` and :meth:`from_dict`); :meth:`validate`
+    re-runs the same checks and returns the config. A bad value raises
+    :class:`~shelora_core.errors.ConfigError` (a ``ValueError``) reading
+    ``config.<field> = <value> is invalid: <allowed range and the fix>``. The rules:
+
+    * integer fields take ints; numpy integers and integral floats (``2.0``) are converted, ``2.5``,
+      NaN, Inf, strings and bools are refused; ``seed`` is in ``[0, 2**64)`` (torch's range);
+    * number fields take finite ints or floats (numpy scalars are converted to Python numbers;
+      NaN and Inf are refused); booleans take ``True`` / ``False`` only;
+    * choice fields (``method``, ``model``, ``partition``, ...) take one of their listed strings;
+    * ``ranks``, ``he_budgets``, ``first_layers`` and ``target_modules`` take a list or tuple (or
+      a 1-D numpy array), stored as a tuple; a scalar or a string is refused, and so is an
+      element that is not an integral number (``target_modules``: not a module name of
+      ``model``; ``first_layers``: not a block index of ``model``, or repeated);
+    * cross-field rules: budgets that fit the model's layers, more training examples than
+      ``num_clients x min_client_examples``, ``min_clients <= clients_per_round``, the
+      ``shelora+first-layers`` and ``flexlora-dp`` settings, and a ``ckks_params`` set that
+      passes :func:`~shelora_core.ckks.check_security` and that the method can run with
+      (SHE-LoRA paper mode, FedShield-LLM, full HE and MaskCrypt paper multiply ciphertexts by
+      plaintexts and need a set with multiplicative depth >= 1; SHE-LoRA paper mode also needs
+      Galois keys). Methods that send no ciphertext ignore ``ckks_params``.
+
+    The constructor, :meth:`replace` and :meth:`from_dict` refuse unknown field names with a
+    :class:`~shelora_core.errors.ConfigError` suggesting close ones.
     """
 
     method: str = "flexlora"
@@ -189,18 +233,16 @@ class FederatedConfig:
     dp_noise_multiplier: float | None = None
     first_layers: tuple[int, ...] = (0, 1)
     first_layers_encrypt: str = "dw"
+    min_clients: int = 1
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        # accept lists from notebooks / JSON and store tuples, so configs hash and compare
-        object.__setattr__(self, "ranks", tuple(int(r) for r in self.ranks))
-        object.__setattr__(self, "he_budgets", tuple(int(k) for k in self.he_budgets))
-        object.__setattr__(self, "first_layers", tuple(int(i) for i in self.first_layers))
-        if self.target_modules is not None:
-            object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        k = self.renegotiate_every
-        if k is not None and not isinstance(k, bool) and float(k) == int(k):
-            object.__setattr__(self, "renegotiate_every", int(k))
+        # type every field and store its canonical form (lists from notebooks / JSON become
+        # tuples, numpy scalars and integral floats become Python ints / floats), so configs hash,
+        # compare and fingerprint the same however they were written; then the range checks
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name)))
+        self.validate()
 
     # ------------------------------------------------------------------ derived values
     def client_rank(self, client_id: int) -> int:
@@ -235,10 +277,14 @@ class FederatedConfig:
         return max(1, round(self.client_fraction * self.num_clients))
 
     def replace(self, **changes: Any) -> FederatedConfig:
-        """A copy with ``changes`` applied (validated)."""
-        cfg = dataclasses.replace(self, **changes)
-        cfg.validate()
-        return cfg
+        """A copy with ``changes`` applied (checked like any new config).
+
+        Raises:
+            ConfigError: a name in ``changes`` is not a field (with close field names), or a
+                value is invalid.
+        """
+        _refuse_unknown(changes, "replace()")
+        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -251,14 +297,20 @@ class FederatedConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FederatedConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
-        cfg = cls(**d)
-        cfg.validate()
-        return cfg
+    def from_dict(cls, d: Mapping[str, Any]) -> FederatedConfig:
+        """The config saved by :meth:`to_dict` (fields added later take their defaults).
+
+        Raises:
+            ConfigError: ``d`` is not a mapping, names an unknown field (with close field
+                names), or holds an invalid value.
+        """
+        if not isinstance(d, Mapping):
+            raise ConfigError(
+                f"FederatedConfig.from_dict needs a dict of field values (as written by "
+                f"to_dict()), got {type(d).__name__}: {d!r:.80}"
+            )
+        _refuse_unknown(d, "from_dict()")
+        return cls(**d)
 
     def fingerprint(self) -> str:
         """Short hash of every field that changes results (names checkpoints).
@@ -297,128 +349,145 @@ class FederatedConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> FederatedConfig:
-        """Raise ``ValueError`` naming the first bad value and its allowed range."""
+        """Check every field and the rules between fields; return the config unchanged.
 
-        def bad(name: str, value: Any, allowed: str) -> None:
-            raise ValueError(f"config.{name} = {value!r} is invalid: {allowed}")
+        Runs when the config is built; calling it again re-checks the stored values.
 
-        if self.method not in METHODS:
-            bad("method", self.method, f"choose one of {list(METHODS)}")
-        if self.model not in MODEL_NAMES:
-            bad("model", self.model, f"choose one of {list(MODEL_NAMES)} (models ship in packages)")
-        if self.dataset not in DATASETS:
-            bad("dataset", self.dataset, f"choose one of {list(DATASETS)}")
-        if self.partition not in PARTITIONS:
-            bad("partition", self.partition, f"choose one of {list(PARTITIONS)}")
-        if self.dirichlet_alpha <= 0:
-            bad("dirichlet_alpha", self.dirichlet_alpha, "must be > 0 (0.3 is the paper's skew)")
-        if self.num_clients < 1:
-            bad("num_clients", self.num_clients, "must be >= 1")
-        if not 0 < self.client_fraction <= 1:
-            bad("client_fraction", self.client_fraction, "must be in (0, 1]")
-        if not self.ranks:
-            bad("ranks", self.ranks, "give at least one LoRA rank, e.g. (8,) or (8, 16, 32)")
-        for r in self.ranks:
-            if r < 1:
-                bad("ranks", self.ranks, f"every rank must be >= 1 (got {r})")
-        if self.cipher_mode not in CIPHER_MODES:
-            bad("cipher_mode", self.cipher_mode, f"choose one of {list(CIPHER_MODES)}")
-        if self.column_order not in COLUMN_ORDERS:
-            bad("column_order", self.column_order, f"choose one of {list(COLUMN_ORDERS)}")
-        if self.shelora_protect not in PROTECT_MODES:
-            bad(
-                "shelora_protect",
-                self.shelora_protect,
-                f"choose one of {list(PROTECT_MODES)} ('withhold' drops the selected columns "
-                "instead of encrypting them: an ablation)",
+        Returns:
+            ``self``.
+
+        Raises:
+            ConfigError: (a ``ValueError``) naming the first bad field, its value, the allowed
+                range and the fix.
+        """
+        for f in dataclasses.fields(self):
+            _coerce(f.name, getattr(self, f.name))  # types and per-field ranges
+        self._check_targets()
+        blocks = MODELS[self.model].layers
+        if max(self.first_layers) >= blocks:
+            _bad(
+                "first_layers",
+                self.first_layers,
+                f"{self.model} has {blocks} transformer blocks: give indices in 0..{blocks - 1}",
             )
-        if self.renegotiate_every is not None and (
-            isinstance(self.renegotiate_every, bool) or int(self.renegotiate_every) < 1
-        ):
-            bad(
-                "renegotiate_every",
-                self.renegotiate_every,
-                "must be an integer >= 1 (rounds between negotiations) or None (negotiate once, "
-                "before round 1)",
-            )
-        if not self.he_budgets or min(self.he_budgets) < 0:
-            bad("he_budgets", self.he_budgets, "give one or more budgets >= 0 (columns per layer)")
         if self.method in BUDGETED:
-            self._check_budgets_fit(bad)
+            self._check_budgets_fit(_bad)
         if self.method == "shelora+first-layers":
-            if self.first_layers_encrypt not in ("dw", "factors"):
-                bad("first_layers_encrypt", self.first_layers_encrypt, "choose 'dw' or 'factors'")
-            if not self.first_layers or min(self.first_layers) < 0:
-                bad("first_layers", self.first_layers, "give one or more block indices >= 0")
             if self.cipher_mode != "delta":
-                bad("cipher_mode", self.cipher_mode, "shelora+first-layers runs in 'delta' mode")
+                _bad("cipher_mode", self.cipher_mode, "shelora+first-layers runs in 'delta' mode")
             if self.shelora_protect != "encrypt":
-                bad(
+                _bad(
                     "shelora_protect",
                     self.shelora_protect,
                     "shelora+first-layers encrypts the protected layers: use 'encrypt' (the withhold "
                     "ablation is a setting of method 'shelora')",
                 )
-        if self.method == "flexlora-dp":
-            self._check_dp(bad)
-        if self.lora_alpha <= 0:
-            bad("lora_alpha", self.lora_alpha, "must be > 0")
-        for name in ("rounds", "local_steps", "batch_size", "eval_every"):
-            if getattr(self, name) < 1:
-                bad(name, getattr(self, name), "must be >= 1")
-        if self.min_client_examples < 1:
-            bad("min_client_examples", self.min_client_examples, "must be >= 1")
-        if self.lr <= 0:
-            bad("lr", self.lr, "must be > 0")
-        if not 0 <= self.lr_final_ratio <= 1:
-            bad("lr_final_ratio", self.lr_final_ratio, "must be in [0, 1]")
-        if self.weight_decay < 0:
-            bad("weight_decay", self.weight_decay, "must be >= 0")
-        if self.loss not in LOSSES:
-            bad("loss", self.loss, f"choose one of {list(LOSSES)}")
-        if not self.head_lr_scale > 0:
-            bad("head_lr_scale", self.head_lr_scale, "must be > 0 (1.0 = the adapter's lr)")
-        if self.max_length < 2:
-            bad("max_length", self.max_length, "must be >= 2 tokens")
-        for name in ("train_examples", "eval_examples"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                bad(name, v, "must be >= 1 or None (all)")
+        if (
+            self.method == "flexlora-dp"
+            and self.dp_noise_multiplier is None
+            and self.dp_epsilon is None
+        ):
+            _bad(
+                "dp_epsilon",
+                self.dp_epsilon,
+                "must be > 0 (10 is the authors' setting), or set dp_noise_multiplier",
+            )
         if (
             self.train_examples is not None
             and self.num_clients * self.min_client_examples > self.train_examples
         ):
-            bad(
+            _bad(
                 "num_clients",
                 self.num_clients,
                 f"more clients than the data allows: {self.num_clients} clients x "
                 f"{self.min_client_examples} examples > train_examples={self.train_examples}",
             )
+        if self.min_clients > self.clients_per_round:
+            _bad(
+                "min_clients",
+                self.min_clients,
+                f"a round samples only clients_per_round = max(1, round(client_fraction x "
+                f"num_clients)) = {self.clients_per_round} clients (client_fraction="
+                f"{self.client_fraction}, num_clients={self.num_clients}): lower min_clients to "
+                f"<= {self.clients_per_round} or sample more clients",
+            )
+        self._check_ckks()
         return self
 
-    def _check_dp(self, bad: Any) -> None:
-        """Local DP settings: a positive clip, and a noise multiplier or a valid (epsilon, delta)."""
-        import math
-
-        if not (math.isfinite(self.dp_clip) and self.dp_clip > 0):
-            bad("dp_clip", self.dp_clip, "must be a finite number > 0 (the update's L2 bound)")
-        sigma = self.dp_noise_multiplier
-        if sigma is not None:
-            if not (math.isfinite(sigma) and sigma >= 0):
-                bad("dp_noise_multiplier", sigma, "must be a finite number >= 0 or None")
+    def _check_targets(self) -> None:
+        """``target_modules`` against the model's modules (the ones the LoRA loader accepts)."""
+        if self.target_modules is None:
             return
-        if self.dp_epsilon is None or not (math.isfinite(self.dp_epsilon) and self.dp_epsilon > 0):
-            bad(
-                "dp_epsilon",
-                self.dp_epsilon,
-                "must be > 0 (10 is the authors' setting), or set dp_noise_multiplier",
+        known = tuple(MODELS[self.model].module_shapes)
+        for i, t in enumerate(self.target_modules):
+            if t not in known:
+                _bad(
+                    "target_modules",
+                    self.target_modules,
+                    f"element {i} ({t!r}) is not a LoRA target module of {self.model}: choose "
+                    f"from {list(known)}, or None for the default {list(_DEFAULT_TARGETS[self.model])}",
+                )
+
+    def _ckks_operations(self) -> str | None:
+        """What the method's server does with ciphertexts: ``None`` (it sends none), ``"add"``,
+        ``"multiply"`` (ciphertext x plaintext scalar: ``ServerCrypto.weighted_sum``) or
+        ``"matmul"`` (ciphertext x plaintext matrix, ``CKKSVector.mm``: rotations)."""
+        if self.method in ("fedavg", "flexlora", "flexlora-dp"):
+            return None
+        if self.method == "shelora":
+            if self.shelora_protect == "withhold":
+                return None
+            return "matmul" if self.cipher_mode == "paper" else "add"
+        if self.method == "maskcrypt":
+            return "multiply" if self.cipher_mode == "paper" else "add"
+        if self.method in ("fedshield", "full_he"):
+            return "multiply"
+        return "add"  # shelora+first-layers (delta mode only)
+
+    def _check_ckks(self) -> None:
+        """``ckks_params``: a named set that passes the security check and can run the method.
+
+        Importing :mod:`shelora_core.ckks` loads TenSEAL (the package's ``__init__`` imports its
+        roles), so it happens only when a set is named."""
+        name = self.ckks_params
+        if name is None:
+            return
+        from .ckks import PARAM_SETS, CKKSError, check_security
+
+        if name not in PARAM_SETS:
+            _bad(
+                "ckks_params",
+                name,
+                f"choose one of {sorted(PARAM_SETS)} (shelora_core.ckks.PARAM_SETS), or None for "
+                "the method's default",
             )
-        if not 0 < self.dp_delta < 1:
-            bad("dp_delta", self.dp_delta, "must be in (0, 1) (the authors' setting is 1e-5)")
+        try:
+            params = check_security(name)
+        except CKKSError as exc:
+            _bad("ckks_params", name, f"the parameter set fails the security check: {exc}")
+        ops = self._ckks_operations()
+        what = self.variant if self.method in BUDGETED else self.method
+        if ops in ("multiply", "matmul") and params.depth < 1:
+            _bad(
+                "ckks_params",
+                name,
+                f"{what} multiplies ciphertexts by plaintext weights on the server, which needs a "
+                f"modulus chain with multiplicative depth >= 1, and {name!r} "
+                f"({list(params.coeff_mod_bit_sizes)}) has depth {params.depth} (additions only): "
+                "use 'fedshield' or 'paper_mm', or None for the method's default",
+            )
+        if ops == "matmul" and not params.galois:
+            _bad(
+                "ckks_params",
+                name,
+                f"{what} multiplies each encrypted column of A by a plaintext matrix "
+                f"(CKKSVector.mm), which rotates ciphertexts and needs Galois keys, and {name!r} "
+                "generates none: use 'paper_mm', or None for the method's default",
+            )
 
     def _check_budgets_fit(self, bad: Any) -> None:
-        """Budgets against the model's layer shapes (:data:`LAYER_SHAPES`; unknown targets are
-        left to the model loader). A SHE-LoRA budget counts columns of a layer, so it must not
+        """Budgets against the model's layer shapes (:data:`LAYER_SHAPES`; the targets
+        were checked against the model before). A SHE-LoRA budget counts columns of a layer, so it must not
         exceed the narrowest layer's width n. MaskCrypt encrypts, per client, as many values as
         SHE-LoRA would (k_i x m per layer in delta mode, k_i x r_i in paper mode), chosen among
         the entries of its zero-padded factors, r_max x (m + n) per layer: more cannot exist."""
@@ -456,3 +525,387 @@ class FederatedConfig:
                     f"but its zero-padded LoRA factors hold only {room} (r_max {r_max} x (m + n)): "
                     f"lower he_budgets to <= {room // per_col} or raise the ranks",
                 )
+
+
+# ---------------------------------------------------------------------- field checks
+def _bad(name: str, value: Any, allowed: str) -> NoReturn:
+    shown = repr(value)
+    if len(shown) > 120:
+        shown = f"{shown[:100]}... ({len(shown)} characters)"
+    raise ConfigError(f"config.{name} = {shown} is invalid: {allowed}")
+
+
+def _kind(value: Any) -> str:
+    """``"an int"``, ``"a str"``, ...: the type of ``value`` for a message."""
+    name = type(value).__name__
+    return f"{'an' if name[:1] in 'aeiou' else 'a'} {name}"
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, (bool, np.bool_))
+
+
+def _integral(value: Any) -> int | None:
+    """``value`` as an int when it is an integral number (not a bool), else ``None``."""
+    if _is_bool(value):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        v = _finite_float(value)
+        if v is not None and v.is_integer():
+            return int(v)
+    return None
+
+
+def _finite_float(value: Any) -> float | None:
+    """``float(value)`` when it is finite, else ``None`` (NaN, Inf, too large for a float)."""
+    try:
+        v = float(value)
+    except (OverflowError, TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _int(
+    name: str,
+    value: Any,
+    *,
+    minimum: int,
+    maximum: int | None = None,
+    optional: bool = False,
+    allowed: str | None = None,
+) -> int | None:
+    """An integer field: ints, numpy integers and integral floats, within [minimum, maximum)."""
+    if optional and value is None:
+        return None
+    allowed = allowed or (
+        f"must be an integer >= {minimum}"
+        + (f" and < {maximum}" if maximum is not None else "")
+        + (" or None" if optional else "")
+    )
+    v = _integral(value)
+    if v is None:
+        example = _DEFAULTS.get(name)
+        example = example if isinstance(example, int) and not _is_bool(example) else minimum
+        if _is_bool(value):
+            fix = f"got a bool; give an int such as {example}"
+        elif isinstance(value, numbers.Real) and _finite_float(value) is not None:
+            fix = f"not a whole number; give e.g. {math.floor(value)} or {math.ceil(value)}"
+        elif isinstance(value, numbers.Real):
+            fix = f"NaN and Inf are refused; give an int such as {example}"
+        else:
+            fix = f"got {_kind(value)}; give an int such as {example}"
+        _bad(name, value, f"{allowed} ({fix})")
+    if v < minimum or (maximum is not None and v >= maximum):
+        _bad(name, value, allowed)
+    return v
+
+
+def _real(
+    name: str,
+    value: Any,
+    *,
+    ok: Callable[[float], bool],
+    allowed: str,
+    optional: bool = False,
+) -> float | int | None:
+    """A number field: a finite int or float with ``ok(value)``. Python ints stay ints (a config
+    written ``lora_alpha=16`` keeps its fingerprint); numpy scalars become Python numbers."""
+    if optional and value is None:
+        return None
+    if _is_bool(value) or not isinstance(value, numbers.Real):
+        kind = "a bool" if _is_bool(value) else _kind(value)
+        _bad(name, value, f"{allowed} (got {kind}; give a number{' or None' if optional else ''})")
+    finite = _finite_float(value)
+    if finite is None:
+        _bad(name, value, f"{allowed} (NaN and Inf are refused: give a finite number)")
+    v: float | int = int(value) if isinstance(value, numbers.Integral) else finite
+    if not ok(v):
+        _bad(name, value, allowed)
+    return v
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not _is_bool(value):
+        _bad(name, value, f"must be True or False, not {_kind(value)}")
+    return bool(value)
+
+
+def _choice(name: str, value: Any, choices: Any, note: str = "") -> str:
+    options = list(choices)
+    if not isinstance(value, str):
+        _bad(name, value, f"must be a string, one of {options}, not {_kind(value)}")
+    if value not in options:
+        _bad(name, value, f"choose one of {options}{note}")
+    return str(value)
+
+
+def _sequence(name: str, value: Any, example: str, what: str) -> tuple[Any, ...]:
+    """A tuple field given as a list, tuple or 1-D array; a scalar or a string is refused."""
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        return tuple(value.tolist())
+    if isinstance(value, (list, tuple, range)):
+        return tuple(value)
+    kind = "a string" if isinstance(value, str) else f"a single {type(value).__name__}"
+    _bad(name, value, f"give a tuple such as {example} ({what}), not {kind}")
+
+
+def _int_tuple(
+    name: str,
+    value: Any,
+    *,
+    minimum: int,
+    example: str,
+    what: str,
+    empty: str | None = None,
+    below: str | None = None,
+) -> tuple[int, ...]:
+    """A tuple-of-integers field: every element an integral number >= ``minimum``."""
+    items = _sequence(name, value, example, what)
+    if not items:
+        _bad(name, value, empty or f"give at least one value, e.g. {example} ({what})")
+    out = []
+    for i, x in enumerate(items):
+        v = _integral(x)
+        if v is None:
+            _bad(
+                name,
+                value,
+                f"element {i} ({x!r}) is not an integer; give a tuple of integers >= {minimum} "
+                f"such as {example} ({what})",
+            )
+        if v < minimum:
+            _bad(
+                name,
+                value,
+                below.format(x=x)
+                if below
+                else f"every element must be >= {minimum} (element {i} is {x!r}); {what}",
+            )
+        out.append(v)
+    return tuple(out)
+
+
+def _ranks(name: str, value: Any) -> tuple[int, ...]:
+    return _int_tuple(
+        name,
+        value,
+        minimum=1,
+        example="(8, 16, 32)",
+        what="one LoRA rank per client, assigned cyclically",
+        empty="give at least one LoRA rank, e.g. (8,) or (8, 16, 32)",
+        below="every rank must be >= 1 (got {x})",
+    )
+
+
+def _he_budgets(name: str, value: Any) -> tuple[int, ...]:
+    return _int_tuple(
+        name,
+        value,
+        minimum=0,
+        example="(2, 4, 8)",
+        what="encrypted columns per layer, one budget per client, assigned cyclically",
+        empty="give one or more budgets >= 0 (columns per layer), e.g. (2, 4, 8)",
+        below="give one or more budgets >= 0 (columns per layer); got {x}",
+    )
+
+
+def _first_layers(name: str, value: Any) -> tuple[int, ...]:
+    what = "transformer block indices"
+    out = _int_tuple(name, value, minimum=0, example="(0, 1)", what=what)
+    if len(set(out)) != len(out):
+        _bad(name, value, "list each block once, e.g. (0, 1)")
+    return out
+
+
+def _target_modules(name: str, value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    what = "leaf names of the adapted modules, or None for the model's default"
+    items = _sequence(name, value, "('query', 'value')", what)
+    if not items:
+        _bad(name, value, "give at least one module name, e.g. ('query', 'value'), or None")
+    for i, t in enumerate(items):
+        if not isinstance(t, str) or not t:
+            _bad(
+                name,
+                value,
+                f"element {i} ({t!r}) is not a module name; give a tuple of strings such as "
+                f"('query', 'value') ({what})",
+            )
+    if len(set(items)) != len(items):
+        _bad(name, value, "list each module once")
+    return tuple(str(t) for t in items)
+
+
+def _grid_step(name: str, value: Any) -> float | int:
+    v = _real(
+        name,
+        value,
+        ok=lambda x: 0 < x <= 1,
+        allowed="must be in (0, 1] and divide 1, e.g. 0.1, 0.05 or 0.25",
+    )
+    if abs(round(1 / v) * v - 1) > 1e-6:
+        _bad(name, value, "must divide 1 (the (a, b) grid steps from 0 to 1), e.g. 0.1, 0.05, 0.25")
+    return v
+
+
+def _extra(name: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        _bad(name, value, f"must be a dict of free-form notes, not {_kind(value)}")
+    return value
+
+
+def _ckks_params(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        _bad(
+            name,
+            value,
+            f"must be the name of a CKKS parameter set (a string, e.g. 'fedshield') or None, "
+            f"not {_kind(value)}",
+        )
+    return str(value)
+
+
+def _positive(allowed: str) -> dict[str, Any]:
+    return dict(ok=lambda x: x > 0, allowed=allowed)
+
+
+#: one check per field: returns the canonical value or raises ConfigError naming the field
+_FIELD_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "method": lambda n, v: _choice(n, v, METHODS),
+    "model": lambda n, v: _choice(n, v, MODEL_NAMES, " (models ship in packages)"),
+    "dataset": lambda n, v: _choice(n, v, DATASETS),
+    "num_clients": lambda n, v: _int(n, v, minimum=1),
+    "client_fraction": lambda n, v: _real(
+        n, v, ok=lambda x: 0 < x <= 1, allowed="must be in (0, 1] (the share sampled each round)"
+    ),
+    "ranks": _ranks,
+    "lora_alpha": lambda n, v: _real(n, v, **_positive("must be > 0")),
+    "target_modules": _target_modules,
+    "partition": lambda n, v: _choice(n, v, PARTITIONS),
+    "dirichlet_alpha": lambda n, v: _real(
+        n, v, **_positive("must be > 0 (0.3 is the paper's skew)")
+    ),
+    "min_client_examples": lambda n, v: _int(n, v, minimum=1),
+    "rounds": lambda n, v: _int(n, v, minimum=1),
+    "local_steps": lambda n, v: _int(n, v, minimum=1),
+    "batch_size": lambda n, v: _int(n, v, minimum=1),
+    "lr": lambda n, v: _real(n, v, **_positive("must be > 0 (the peak learning rate)")),
+    "lr_final_ratio": lambda n, v: _real(
+        n, v, ok=lambda x: 0 <= x <= 1, allowed="must be in [0, 1] (a fraction of lr)"
+    ),
+    "weight_decay": lambda n, v: _real(n, v, ok=lambda x: x >= 0, allowed="must be >= 0"),
+    "loss": lambda n, v: _choice(n, v, LOSSES),
+    "head_lr_scale": lambda n, v: _real(n, v, **_positive("must be > 0 (1.0 = the adapter's lr)")),
+    "max_length": lambda n, v: _int(n, v, minimum=2, allowed="must be >= 2 tokens"),
+    "train_examples": lambda n, v: _int(
+        n, v, minimum=1, optional=True, allowed="must be >= 1 or None (all)"
+    ),
+    "eval_examples": lambda n, v: _int(
+        n, v, minimum=1, optional=True, allowed="must be >= 1 or None (all)"
+    ),
+    "eval_every": lambda n, v: _int(n, v, minimum=1),
+    "seed": lambda n, v: _int(
+        n, v, minimum=0, maximum=_SEED_LIMIT, allowed="must be an integer >= 0 and < 2**64"
+    ),
+    "he_budgets": _he_budgets,
+    "cipher_mode": lambda n, v: _choice(n, v, CIPHER_MODES),
+    "ckks_params": _ckks_params,
+    "column_order": lambda n, v: _choice(n, v, COLUMN_ORDERS),
+    "calibration_examples": lambda n, v: _int(n, v, minimum=1),
+    "negotiation_grid_step": _grid_step,
+    "authors_weighting": _bool,
+    "fedshield_weighted": _bool,
+    "prune": _bool,
+    "shelora_protect": lambda n, v: _choice(
+        n,
+        v,
+        PROTECT_MODES,
+        " ('withhold' drops the selected columns instead of encrypting them: an ablation)",
+    ),
+    "renegotiate_every": lambda n, v: _int(
+        n,
+        v,
+        minimum=1,
+        optional=True,
+        allowed="must be an integer >= 1 (rounds between negotiations) or None (negotiate once, "
+        "before round 1)",
+    ),
+    "dp_epsilon": lambda n, v: _real(
+        n,
+        v,
+        optional=True,
+        **_positive("must be > 0 (10 is the authors' setting), or None with dp_noise_multiplier"),
+    ),
+    "dp_delta": lambda n, v: _real(
+        n, v, ok=lambda x: 0 < x < 1, allowed="must be in (0, 1) (the authors' setting is 1e-5)"
+    ),
+    "dp_clip": lambda n, v: _real(n, v, **_positive("must be > 0 (the update's L2 bound)")),
+    "dp_noise_multiplier": lambda n, v: _real(
+        n, v, optional=True, ok=lambda x: x >= 0, allowed="must be >= 0 or None"
+    ),
+    "first_layers": _first_layers,
+    "first_layers_encrypt": lambda n, v: _choice(n, v, FIRST_LAYERS_ENCRYPT),
+    "min_clients": lambda n, v: _int(
+        n,
+        v,
+        minimum=1,
+        allowed="must be an integer >= 1 (the fewest valid uploads a round is aggregated from)",
+    ),
+    "extra": _extra,
+}
+
+
+_DEFAULTS: dict[str, Any] = {
+    f.name: f.default
+    for f in dataclasses.fields(FederatedConfig)
+    if f.default is not dataclasses.MISSING
+}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """The canonical form of field ``name``'s ``value``, or :class:`ConfigError`."""
+    return _FIELD_CHECKS[name](name, value)
+
+
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(FederatedConfig))
+if set(_FIELD_CHECKS) != set(_FIELD_NAMES):  # every field has its check
+    raise ImportError(
+        f"config fields without a check: {sorted(set(_FIELD_NAMES) - set(_FIELD_CHECKS))}; "
+        f"checks without a field: {sorted(set(_FIELD_CHECKS) - set(_FIELD_NAMES))}"
+    )
+
+
+def _refuse_unknown(names: Any, where: str) -> None:
+    """:class:`ConfigError` for names that are not fields, suggesting close field names."""
+    unknown = [k for k in names if k not in _FIELD_NAMES]
+    if not unknown:
+        return
+    parts = []
+    for k in unknown:
+        close = difflib.get_close_matches(str(k), _FIELD_NAMES, n=3, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        parts.append(f"{k!r}{hint}")
+    raise ConfigError(
+        f"unknown config field(s) in {where}: {', '.join(parts)}; FederatedConfig has no such "
+        f"field. Known fields: {list(_FIELD_NAMES)}"
+    )
+
+
+def _wrap_init(init: Callable[..., None]) -> Callable[..., None]:
+    """The dataclass ``__init__``, refusing unknown keyword names with a :class:`ConfigError`
+    (close field names suggested) instead of a bare ``TypeError``."""
+
+    @functools.wraps(init)
+    def __init__(self: FederatedConfig, *args: Any, **kwargs: Any) -> None:
+        _refuse_unknown(kwargs, "FederatedConfig()")
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+FederatedConfig.__init__ = _wrap_init(FederatedConfig.__init__)  # type: ignore[method-assign]

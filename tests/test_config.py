@@ -1,8 +1,13 @@
-"""Bad configurations fail before any work, naming the value and the allowed range."""
+"""Bad configurations fail before any work, naming the value and the allowed range.
+
+Every field is checked when the config is built (tests/test_config_validation.py covers each
+field); these tests pin the messages and the cross-field rules.
+"""
 
 import pytest
 
 from shelora_core import FederatedConfig
+from shelora_core.errors import ConfigError
 from shelora_core.profiles import federated_tuning_grid, profile_config
 
 
@@ -30,8 +35,8 @@ from shelora_core.profiles import federated_tuning_grid, profile_config
     ],
 )
 def test_bad_config_value_raises_naming_value(field, value, needle):
-    with pytest.raises(ValueError) as err:
-        FederatedConfig(**{field: value}).validate()
+    with pytest.raises(ConfigError) as err:
+        FederatedConfig(**{field: value})  # refused at construction
     assert field in str(err.value)
     assert needle in str(err.value)
 
@@ -47,8 +52,8 @@ def test_bad_config_value_raises_naming_value(field, value, needle):
     ],
 )
 def test_budget_larger_than_the_layer_raises_naming_the_limit(changes, needle):
-    with pytest.raises(ValueError, match="config.he_budgets") as err:
-        FederatedConfig(**changes).validate()
+    with pytest.raises(ConfigError, match="config.he_budgets") as err:
+        FederatedConfig(**changes)
     assert needle in str(err.value)
 
 
@@ -65,8 +70,8 @@ def test_layer_shapes_table_matches_the_loaded_model(minilm_model):
 
 
 def test_more_clients_than_examples_raises():
-    with pytest.raises(ValueError, match="more clients than the data allows"):
-        FederatedConfig(num_clients=50, train_examples=100, min_client_examples=10).validate()
+    with pytest.raises(ConfigError, match="more clients than the data allows"):
+        FederatedConfig(num_clients=50, train_examples=100, min_client_examples=10)
 
 
 def test_fingerprint_changes_with_results_relevant_fields_only():
@@ -97,7 +102,7 @@ def test_negotiation_rounds_every_k():
 def test_config_roundtrips_through_dict():
     cfg = FederatedConfig(ranks=[8, 16, 32], target_modules=["query"])
     assert FederatedConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match="unknown config field"):
+    with pytest.raises(ConfigError, match="unknown config field.*did you mean 'rounds'"):
         FederatedConfig.from_dict({"rnuods": 3})
 
 
