@@ -22,7 +22,6 @@ from typing import Any
 
 from . import checkpoint
 from .config import FederatedConfig
-from .errors import CheckpointError, SheloraError
 from .faults import Case
 
 __all__ = ["Crash", "crash_cases", "disk_cases", "same_history", "tiny_config"]
@@ -208,16 +207,7 @@ def disk_cases(workdir: str | Path, *, model: Any = None) -> Iterator[Case]:
         root = results / rel_root
         damage(root)
         before = _key_hashes(root)
-        try:
-            _run(cfg, results, model)
-        except CheckpointError as exc:
-            case.observed, case.detail = "rejected", str(exc)
-        except SheloraError as exc:
-            case.observed, case.detail = "rejected", f"{type(exc).__name__}: {exc}"
-        except Exception as exc:
-            case.observed, case.detail = "obscure", f"{type(exc).__name__}: {exc}"
-        else:
-            case.observed = "silently_accepted"
+        case.expect_refusal(lambda results=results: _run(cfg, results, model))
         if _key_hashes(root) != before:
             case.observed, case.detail = "data_lost", "key material was rewritten"
         yield case

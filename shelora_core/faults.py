@@ -69,6 +69,21 @@ class Case:
     observed: str = ""
     detail: str = ""
 
+    def expect_refusal(self, fn: Callable[[], Any], *, names: str | None = None) -> Case:
+        """Run ``fn``; a shelora error (whose message contains ``names``, when given) is
+        ``rejected``, any other error ``obscure``, no error ``silently_accepted``."""
+        try:
+            fn()
+        except SheloraError as exc:
+            named = names is None or names in str(exc)
+            self.observed = "rejected" if named else "obscure"
+            self.detail = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:
+            self.observed, self.detail = "obscure", f"{type(exc).__name__}: {exc}"
+        else:
+            self.observed = "silently_accepted"
+        return self
+
     def record(self) -> dict[str, Any]:
         return {
             "method": self.method,
@@ -441,16 +456,11 @@ def broadcast_cases(fed: Federation3) -> Iterator[Case]:
     template = receive(cfg, good, client_id=0, round_=ROUND + 1, crypto=fed.client)
     model = _Template(template)
     for name, make in faults:
-        case = Case(fed.method, "broadcast", name)
-        try:
-            receive(cfg, make(), client_id=0, round_=ROUND + 1, crypto=fed.client, model=model)
-        except SheloraError as exc:
-            case.observed, case.detail = "rejected", f"{type(exc).__name__}: {exc}"
-        except Exception as exc:
-            case.observed, case.detail = "obscure", f"{type(exc).__name__}: {exc}"
-        else:
-            case.observed = "silently_accepted"
-        yield case
+        yield Case(fed.method, "broadcast", name).expect_refusal(
+            lambda make=make: receive(
+                cfg, make(), client_id=0, round_=ROUND + 1, crypto=fed.client, model=model
+            )
+        )
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -486,22 +496,11 @@ CONFIG_FAULTS: list[tuple[str, dict[str, Any]]] = [
 
 def config_cases() -> Iterator[Case]:
     """Bad configuration values must fail when the config is built, naming the field."""
-    from .errors import ConfigError
-
     for name, change in CONFIG_FAULTS:
-        case = Case("config", "config", name)
-        field = next(iter(change))
-        try:
-            FederatedConfig(**{"method": "shelora", **change}).validate()
-        except ConfigError as exc:
-            named = field in str(exc)
-            case.observed = "rejected" if named else "obscure"
-            case.detail = str(exc)
-        except Exception as exc:
-            case.observed, case.detail = "obscure", f"{type(exc).__name__}: {exc}"
-        else:
-            case.observed = "silently_accepted"
-        yield case
+        yield Case("config", "config", name).expect_refusal(
+            lambda change=change: FederatedConfig(**{"method": "shelora", **change}),
+            names=next(iter(change)),
+        )
 
 
 # ----------------------------------------------------------------------------- range and contexts
@@ -512,22 +511,12 @@ def range_cases(keys: dict[str, KeyHolder]) -> Iterator[Case]:
     crypto = keys["add_only"].client()
     for method in ("shelora", "maskcrypt", "shelora+first-layers"):
         m = get_method(method, _config(method))
-        case = Case(method, "range", "setup whose sums exceed the CKKS range")
-        try:
-            m.check_sum_range(10**6, crypto.max_abs)
-        except SheloraError as exc:
-            case.observed, case.detail = "rejected", str(exc)
-        else:
-            case.observed = "silently_accepted"
-        yield case
-        case = Case(method, "range", "a value whose share of the sum does not fit")
-        try:
-            m._encrypt_summed(crypto, np.array([0.46 * crypto.max_abs]))
-        except SheloraError as exc:
-            case.observed, case.detail = "rejected", str(exc)
-        else:
-            case.observed = "silently_accepted"
-        yield case
+        yield Case(method, "range", "setup whose sums exceed the CKKS range").expect_refusal(
+            lambda m=m: m.check_sum_range(10**6, crypto.max_abs)
+        )
+        yield Case(method, "range", "a value whose share of the sum does not fit").expect_refusal(
+            lambda m=m: m._encrypt_summed(crypto, np.array([0.46 * crypto.max_abs]))
+        )
 
 
 def context_cases(keys: dict[str, KeyHolder]) -> Iterator[Case]:
@@ -549,16 +538,7 @@ def context_cases(keys: dict[str, KeyHolder]) -> Iterator[Case]:
         ("server given a context failing the security check", lambda: ServerCrypto(weak_public.serialize())),
     ]  # fmt: skip
     for name, fn in tries:
-        case = Case("ckks", "context", name)
-        try:
-            fn()
-        except SheloraError as exc:
-            case.observed, case.detail = "rejected", str(exc)
-        except Exception as exc:
-            case.observed, case.detail = "obscure", f"{type(exc).__name__}: {exc}"
-        else:
-            case.observed = "silently_accepted"
-        yield case
+        yield Case("ckks", "context", name).expect_refusal(fn)
 
 
 # ----------------------------------------------------------------------------- running

@@ -88,7 +88,7 @@ def _check_round(msgs: Sequence[Any], round_: int | None, what: str) -> None:
 
 def min_clients(cfg: FederatedConfig) -> int:
     """The fewest valid uploads a round may be aggregated from (``cfg.min_clients``, default 1)."""
-    return int(getattr(cfg, "min_clients", 1))
+    return cfg.min_clients
 
 
 def server_round(

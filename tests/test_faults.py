@@ -69,10 +69,7 @@ def test_a_round_with_one_faulty_client_completes_for_the_others(keys):
 
 def test_too_few_valid_uploads_fail_the_round_with_every_refusal_listed(keys):
     fed = faults.Federation3("flexlora", keys)
-    cfg = fed.cfg.replace(min_clients=3) if "min_clients" in fed.cfg.to_dict() else None
-    if cfg is None:
-        pytest.skip("min_clients not yet a config field")
-    fed.cfg = cfg
+    fed.cfg = fed.cfg.replace(min_clients=3)
     bad = fed.uploads[1][:-3]
 
     with pytest.raises(RoundError, match="2 valid upload.*min_clients = 3.*client 1") as err:
