@@ -467,8 +467,7 @@ def accuracy_beside_reference(
             line(majority, color="grey", ls=":", lw=1, label="majority class")
     ax1.set_xlabel("final test accuracy")
     ax1.set_title("final")
-    ax1.legend(fontsize=8, loc="lower right")
-    ax0.legend(fontsize=7, ncol=2)
+    ax1.legend(fontsize=8, loc="lower right")  # the bars name the colors of the left panel too
     if title:
         fig.suptitle(title)
     return fig
@@ -555,7 +554,7 @@ def cost_growth(
     colors = plt.get_cmap("tab10").colors
     color = {s: colors[i % 10] for i, s in enumerate(schemes)}
     for s in schemes:
-        pts = sorted((r["params_b"], r["upload_bytes"]) for r in rows if r["scheme"] == s)
+        pts = sorted((r["params_b"], r["upload_bytes"]) for r in rows if r.get("scheme") == s)
         x, y = zip(*pts, strict=True)
         ax0.plot(x, np.asarray(y) / 1e6, marker="o", ms=3, color=color[s], label=s)
     for m in measured:
@@ -604,6 +603,7 @@ def rouge_beside_paper(
     A ROUGE-1 of 0 is drawn as a 0.5-high bar so that it stays visible.
     """
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     labels = list(dict.fromkeys([*ours, *paper]))
     batches = sorted({b for d in (*ours.values(), *paper.values()) for b in d})
@@ -621,15 +621,16 @@ def rouge_beside_paper(
                     x, max(v, 0.5), slot, color=colors[j], hatch=hatch,
                     edgecolor="black" if hatch else colors[j], lw=0.5,
                 )  # fmt: skip
-    for j, b in enumerate(batches):
-        ax.bar([], [], color=colors[j], label=f"batch {b}")
-    ax.bar([], [], color="white", edgecolor="black", label="ours (solid)")
-    ax.bar([], [], color="white", edgecolor="black", hatch="//", label="paper (hatched)")
+    handles = [Patch(color=colors[j], label=f"batch {b}") for j, b in enumerate(batches)]
+    handles += [
+        Patch(facecolor="white", edgecolor="black", label="ours (solid)"),
+        Patch(facecolor="white", edgecolor="black", hatch="//", label="paper (hatched)"),
+    ]
     ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("DAGER ROUGE-1 (%)")
     ax.set_ylim(0, 105)
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     if title:
         ax.set_title(title)
     return fig
