@@ -75,6 +75,8 @@ __all__ = [
     "documented_attack_rows",
     "format_value",
     "load_results",
+    "padding_factor",
+    "paper_rouge",
     "measure_product_error",
     "counted_vs_measured",
     "reduction_table",
@@ -710,6 +712,12 @@ def count_costs(
         mean["ciphertext_params"] = rows[0]["ciphertext_params"]
         out[scheme] = mean
     return out
+
+
+def padding_factor(ranks: Sequence[int]) -> float:
+    """How many times the values of the clients' own factors a full HE zero-padded to
+    ``r_max`` encrypts: ``r_max / mean(r_i)`` (every layer has ``r (m + n)`` values at rank r)."""
+    return max(ranks) * len(ranks) / sum(ranks)
 
 
 def change_pct(ours: float, ref: float) -> float | None:
