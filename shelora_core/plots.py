@@ -9,13 +9,17 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "accuracy_beside_reference",
     "accuracy_curves",
     "accuracy_and_label_mix",
     "column_list_chart",
+    "cost_growth",
     "layer_spectra",
     "objective_heatmaps",
     "ope_leakage",
     "partition_heatmap",
+    "remaining_share_bars",
+    "rouge_beside_paper",
     "save",
     "score_distributions",
 ]
@@ -406,6 +410,229 @@ def ope_leakage(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def accuracy_beside_reference(
+    runs: Sequence[Mapping[str, Any]],
+    *,
+    reference: str = "flexlora",
+    tol: float = 0.01,
+    majority: float | None = None,
+    title: str = "",
+):
+    """Accuracy per round (left) and final accuracy (right) of one setting's runs, beside a
+    reference run with a +- ``tol`` band.
+
+    Args:
+        runs: dicts with ``label``, ``final_accuracy`` and ``history`` (records with ``round``
+            and ``accuracy``; may be empty).
+        reference: the label the others are compared with (its band is drawn if present).
+        tol: half-width of the band, in accuracy units (0.01 = 1 percentage point).
+        majority: accuracy of always predicting the majority class (a dotted line), if known.
+        title: figure title.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    styles = _label_styles(runs)
+    fig, (ax0, ax1) = plt.subplots(
+        1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [1.2, 1]}, layout="constrained"
+    )
+    _plot_accuracy(ax0, runs, styles)
+    ax0.set_xlabel("round")
+    ax0.set_ylabel("test accuracy")
+    ax0.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax0.grid(alpha=0.3)
+    ax0.set_title("per evaluated round")
+    labels = [r["label"] for r in runs]
+    finals = [r["final_accuracy"] for r in runs]
+    y = np.arange(len(runs))
+    ax1.barh(y, finals, color=[styles[lab]["color"] for lab in labels])
+    ax1.set_yticks(y, labels, fontsize=8)
+    ax1.invert_yaxis()
+    ref = next((r["final_accuracy"] for r in runs if r["label"] == reference), None)
+    if ref is not None:
+        ax1.axvspan(
+            ref - tol, ref + tol, color="tab:green", alpha=0.2, label=f"{reference} +- {tol:g}"
+        )
+        ax1.axvline(ref, color="tab:green", lw=1)
+    lo = min(finals + ([majority] if majority is not None else []))
+    ax1.set_xlim(max(0.0, lo - 0.05), min(1.0, max(finals) + 0.03))
+    for yi, v in zip(y, finals, strict=True):
+        ax1.text(v, yi, f" {v:.3f}", va="center", fontsize=7)
+    if majority is not None:
+        for ax in (ax0, ax1):
+            line = ax.axhline if ax is ax0 else ax.axvline
+            line(majority, color="grey", ls=":", lw=1, label="majority class")
+    ax1.set_xlabel("final test accuracy")
+    ax1.set_title("final")
+    ax1.legend(fontsize=8, loc="lower right")  # the bars name the colors of the left panel too
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def remaining_share_bars(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    paper_change: float,
+    factor: float | None = None,
+    title: str = "",
+):
+    """What SHE-LoRA keeps of full HE's cost, per accounting and full-HE definition.
+
+    The y axis is the share kept, ``100 + change`` (log scale), so that -99.7% and -94% are
+    visibly different; the paper's share is a dashed line (and ``factor`` times it dotted,
+    the threshold of a verdict).
+
+    Args:
+        rows: dicts with ``accounting``, ``definition`` and ``change_pct`` (percent; ``None``
+            rows are skipped).
+        paper_change: the paper's change, percent (e.g. -99.71).
+        factor: draw ``factor * (100 + paper_change)`` as the threshold line.
+        title: figure title.
+    """
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("change_pct") is not None]
+    accountings = list(dict.fromkeys(r["accounting"] for r in rows))
+    definitions = list(dict.fromkeys(r["definition"] for r in rows))
+    width = 0.8 / max(len(definitions), 1)
+    fig, ax = plt.subplots(figsize=(2.6 * len(accountings) + 3, 4.2), layout="constrained")
+    colors = plt.get_cmap("tab10").colors
+    for j, d in enumerate(definitions):
+        for i, acc in enumerate(accountings):
+            hit = [r for r in rows if r["definition"] == d and r["accounting"] == acc]
+            if not hit:
+                continue
+            share = 100.0 + hit[0]["change_pct"]
+            x = i + (j - (len(definitions) - 1) / 2) * width
+            ax.bar(x, share, width, color=colors[j % 10], label=d if i == 0 else None)
+            ax.text(x, share, f"{hit[0]['change_pct']:+.2f}%", ha="center", va="bottom", fontsize=7)
+    ax.axhline(
+        100 + paper_change, color="black", ls="--", lw=1, label=f"paper {paper_change:+.2f}%"
+    )
+    if factor:
+        ax.axhline(
+            factor * (100 + paper_change),
+            color="black",
+            ls=":",
+            lw=1,
+            label=f"x{factor:g} (verdict)",
+        )
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(accountings)), accountings)
+    ax.set_ylabel("share of full HE's cost kept (%)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def cost_growth(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    measured: Sequence[Mapping[str, Any]] = (),
+    title: str = "",
+):
+    """Upload per client as models grow (left), and the share of full HE kept (right).
+
+    Args:
+        rows: dicts with ``model``, ``params_b`` (billions), ``scheme``, ``upload_bytes`` and,
+            optionally, ``share_pct`` with ``definition`` (right panel; one line per
+            definition).
+        measured: dicts with ``params_b``, ``scheme`` and ``upload_bytes`` measured on real
+            messages, drawn as open markers over the counted lines.
+        title: figure title.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4.4), layout="constrained")
+    schemes = list(dict.fromkeys(r["scheme"] for r in rows if "upload_bytes" in r))
+    colors = plt.get_cmap("tab10").colors
+    color = {s: colors[i % 10] for i, s in enumerate(schemes)}
+    for s in schemes:
+        pts = sorted((r["params_b"], r["upload_bytes"]) for r in rows if r.get("scheme") == s)
+        x, y = zip(*pts, strict=True)
+        ax0.plot(x, np.asarray(y) / 1e6, marker="o", ms=3, color=color[s], label=s)
+    for m in measured:
+        if m["scheme"] in color:
+            ax0.plot(
+                m["params_b"], m["upload_bytes"] / 1e6, marker="s", ms=8, mfc="none",
+                color=color[m["scheme"]], ls="none",
+            )  # fmt: skip
+    if measured:
+        ax0.plot([], [], marker="s", mfc="none", color="grey", ls="none", label="measured")
+    ax0.set_xscale("log")
+    ax0.set_yscale("log")
+    ax0.set_xlabel("model parameters (billions)")
+    ax0.set_ylabel("upload per client and round (MB)")
+    ax0.grid(alpha=0.3, which="both")
+    ax0.legend(fontsize=7)
+    shares = [r for r in rows if r.get("share_pct") is not None]
+    for i, d in enumerate(dict.fromkeys(r["definition"] for r in shares)):
+        pts = sorted((r["params_b"], r["share_pct"]) for r in shares if r["definition"] == d)
+        x, y = zip(*pts, strict=True)
+        ax1.plot(x, y, marker="o", ms=3, color=colors[(i + 5) % 10], label=d)
+    ax1.set_xscale("log")
+    ax1.set_yscale("log")
+    ax1.set_xlabel("model parameters (billions)")
+    ax1.set_ylabel("share of full HE's upload kept by SHE-LoRA (%)")
+    ax1.grid(alpha=0.3, which="both")
+    ax1.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def rouge_beside_paper(
+    ours: Mapping[str, Mapping[int, float]],
+    paper: Mapping[str, Mapping[int, float]],
+    *,
+    title: str = "",
+):
+    """DAGER ROUGE-1 (%) per method and batch size: ours (solid) beside the paper's (hatched).
+
+    Args:
+        ours: label -> batch size -> ROUGE-1 (%).
+        paper: label -> batch size -> ROUGE-1 (%) (labels matching ``ours`` are paired).
+        title: figure title.
+
+    A ROUGE-1 of 0 is drawn as a 0.5-high bar so that it stays visible.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    labels = list(dict.fromkeys([*ours, *paper]))
+    batches = sorted({b for d in (*ours.values(), *paper.values()) for b in d})
+    colors = plt.get_cmap("viridis")(np.linspace(0.1, 0.9, max(len(batches), 1)))
+    fig, ax = plt.subplots(figsize=(1.3 * len(labels) + 3, 4.2), layout="constrained")
+    slot = 0.8 / max(2 * len(batches), 1)
+    for i, lab in enumerate(labels):
+        for j, b in enumerate(batches):
+            for k, (src, hatch) in enumerate(((ours, None), (paper, "//"))):
+                v = src.get(lab, {}).get(b)
+                if v is None:
+                    continue
+                x = i - 0.4 + slot * (2 * j + k + 0.5)
+                ax.bar(
+                    x, max(v, 0.5), slot, color=colors[j], hatch=hatch,
+                    edgecolor="black" if hatch else colors[j], lw=0.5,
+                )  # fmt: skip
+    handles = [Patch(color=colors[j], label=f"batch {b}") for j, b in enumerate(batches)]
+    handles += [
+        Patch(facecolor="white", edgecolor="black", label="ours (solid)"),
+        Patch(facecolor="white", edgecolor="black", hatch="//", label="paper (hatched)"),
+    ]
+    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("DAGER ROUGE-1 (%)")
+    ax.set_ylim(0, 105)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if title:
+        ax.set_title(title)
     return fig
 
 
