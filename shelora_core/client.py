@@ -264,6 +264,12 @@ def check_broadcast(
             f"{round_ - 1}'s (a stale or replayed broadcast): pass the server's latest broadcast",
             reason="round",
         )
+    for name in ("total_examples", "max_rank"):
+        v = h.get(name, 1)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ProtocolError(
+                f"the broadcast's {name} = {v!r} is not a positive integer", reason="header"
+            )
     fp = getattr(crypto, "fingerprint", None)
     if fp is not None and "fingerprint" in h and h["fingerprint"] != fp:
         raise ProtocolError(

@@ -449,6 +449,9 @@ def broadcast_cases(fed: Federation3) -> Iterator[Case]:
         ("a tensor reshaped", lambda: edited(lambda m: m.tensors.__setitem__(first_tensor, m.tensors[first_tensor].reshape(-1)[:-1]))),
         ("a header field missing", lambda: edited(_drop("max_rank"))),
     ]  # fmt: skip
+    if "total_examples" in decode(good).header:
+        faults.append(("total_examples zero", lambda: edited(_set("total_examples", 0))))
+    faults.append(("max_rank a string", lambda: edited(_set("max_rank", "8"))))
     if _encrypted(fed.method):
         faults.append(
             ("broadcast under another key", lambda: edited(_set("fingerprint", "0" * 16)))
