@@ -82,8 +82,10 @@ RESULTS_VERSION = 2
 
 #: methods whose results changed after :data:`RESULTS_VERSION` was last bumped, with their own
 #: version (3: FedShield-LLM and full HE revive the components no answering client had from the
-#: round's shared seed, as FedAvg does, instead of leaving them as CKKS noise)
-METHOD_RESULTS_VERSION = {"fedshield": 3, "full_he": 3}
+#: round's shared seed, as FedAvg does, instead of leaving them as CKKS noise; 4: they encrypt each
+#: client's factors at its own rank instead of zero-padded to the largest: fewer bytes, the same
+#: aggregate up to CKKS noise)
+METHOD_RESULTS_VERSION = {"fedshield": 4, "full_he": 4}
 
 
 def results_version(method: str) -> int:

@@ -185,6 +185,38 @@ def test_fedshield_mean_equals_plaintext_mean(keys, weighted):
     np.testing.assert_allclose(got.head["weight"], sum(pi * i for i, pi in enumerate(p)), atol=1e-6)
 
 
+def test_full_he_clients_encrypt_their_own_rank_only(keys):
+    from shelora_core.methods.packing import ComponentLayout
+
+    # Prepare: ranks 2 and 32 of 64-row layers: the rank-2 client fills one ciphertext
+    shapes = {"a": (64, 48), "b": (64, 48)}
+    layout = ComponentLayout.build(shapes, 32)
+    rng = np.random.default_rng(3)
+    facs = {k: (rng.normal(size=(m, 2)), rng.normal(size=(2, n))) for k, (m, n) in shapes.items()}
+
+    # Act
+    flat = layout.flatten(facs)
+    back = layout.unflatten(flat)
+    cfg = FederatedConfig(method="full_he", num_clients=2, ranks=(2, 32))
+    m = get_method("full_he", cfg)
+    ups = [m.make_upload(AdapterWeights(r, 16.0, {k: (np.ones((mm, r)), np.ones((r, n)))
+                                                  for k, (mm, n) in shapes.items()}, {}),
+                         round_=1, client_id=i, num_examples=5, crypto=keys["fedshield"].client())
+           for i, r in enumerate((2, 32))]  # fmt: skip
+
+    # Assert: a prefix of 2 x (64 + 48) x 2 values, the rest of the layout zero
+    assert flat.size == layout.prefix(2) == 2 * 2 * (64 + 48)
+    for k in shapes:
+        np.testing.assert_array_equal(back[k][0][:, :2], facs[k][0])
+        np.testing.assert_array_equal(back[k][1][:2], facs[k][1])
+        assert not back[k][0][:, 2:].any() and not back[k][1][2:].any()
+    slots = keys["fedshield"].client().slots
+    assert [u.header["ciphertexts"] for u in ups] == [
+        -(-layout.prefix(r) // slots) for r in (2, 32)
+    ]
+    assert ups[0].header["ciphertexts"] < ups[1].header["ciphertexts"]
+
+
 @pytest.mark.parametrize(
     ("rnd", "ratio"), [(0, 0.0), (39, 0.0), (40, 0.2), (120, 0.35), (200, 0.5), (300, 0.5)]
 )

@@ -7,6 +7,12 @@ mean by sample count here; the authors' unweighted mean is selectable). Clients 
 average and keep the first r_i components (factor-wise FedAvg with zero padding for heterogeneous
 ranks). Full HE is the same without pruning: the reference for the paper's reduction percentages.
 
+Each client encrypts its factors at its own rank: the layout is component-major
+(:class:`~shelora_core.methods.packing.ComponentLayout`), so a rank-r client's values are a prefix
+and it sends only the ciphertexts that prefix fills; the server adds ciphertext c over the clients
+that sent it. (Before results version 4 every client encrypted its factors zero-padded to the
+federation's largest rank, 1.71x the values at ranks 8/16/32: an inflated baseline.)
+
 Their code encrypts the pruned zeros too, and so do we: sending only the surviving weights would
 put every client's values in different slots, so ciphertexts could no longer be added slot-wise
 (and the bitmap would reveal the magnitude pattern). The classification head is averaged in
@@ -27,7 +33,7 @@ from ..errors import ProtocolError
 from ..messages import Message, MessageError, require
 from ..pruning import l1_unstructured, prune_ratio
 from .base import AggregateArgs, Method, ReceiveArgs, UploadArgs
-from .packing import FactorLayout
+from .packing import ComponentLayout
 from .wire import SEP, attach_ciphertexts, is_ciphertext, split_ciphertexts
 
 __all__ = ["FedShield", "FullHE"]
@@ -51,7 +57,10 @@ class FedShield(Method):
             layer: (l1_unstructured(b, ratio), l1_unstructured(a, ratio))
             for layer, (b, a) in weights.factors.items()
         }
-        blobs = crypto.encrypt(FactorLayout.build(shapes, r_max).flatten(pruned))
+        # component-major: the client's own rank is a prefix, sent without zero padding
+        flat = ComponentLayout.build(shapes, r_max).flatten(pruned)
+        n_ct = crypto.num_ciphertexts(flat.size)  # the last one zero-padded: sums are slot-wise
+        blobs = crypto.encrypt(np.concatenate([flat, np.zeros(n_ct * crypto.slots - flat.size)]))
         tensors: dict[str, np.ndarray] = {}
         attach_ciphertexts(tensors, blobs)
         for k, v in weights.head.items():
@@ -112,11 +121,10 @@ class FedShield(Method):
                 reason="rank",
             )
         check_plain_values(upload, skip=is_ciphertext)
-        size = FactorLayout.build(self.upload_geometry(upload), r_max).size
+        rank = self.cfg.client_rank(int(h["client_id"]))
+        size = ComponentLayout.build(self.upload_geometry(upload), r_max).prefix(rank)
         slots = ctx.crypto.slots if ctx.crypto is not None else 1
-        self._check_ciphertexts(
-            upload, ctx, -(-size // slots), f"factors zero-padded to rank {r_max}"
-        )
+        self._check_ciphertexts(upload, ctx, -(-size // slots), f"factors of rank {rank}")
 
     def _aggregate(self, uploads: Sequence[Message], req: AggregateArgs) -> Message:
         round_, max_rank, crypto, _ = req
@@ -136,7 +144,14 @@ class FedShield(Method):
             if self.cfg.fedshield_weighted
             else np.full(len(sizes), 1.0 / len(sizes))
         )
-        summed = crypto.weighted_sum(blobs, [float(x) for x in p])
+        # ciphertext c summed over the clients whose rank reaches it (a missing entry is a zero
+        # of the zero-padded factors: the weighted mean over every answering client)
+        summed = []
+        for c in range(max(len(b) for b in blobs)):
+            senders = [i for i, b in enumerate(blobs) if len(b) > c]
+            summed += crypto.weighted_sum(
+                [[blobs[i][c]] for i in senders], [float(p[i]) for i in senders]
+            )
         tensors = {}
         attach_ciphertexts(tensors, summed)
         heads = [self._split(u)[1] for u in uploads]
@@ -164,9 +179,10 @@ class FedShield(Method):
         check_fingerprint(crypto.fingerprint, h["fingerprint"])
         shapes = {k: tuple(v) for k, v in h["shapes"].items()}
         r_max = int(h["max_rank"])
-        layout = FactorLayout.build(shapes, r_max)
+        layout = ComponentLayout.build(shapes, r_max)
         plain, blobs = split_ciphertexts(broadcast)
-        parts = layout.unflatten(crypto.decrypt(blobs, layout.size))
+        flat = crypto.decrypt(blobs, len(blobs) * crypto.slots)[: layout.size]
+        parts = layout.unflatten(flat)
         factors = {}
         for layer in shapes:  # the uploads' layer order
             b, a = parts[layer]

@@ -5,8 +5,10 @@ slot count), so every client and the server derive the same one and ciphertexts 
 clients add slot-wise.
 
 * :class:`FactorLayout`: the zero-padded factors, per layer (sorted) ``B`` as ``m x r_max`` then
-  ``A`` as ``r_max x n``, row-major (FedShield-LLM and full HE encrypt all of it; MaskCrypt indexes
-  its masks into it).
+  ``A`` as ``r_max x n``, row-major (MaskCrypt indexes its masks into it).
+* :class:`ComponentLayout`: the factors component-major (component 0 of every layer, then
+  component 1, ...), so a client of rank r fills a prefix and sends only the ciphertexts of its own
+  rank (FedShield-LLM and full HE).
 * :func:`delta_layout`: SHE-LoRA's position-major layout of the protected dW columns (position 0
   of G in every layer, then position 1, ...), so a client with a smaller budget sends a prefix.
 * :func:`first_layers_layout`: the protected layers of ``shelora+first-layers`` (their dW, or B
@@ -23,7 +25,13 @@ import numpy as np
 from ..ckks import PackingLayout
 from .wire import SEP
 
-__all__ = ["ENCRYPT_MODES", "FactorLayout", "delta_layout", "first_layers_layout"]
+__all__ = [
+    "ENCRYPT_MODES",
+    "ComponentLayout",
+    "FactorLayout",
+    "delta_layout",
+    "first_layers_layout",
+]
 
 #: what the protected layers encrypt: the weighted update (exact FlexLoRA aggregate) or the factors
 ENCRYPT_MODES: tuple[str, ...] = ("dw", "factors")
@@ -119,3 +127,70 @@ class FactorLayout:
         ends = np.cumsum([self.r_max * (m + n) for _, m, n in self.shapes])
         counts = np.bincount(np.searchsorted(ends, indices, side="right"), minlength=len(ends))
         return {layer: int(c) for (layer, _, _), c in zip(self.shapes, counts, strict=True)}
+
+
+@dataclass(frozen=True)
+class ComponentLayout:
+    """Public flat layout of LoRA factors, component-major: for j = 0 .. r_max - 1, for every layer
+    (sorted by name), ``B[:, j]`` (m values) then ``A[j, :]`` (n values).
+
+    A rank-r client's values are the first :meth:`prefix` ``(r)`` entries, so it encrypts and sends
+    only those (its own rank, no zero padding); the server adds ciphertext c over the clients that
+    sent it, which is the weighted mean of the zero-padded factors (a missing entry is a zero).
+    """
+
+    shapes: tuple[tuple[str, int, int], ...]
+    r_max: int
+
+    @classmethod
+    def build(cls, shapes: Mapping[str, tuple[int, int]], r_max: int) -> ComponentLayout:
+        if r_max < 1:
+            raise ValueError(f"r_max must be >= 1 (got {r_max})")
+        return cls(tuple((k, int(m), int(n)) for k, (m, n) in sorted(shapes.items())), r_max)
+
+    @property
+    def width(self) -> int:
+        """Values of one component over every layer: ``sum (m + n)``."""
+        return sum(m + n for _, m, n in self.shapes)
+
+    @property
+    def size(self) -> int:
+        return self.r_max * self.width
+
+    def prefix(self, rank: int) -> int:
+        """Entries a rank-``rank`` client holds (the first ``rank`` components)."""
+        return int(rank) * self.width
+
+    def flatten(self, factors: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        """The client's factors (all of one rank r <= r_max) as the first ``prefix(r)`` values."""
+        ranks = {b.shape[1] for b, _ in factors.values()}
+        if len(ranks) != 1 or max(ranks) > self.r_max:
+            raise ValueError(f"factors of ranks {sorted(ranks)} do not fit r_max {self.r_max}")
+        r = ranks.pop()
+        out = np.zeros((r, self.width))
+        pos = 0
+        for layer, m, n in self.shapes:
+            b, a = factors[layer]
+            if b.shape != (m, r) or a.shape != (r, n):
+                raise ValueError(
+                    f"layer {layer!r}: B {b.shape} and A {a.shape} do not fit {m} x {n} at rank {r}"
+                )
+            out[:, pos : pos + m] = np.asarray(b, np.float64).T
+            out[:, pos + m : pos + m + n] = a
+            pos += m + n
+        return out.ravel()
+
+    def unflatten(self, flat: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``(B (m x r_max), A (r_max x n))`` per layer from up to :attr:`size` values (missing
+        trailing values are zeros)."""
+        flat = np.asarray(flat, np.float64).ravel()
+        if flat.size > self.size:
+            raise ValueError(f"{flat.size} values do not fit the layout's {self.size}")
+        grid = np.zeros(self.size)
+        grid[: flat.size] = flat
+        grid = grid.reshape(self.r_max, self.width)
+        out, pos = {}, 0
+        for layer, m, n in self.shapes:
+            out[layer] = (grid[:, pos : pos + m].T.copy(), grid[:, pos + m : pos + m + n].copy())
+            pos += m + n
+        return out
