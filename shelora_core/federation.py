@@ -515,6 +515,7 @@ class Federation:
                 sampled=sampled,
                 senders=senders,
                 layers=self.model.layer_shapes,
+                head={k: v.shape for k, v in self.model.initial_head.items()},
             )
             broadcast = outcome.broadcast
             if failed or outcome.rejected:  # recorded only when it happens (records stay as before)

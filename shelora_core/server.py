@@ -101,6 +101,7 @@ def server_round(
     sampled: Iterable[int] | None = None,
     senders: Sequence[Any] | None = None,
     layers: Mapping[str, tuple[int, int]] | None = None,
+    head: Mapping[str, tuple[int, ...]] | None = None,
 ) -> ServerResult:
     """Check every upload on its own, then aggregate the valid ones into broadcast bytes.
 
@@ -116,6 +117,8 @@ def server_round(
         senders: who delivered each upload, as the transport knows it (names a sender whose
             bytes do not decode).
         layers: ``(m, n)`` of every adapted layer from the public model (``None``: what most
+            uploads agree on).
+        head: the classification head's tensor shapes from the public model (``None``: what most
             uploads agree on).
 
     Returns:
@@ -141,6 +144,7 @@ def server_round(
         consensus=cons,
         senders=senders,
         layers=layers,
+        head=head,
     )
     need = min_clients(cfg)
     if len(valid) < need:

@@ -14,9 +14,9 @@ What is checked, per upload (``docs/design.md``, "Faults and what happens"):
   told);
 * the round and the method; ``num_examples`` a positive integer; the rank and LoRA alpha the
   configuration gives this client; the key fingerprint;
-* the geometry: every layer's ``(m, n)``, against the public model's when the server is given
-  it (the federation loop does) and otherwise against what most uploads agree on; the head's
-  tensor shapes against what most uploads agree on; factor shapes against the client's rank;
+* the geometry: every layer's ``(m, n)`` and the head's tensor shapes, against the public
+  model's when the server is given them (the federation loop does) and otherwise against what most
+  uploads agree on; factor shapes against the client's rank;
 * plaintext values: ``|x| <= MAX_ABS_VALUE`` (a finite 3e38 would overflow every sum to Inf);
 * the method's own fields (:meth:`shelora_core.methods.base.Method.check_upload`): budgets,
   column lists, cipher mode, mask digest, ciphertext counts, and that every ciphertext loads
@@ -215,6 +215,7 @@ def validate_uploads(
     consensus: Message | None = None,
     senders: Sequence[Any] | None = None,
     layers: Mapping[str, tuple[int, int]] | None = None,
+    head: Mapping[str, tuple[int, ...]] | None = None,
 ) -> tuple[list[Message], list[dict[str, Any]]]:
     """Decode and check every upload on its own.
 
@@ -229,6 +230,7 @@ def validate_uploads(
             bytes do not even decode); default the position in ``uploads``.
         layers: ``(m, n)`` of every adapted layer, from the public model; ``None``: the
             geometry most uploads agree on (a tie goes to the lowest client id).
+        head: the head's tensor shapes, from the public model; ``None``: what most uploads carry.
 
     Returns:
         ``(valid messages, rejections)``; each rejection is ``{"client_id", "reason",
@@ -301,7 +303,11 @@ def validate_uploads(
             if layers is not None
             else dict(_majority([(cid, _freeze(g)) for cid, _, g in geo]))
         )
-        ctx.head = dict(_majority([(cid, _freeze(_head_shapes(m))) for cid, m, _ in geo]))
+        ctx.head = (
+            {f"head|{k}": tuple(v) for k, v in head.items()}
+            if head is not None
+            else dict(_majority([(cid, _freeze(_head_shapes(m))) for cid, m, _ in geo]))
+        )
         agreed = [(cid, method.agreement(m)) for cid, m, _ in geo]
         ctx.agreed = _majority(agreed)
     valid: list[Message] = []
