@@ -246,4 +246,4 @@ def test_notebooks_write_their_json_and_figures_through_the_package(path):
     code = "\n".join(_notebook_code(path))
     assert "from shelora_core.notebook import" in code
     assert "write_json(" in code and "json.dumps" not in code
-    assert "results_paths(results_dir)" in code and ".mkdir(" not in code
+    assert "results_paths(results_dir, profile)" in code and ".mkdir(" not in code
