@@ -263,3 +263,59 @@ def test_quick_profile_executes_notebook_06_and_records_the_attack_table(tmp_pat
     assert meta["versions"]["torch"].startswith("2.13.0")
     assert (tmp_path / "quick" / "attack_records.jsonl").exists()
     assert (tmp_path / "quick" / "figures" / "attack_overview.png").stat().st_size > 10_000
+
+
+def _reproduce_module():
+    sys.path.insert(0, str(ROOT))
+    try:
+        import reproduce
+    finally:
+        sys.path.pop(0)
+    return reproduce
+
+
+def test_an_unknown_set_key_fails_before_any_notebook_starts_with_a_did_you_mean(tmp_path):
+    import time
+
+    t0 = time.perf_counter()
+    proc = _run(tmp_path, "05", "--set", "round=1", "--set", "rounds=1")
+    assert time.perf_counter() - t0 < 30  # no kernel was started (it used to take ~33 s)
+    assert proc.returncode != 0 and "started" not in proc.stdout
+    assert "--set: unknown override(s) ['round']" in proc.stderr
+    assert "did you mean 'rounds' for 'round'?" in proc.stderr
+    assert not (tmp_path / "quick").exists()
+
+
+def test_set_keys_are_checked_against_the_selected_notebooks_settings():
+    reproduce = _reproduce_module()
+    nbs = {p.name[:2]: p for p in reproduce.notebooks(None)}
+    known = set(reproduce.config_field_names()) | reproduce.notebook_override_keys(nbs["01"])
+    assert reproduce.parse_sets(["ks=(2,4)", "rounds=1"], known) == {"ks": [2, 4], "rounds": 1}
+    with pytest.raises(SystemExit, match=r"did you mean 'reps' for 'rep'\?"):
+        reproduce.parse_sets(["rep=2"], set(reproduce.notebook_override_keys(nbs["03"])))
+    # each notebook receives the config fields and its own settings, not another notebook's
+    sets = {"ks": [2, 4], "reps": 2, "rounds": 1}
+    assert reproduce.notebook_overrides(nbs["01"], sets) == {"ks": [2, 4], "rounds": 1}
+    assert reproduce.notebook_overrides(nbs["03"], sets) == {"reps": 2, "rounds": 1}
+    assert reproduce.notebook_overrides(nbs["05"], sets) == {"rounds": 1}
+
+
+def test_progress_relay_prints_only_marked_lines_prefixed_with_the_notebook(monkeypatch):
+    import io
+
+    reproduce = _reproduce_module()
+    out = io.StringIO()
+    relay = reproduce.ProgressRelay("05", out)
+    mark = reproduce.PROGRESS_MARK
+    relay.write("a table row\n" + mark + "run 1/15 shelora-delta-withhold r=8/16/32 ")
+    relay.write("minilm: round 1/3, loss 0.5\nanother row\n")
+    relay.write(f"{mark}half a line")
+    relay.flush()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("    05   0:00  ")
+    assert lines[0].endswith(
+        "run 1/15 shelora-delta-withhold r=8/16/32 minilm: round 1/3, loss 0.5"
+    )
+    relay.write("\n")  # the line completes
+    assert out.getvalue().splitlines()[-1].endswith("half a line")
