@@ -101,7 +101,8 @@ def check_override_keys(keys: Iterable[str], known: Iterable[str]) -> None:
         return
     fields = config_field_names()
     if fields <= known:
-        allowed = f"FederatedConfig fields or one of {sorted(known - fields)}"
+        own = sorted(known - fields)
+        allowed = f"FederatedConfig fields or one of {own}" if own else "a FederatedConfig field"
     else:
         allowed = f"one of {sorted(known)}"
     hints = [

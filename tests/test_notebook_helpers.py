@@ -297,6 +297,10 @@ def test_check_override_keys_lists_every_name_when_the_config_fields_are_not_all
     with pytest.raises(ConfigError, match=r"use one of \['k', 'sizes'\]; did you mean 'sizes'"):
         check_override_keys(["size"], {"k", "sizes"})
     check_override_keys([], set())  # nothing to check
+    with pytest.raises(
+        ConfigError, match=r"\['round'\]: use a FederatedConfig field; did you mean"
+    ):
+        check_override_keys(["round"], config_field_names())
 
 
 def test_settings_suggests_the_closest_setting():
