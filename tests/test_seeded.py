@@ -137,6 +137,17 @@ def test_seeded_ciphertexts_are_tagged_and_the_server_tells_them_apart(keys):
     np.testing.assert_allclose(client.decrypt(seeded, x.size), x, atol=1e-8)
 
 
+def test_seeded_encryption_refuses_empty_or_oversized_chunks(keys):
+    client = keys["add_only"].client()
+    enc = SeededEncryptor(client.context, client.fingerprint)
+
+    for bad in (np.zeros(0), np.zeros(client.slots + 1)):
+        with pytest.raises(CKKSError, match="holds 1 to 2048 values"):
+            enc.encrypt([bad])
+    with pytest.raises(CKKSError, match="not 16 hex characters"):
+        SeededEncryptor(client.context, "abc")
+
+
 def test_a_seeded_client_default_and_the_per_call_switch(keys):
     kh = keys["add_only"]
     x = np.full(10, 0.25)
@@ -298,9 +309,13 @@ def test_the_server_holds_no_secret_key_after_loading_seeded_ciphertexts(keys):
     server = kh.server()
     server.add([kh.client().encrypt(np.ones(3), seeded=True)] * 2)
 
+    blob = kh.client().encrypt(np.ones(3), seeded=True)[0]
+
     assert not server.context.is_private()
     with pytest.raises(PermissionError):
-        server.decrypt()
+        server.decrypt([blob], 3)
+    with pytest.raises(ValueError):  # TenSEAL itself: the public context has no secret key
+        server.load(blob).decrypt()
     with pytest.raises(CKKSError, match="needs the secret key"):
         SeededEncryptor(server.context, server.fingerprint)
 

@@ -283,20 +283,26 @@ class SeededEncryptor:
         Raises:
             CKKSError: an empty chunk or one longer than ``slots``.
         """
+        xs = [np.asarray(chunk, np.float64).ravel() for chunk in chunks]
+        for x in xs:
+            if not 0 < x.size <= self.slots:
+                raise CKKSError(f"a seeded ciphertext holds 1 to {self.slots} values, got {x.size}")
         out: list[bytes] = []
-        with tempfile.TemporaryDirectory(prefix="shelora-seeded-") as tmp:
-            path = os.path.join(tmp, "ct")
-            for chunk in chunks:
-                x = np.asarray(chunk, np.float64).ravel()
-                if not 0 < x.size <= self.slots:
-                    raise CKKSError(
-                        f"a seeded ciphertext holds 1 to {self.slots} values, got {x.size}"
-                    )
-                plain = sealapi.Plaintext()
-                self._encoder.encode(np.resize(x, self.slots).tolist(), self._scale, plain)
-                self._encryptor.encrypt_symmetric(plain).save(path)
-                with open(path, "rb") as f:
-                    seal = f.read()
-                head = _HEADER.pack(SEEDED_MAGIC, SEEDED_VERSION, self._fingerprint, x.size)
-                out.append(head + seal)
+        try:
+            with tempfile.TemporaryDirectory(prefix="shelora-seeded-") as tmp:
+                path = os.path.join(tmp, "ct")
+                for x in xs:
+                    plain = sealapi.Plaintext()
+                    self._encoder.encode(np.resize(x, self.slots).tolist(), self._scale, plain)
+                    self._encryptor.encrypt_symmetric(plain).save(path)
+                    with open(path, "rb") as f:
+                        seal = f.read()
+                    head = _HEADER.pack(SEEDED_MAGIC, SEEDED_VERSION, self._fingerprint, x.size)
+                    out.append(head + seal)
+        except OSError as exc:
+            raise CKKSError(
+                "seeded encryption writes each ciphertext to a temporary file (SEAL's Python "
+                f"binding saves to a path only) and could not: {exc}; point TMPDIR to a "
+                "writable directory"
+            ) from exc
         return out
