@@ -75,6 +75,7 @@ _LATE_FIELDS: dict[str, Any] = {
     "first_layers": (0, 1),
     "first_layers_encrypt": "dw",
     "min_clients": 1,
+    "seeded_uploads": False,
 }
 
 #: torch.manual_seed takes seeds below 2**64 (numpy's generators take any non-negative integer)
@@ -163,6 +164,11 @@ class FederatedConfig:
         min_clients: the fewest valid uploads a round may be aggregated from (for the server: when
             it rejects bad uploads, it aggregates the rest only if at least this many remain).
             ``1 <= min_clients <= clients_per_round``. Defaults to 1.
+        seeded_uploads: encrypted methods: clients encrypt their uploads with the secret key
+            and send the seed of each ciphertext's random half instead of the half
+            (:mod:`shelora_core.ckks.seeded`): about half the upload bytes per ciphertext, the
+            same values up to CKKS noise; the server's results (broadcasts) keep their size.
+            Methods that send no ciphertext ignore it. Defaults to ``False`` (TenSEAL's bytes).
         extra: free-form notes (not compared, not hashed, not saved by :meth:`to_dict`).
 
     How fields are checked: every field is typed and range-checked when the config is built
@@ -234,6 +240,7 @@ class FederatedConfig:
     first_layers: tuple[int, ...] = (0, 1)
     first_layers_encrypt: str = "dw"
     min_clients: int = 1
+    seeded_uploads: bool = False
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -856,6 +863,7 @@ _FIELD_CHECKS: dict[str, Callable[[str, Any], Any]] = {
         minimum=1,
         allowed="must be an integer >= 1 (the fewest valid uploads a round is aggregated from)",
     ),
+    "seeded_uploads": _bool,
     "extra": _extra,
 }
 

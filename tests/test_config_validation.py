@@ -179,6 +179,8 @@ BAD_VALUES: list[tuple[str, object, dict]] = [
     ("min_clients", True, {}),
     ("min_clients", 11, {}),  # > clients_per_round (10)
     ("min_clients", 3, {"num_clients": 4, "client_fraction": 0.5}),  # 2 sampled per round
+    ("seeded_uploads", 1, {}),
+    ("seeded_uploads", "yes", {}),
     ("extra", [], {}),
     ("extra", None, {}),
 ]

@@ -19,6 +19,11 @@ roles
     :class:`KeyHolder` (generates the keys), :class:`ClientCrypto` (encrypts and decrypts with
     the secret context) and :class:`ServerCrypto` (adds and weights ciphertexts with the public
     context; cannot decrypt).
+seeded
+    Seed-compressed symmetric ciphertexts (about half the bytes of a fresh upload):
+    :class:`SeededEncryptor` (what ``ClientCrypto.encrypt(..., seeded=True)`` uses),
+    :func:`load_ciphertext` (TenSEAL bytes or seeded ones, told apart by the first byte),
+    :func:`is_seeded`, :func:`seeded_header`, :func:`seeded_to_tenseal`.
 packing
     :class:`PackingLayout`, dense packing of named segments into ciphertext slots.
 measure
@@ -61,16 +66,28 @@ from .params import (
 )
 from .roles import ClientCrypto, KeyHolder, ServerCrypto
 from .roles import _new_context as _new_context
+from .seeded import (
+    SEEDED_MAGIC,
+    SEEDED_VERSION,
+    SeededEncryptor,
+    is_seeded,
+    load_ciphertext,
+    seeded_header,
+    seeded_to_tenseal,
+)
 
 __all__ = [
     "MAX_COEFF_BITS_128",
     "PARAM_SETS",
+    "SEEDED_MAGIC",
+    "SEEDED_VERSION",
     "CKKSError",
     "CKKSParams",
     "ClientCrypto",
     "ContextInfo",
     "KeyHolder",
     "PackingLayout",
+    "SeededEncryptor",
     "ServerCrypto",
     "check_context",
     "check_fingerprint",
@@ -80,8 +97,12 @@ __all__ = [
     "context_info",
     "context_params",
     "get_params",
+    "is_seeded",
+    "load_ciphertext",
     "load_context",
     "load_vector",
     "lora_like",
     "measure_precision",
+    "seeded_header",
+    "seeded_to_tenseal",
 ]

@@ -22,19 +22,23 @@ from .roles import KeyHolder
 __all__ = ["ciphertext_bytes", "lora_like", "measure_precision"]
 
 
-def ciphertext_bytes(params: CKKSParams | str) -> int:
+def ciphertext_bytes(params: CKKSParams | str, *, seeded: bool = False) -> int:
     """Serialized size of one full fresh ciphertext (all slots used) under ``params``.
 
     Generates a throw-away key. Sizes vary by a few bytes between keys (zstd compression).
 
     Args:
         params: a :class:`CKKSParams` or the name of a named set.
+        seeded: measure a seed-compressed symmetric ciphertext
+            (:mod:`~shelora_core.ckks.seeded`, what ``seeded_uploads`` sends) instead of
+            TenSEAL's.
 
     Returns:
-        Bytes of ``CKKSVector.serialize()`` for ``slots`` random values.
+        Bytes of ``CKKSVector.serialize()`` (or of the seeded ciphertext) for ``slots`` random
+        values.
     """
     p = replace(get_params(params), galois=False)
-    client = KeyHolder.generate(p).client()
+    client = KeyHolder.generate(p).client(seeded=seeded)
     x = np.random.default_rng(0).normal(0.0, 0.02, p.slots)
     return len(client.encrypt(x)[0])
 
@@ -58,7 +62,12 @@ def lora_like(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def measure_precision(
-    params: CKKSParams | str, *, n_values: int = 4096, n_summands: int = 32, seed: int = 0
+    params: CKKSParams | str,
+    *,
+    n_values: int = 4096,
+    n_summands: int = 32,
+    seed: int = 0,
+    seeded: bool = False,
 ) -> dict[str, Any]:
     """Encrypt ``n_summands`` LoRA-like vectors, add them homomorphically, compare with numpy.
 
@@ -72,6 +81,8 @@ def measure_precision(
         n_summands: number of vectors (clients) summed.
         seed: seed of the plaintext values (the keys are never seeded, see
             :meth:`KeyHolder.generate`).
+        seeded: clients upload seed-compressed symmetric ciphertexts
+            (:mod:`~shelora_core.ckks.seeded`); ``ciphertext_bytes`` is then a seeded one.
 
     Returns:
         dict with ``params``, ``n_values``, ``n_summands``, ``slots``, ``num_ciphertexts``,
@@ -83,7 +94,7 @@ def measure_precision(
     """
     p = replace(get_params(params), galois=False)
     holder = KeyHolder.generate(p)
-    client, server = holder.client(), holder.server()
+    client, server = holder.client(seeded=seeded), holder.server()
     rng = np.random.default_rng(seed)
     xs = [lora_like(rng, n_values) for _ in range(n_summands)]
 

@@ -9,8 +9,12 @@ Notes
 * :class:`KeyHolder` generates the keys. It hands the **secret** context (as bytes) to clients and
   the **public** context (as bytes, no secret key) to the server.
 * :class:`ClientCrypto` (secret context) encrypts a client's update and decrypts the aggregate.
+  With ``seeded=True`` it encrypts symmetrically with the secret key and sends the seed of the
+  random polynomial instead of the polynomial (:mod:`~shelora_core.ckks.seeded`): about half
+  the bytes per fresh ciphertext.
 * :class:`ServerCrypto` (public context) adds ciphertexts and multiplies them by plaintext weights;
-  it cannot decrypt, by construction (its context holds no secret key).
+  it cannot decrypt, by construction (its context holds no secret key). It loads TenSEAL bytes
+  and seeded ciphertexts alike (the first byte tells them apart); its results are TenSEAL bytes.
 
 The roles exchange only bytes, and each exposes the key's ``fingerprint``
 (:func:`~shelora_core.ckks.context_fingerprint`) for receivers to check.
@@ -25,9 +29,10 @@ from typing import Any, NoReturn
 import numpy as np
 import tenseal as ts
 
-from .context import ContextInfo, context_fingerprint, context_info, load_context, load_vector
+from .context import ContextInfo, context_fingerprint, context_info, load_context
 from .errors import CKKSError
 from .params import CKKSParams, check_security
+from .seeded import SeededEncryptor, load_ciphertext
 
 __all__ = ["ClientCrypto", "KeyHolder", "ServerCrypto"]
 
@@ -124,9 +129,10 @@ class KeyHolder:
         """The public context (public key, Galois keys if ``params.galois``): for the server."""
         return self._public
 
-    def client(self) -> ClientCrypto:
-        """A :class:`ClientCrypto` built from :meth:`secret_bytes` (through bytes)."""
-        return ClientCrypto(self._secret)
+    def client(self, *, seeded: bool = False) -> ClientCrypto:
+        """A :class:`ClientCrypto` built from :meth:`secret_bytes` (through bytes); ``seeded``
+        sets its default for :meth:`ClientCrypto.encrypt`."""
+        return ClientCrypto(self._secret, seeded=seeded)
 
     def server(self) -> ServerCrypto:
         """A :class:`ServerCrypto` built from :meth:`public_bytes` (through bytes)."""
@@ -161,6 +167,7 @@ class ClientCrypto:
 
     Args:
         secret_context: bytes from :meth:`KeyHolder.secret_bytes`.
+        seeded: the default of :meth:`encrypt`'s ``seeded`` (``False``: TenSEAL's own bytes).
 
     Raises:
         CKKSError: the bytes are not a context, its parameters fail
@@ -168,9 +175,11 @@ class ClientCrypto:
             the modulus chain), or the context holds no secret key.
     """
 
-    def __init__(self, secret_context: bytes) -> None:
+    def __init__(self, secret_context: bytes, *, seeded: bool = False) -> None:
         self.context, self.info, self.fingerprint = _role_context(secret_context, private=True)
         self._max_abs = 2.0 ** (self.info.level_bits[-1] - self.info.global_scale_bits - 1)
+        self.seeded = bool(seeded)
+        self._seeded: SeededEncryptor | None = None  # built on first use
 
     @property
     def slots(self) -> int:
@@ -186,11 +195,16 @@ class ClientCrypto:
         """``ceil(length / slots)``: ciphertexts needed for ``length`` values."""
         return -(-int(length) // self.slots)
 
-    def encrypt(self, values: np.ndarray) -> list[bytes]:
+    def encrypt(self, values: np.ndarray, *, seeded: bool | None = None) -> list[bytes]:
         """Encrypt a 1-D float vector, packed densely: ``ceil(len / slots)`` ciphertexts.
 
         Args:
             values: 1-D array of finite floats.
+            seeded: ``True``: encrypt with the secret key (symmetric) and send the seed of the
+                random polynomial (:mod:`~shelora_core.ckks.seeded`; about half the bytes,
+                :class:`ServerCrypto` loads both formats); ``False``: TenSEAL's public-key
+                encryption and serializer. ``None``: this client's default (``seeded`` of the
+                constructor).
 
         Returns:
             One serialized ciphertext per chunk of ``slots`` values (the last one may be shorter).
@@ -208,34 +222,39 @@ class ClientCrypto:
                 f"|value| up to {float(np.max(np.abs(x))):.3g} does not fit: these parameters hold "
                 f"|x| < {self._max_abs:.3g} (first prime minus scale bits)"
             )
-        out: list[bytes] = []
-        for start in range(0, x.size, self.slots):
-            chunk = x[start : start + self.slots]
-            out.append(ts.ckks_vector(self.context, chunk.tolist()).serialize())
-        return out
+        chunks = [x[start : start + self.slots] for start in range(0, x.size, self.slots)]
+        if self.seeded if seeded is None else bool(seeded):
+            if self._seeded is None:
+                self._seeded = SeededEncryptor(self.context, self.fingerprint)
+            return self._seeded.encrypt(chunks)
+        return [ts.ckks_vector(self.context, c.tolist()).serialize() for c in chunks]
 
     def decrypt(self, blobs: Sequence[bytes], length: int) -> np.ndarray:
         """Decrypt ciphertexts from :meth:`encrypt` (or an aggregate of them).
 
         Args:
-            blobs: serialized ciphertexts, in order.
+            blobs: serialized ciphertexts (TenSEAL bytes or seeded ones), in order.
             length: the number of values they hold in total (the plaintext length).
 
         Returns:
             float64 array of ``length`` values.
 
         Raises:
-            CKKSError: corrupted bytes, or the ciphertexts do not hold ``length`` values.
+            CKKSError: corrupted bytes, a seeded ciphertext of another key, or the ciphertexts
+                do not hold ``length`` values.
         """
-        parts = [
-            np.asarray(load_vector(self.context, b, max_size=self.slots).decrypt()) for b in blobs
-        ]
+        parts = [np.asarray(self._load(b).decrypt()) for b in blobs]
         flat = np.concatenate(parts) if parts else np.zeros(0)
         if flat.size != length:
             raise CKKSError(
                 f"the {len(blobs)} ciphertexts hold {flat.size} values, expected length {length}"
             )
         return flat.astype(np.float64, copy=False)
+
+    def _load(self, blob: bytes) -> ts.CKKSVector:
+        return load_ciphertext(
+            self.context, blob, fingerprint=self.fingerprint, max_size=self.slots
+        )
 
 
 class ServerCrypto:
@@ -258,8 +277,23 @@ class ServerCrypto:
         return self.info.slots
 
     def load(self, blob: bytes) -> ts.CKKSVector:
-        """Deserialize one ciphertext into the public context (see :func:`load_vector`)."""
-        return load_vector(self.context, blob, max_size=self.slots)
+        """Deserialize one ciphertext into the public context.
+
+        Args:
+            blob: TenSEAL bytes (:func:`~shelora_core.ckks.load_vector`) or a seeded ciphertext
+                (:func:`~shelora_core.ckks.load_ciphertext`: its header must name this key; SEAL
+                regrows the seeded polynomial), told apart by the first byte.
+
+        Returns:
+            The encrypted vector, ready for ``+``, ``*`` and ``mm``.
+
+        Raises:
+            CKKSError: bytes that are neither format, damaged bytes, a seeded ciphertext of
+                another key, or more values than slots.
+        """
+        return load_ciphertext(
+            self.context, blob, fingerprint=self.fingerprint, max_size=self.slots
+        )
 
     def _load_lists(self, lists: Sequence[Sequence[bytes]]) -> list[list[ts.CKKSVector]]:
         if len(lists) == 0:

@@ -220,7 +220,15 @@ class Method(ABC):
                 "must stay in; the local update diverged (lower lr) or the sample count is too "
                 "large for these CKKS parameters"
             )
-        return crypto.encrypt(x)
+        return self._encrypt(crypto, x)
+
+    def _encrypt(self, crypto: Any, values: np.ndarray) -> list[bytes]:
+        """Every fresh upload ciphertext goes through here: ``crypto.encrypt(values)``, seeded
+        (:mod:`shelora_core.ckks.seeded`, about half the bytes) when the config's
+        ``seeded_uploads`` is set."""
+        if self.cfg.seeded_uploads:
+            return crypto.encrypt(values, seeded=True)
+        return crypto.encrypt(values)
 
     # server: per-client checks (shelora_core.validation calls these) -------------
     def upload_geometry(self, upload: Message) -> dict[str, tuple[int, int]]:
@@ -294,7 +302,8 @@ class Method(ABC):
     def _check_ciphertexts(self, upload: Message, ctx: Any, expected: int, need: str) -> None:
         """The header's ciphertext count equals ``expected`` (``need`` says what sets it), the
         message holds exactly ``enc|0 .. enc|expected-1``, each a 1-D uint8 array that loads
-        under the server's public context, and the key fingerprint matches."""
+        under the server's public context (TenSEAL bytes or seeded ones; a seeded ciphertext
+        names its key, which must be the round's), and the key fingerprint matches."""
         from ..validation import check_int
 
         h = upload.header

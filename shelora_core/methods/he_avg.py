@@ -60,7 +60,9 @@ class FedShield(Method):
         # component-major: the client's own rank is a prefix, sent without zero padding
         flat = ComponentLayout.build(shapes, r_max).flatten(pruned)
         n_ct = crypto.num_ciphertexts(flat.size)  # the last one zero-padded: sums are slot-wise
-        blobs = crypto.encrypt(np.concatenate([flat, np.zeros(n_ct * crypto.slots - flat.size)]))
+        blobs = self._encrypt(
+            crypto, np.concatenate([flat, np.zeros(n_ct * crypto.slots - flat.size)])
+        )
         tensors: dict[str, np.ndarray] = {}
         attach_ciphertexts(tensors, blobs)
         for k, v in weights.head.items():

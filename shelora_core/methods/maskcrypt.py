@@ -302,7 +302,7 @@ class MaskCrypt(Method):
             blobs = (
                 self._encrypt_summed(crypto, padded)
                 if self.adds_preweighted
-                else crypto.encrypt(padded)
+                else self._encrypt(crypto, padded)
             )
         attach_ciphertexts(msg.tensors, blobs)
         msg.header.update(

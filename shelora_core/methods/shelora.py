@@ -197,7 +197,7 @@ class SHELoRA(Method):
         elif k > 0:  # paper mode: one ciphertext per protected A column (r values)
             for j in range(k):
                 for layer in sorted(protected):
-                    blobs += crypto.encrypt(protected[layer][:, j])
+                    blobs += self._encrypt(crypto, protected[layer][:, j])
         attach_ciphertexts(msg.tensors, blobs)
         msg.header["ciphertexts"] = len(blobs)
         return msg
