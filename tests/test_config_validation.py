@@ -179,6 +179,10 @@ BAD_VALUES: list[tuple[str, object, dict]] = [
     ("min_clients", True, {}),
     ("min_clients", 11, {}),  # > clients_per_round (10)
     ("min_clients", 3, {"num_clients": 4, "client_fraction": 0.5}),  # 2 sampled per round
+    ("prune_schedule_rounds", 0, {}),
+    ("prune_schedule_rounds", 2.5, {}),
+    ("prune_schedule_rounds", True, {}),
+    ("prune_schedule_rounds", "20", {}),
     ("extra", [], {}),
     ("extra", None, {}),
 ]
