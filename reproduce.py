@@ -378,17 +378,23 @@ def cost_notes(data: dict) -> list[str]:
         pick("flexlora"),
     )
     out = ["", "What the cost table says (computed from it):", ""]
+    # the full-HE rows' layout (he_cost.json's full_he_layout; zero-padded before the field)
+    own = claims_mod.measured_definition(data) == "own"
+    layout = "at each client's own rank" if own else "zero-padded to r_max"
     if delta:
         d0 = next(iter(delta.values()))
         setting = (
             f"ranks {'/'.join(map(str, d0['ranks']))} with budgets "
             f"{'/'.join(map(str, d0['budgets']))} columns per layer on {', '.join(delta)}"
         )
+        other = (
+            "zero-padded to r_max (an ablation, counted)" if own else "at each client's own rank"
+        )
         out.append(
-            "- **SHE-LoRA (delta mode) against full HE zero-padded to r_max** (what our `full_he` "
+            f"- **SHE-LoRA (delta mode) against full HE {layout}** (what our `full_he` "
             f"and `fedshield` encrypt): {_span([r['upload_change_vs_full_he_pct'] for r in delta.values()], '{:+.1f}%')} "
             f"upload and {_span([r['encrypt_time_change_vs_full_he_pct'] for r in delta.values()], '{:+.1f}%')} "
-            f"client encryption time at {setting}. Against full HE at each client's own rank, and "
+            f"client encryption time at {setting}. Against full HE {other}, and "
             "against the paper's full HE (every column of A encrypted, B in plaintext), see the "
             "claims table above."
         )
@@ -426,7 +432,7 @@ def cost_notes(data: dict) -> list[str]:
         how = "far below" if secs < ref.value / claims_mod.SECONDS_FACTOR else "close to"
         out.append(
             f"- **Absolute encryption times** are {how} the paper's (full HE on {model}: "
-            f"{secs:.1f} s here, zero-padded to r_max, vs {ref.value:.0f} s in the paper): dense "
+            f"{secs:.1f} s here, {layout}, vs {ref.value:.0f} s in the paper): dense "
             "packing into full ciphertexts; the paper's implementation is not known to pack "
             "densely."
         )
@@ -646,34 +652,48 @@ def claims_table(path: Path) -> list[str]:
 
 
 def padding_note(records: list[dict], results_dir: Path) -> str:
-    """How much zero-padding to r_max inflates our full-HE baseline, and SHE-LoRA's saving
-    against each client's own rank (from claims.json and he_cost.json's ranks)."""
+    """Which full HE our ``full_he`` / ``fedshield`` encrypt (he_cost.json's layout), how many
+    more values zero-padding to r_max would encrypt, and SHE-LoRA's upload saving against each
+    (from claims.json and he_cost.json's ranks)."""
     he = results_dir / "he_cost.json"
-    ranks, _ = claims_mod.he_cost_setting(json.loads(he.read_text()) if he.exists() else None)
+    he_cost = json.loads(he.read_text()) if he.exists() else None
+    ranks, _ = claims_mod.he_cost_setting(he_cost)
+    own = claims_mod.measured_definition(he_cost) == "own"
 
-    def value(definition):
-        for c in records:
-            if (
-                c["key"] == "communication"
-                and c["accounting"].startswith("total upload bytes")
-                and definition in c["accounting"]
-                and c["our_value"] is not None
-            ):
-                return c
-        return None
+    def values(definition):
+        return [
+            c
+            for c in records
+            if c["key"] == "communication"
+            and c["accounting"].startswith("total upload bytes")
+            and definition in c["accounting"]
+            and c["our_value"] is not None
+        ]
 
-    own, padded = value("our full HE"), value("zero-padded")
-    text = (
-        f"Zero-padding to r_max: at ranks {'/'.join(map(str, ranks))} our `full_he` and `fedshield` "
-        f"encrypt {claims_mod.padding_factor(ranks):.2f}x the values of the clients' own factors."
-    )
+    def said(found):
+        return " / ".join(f"{c['our_value']:+.2f}% ({c['basis'].split(' (')[0]})" for c in found)
+
+    factor = f"{claims_mod.padding_factor(ranks):.2f}x"
+    at = "/".join(map(str, ranks))
     if own:
+        text = (
+            "Our `full_he` and `fedshield` encrypt each client's factors at its own rank; "
+            f"zero-padded to r_max (an ablation, counted from shapes) they would encrypt {factor} "
+            f"the values at ranks {at}."
+        )
+    else:
+        text = (
+            f"Zero-padding to r_max: at ranks {at} our `full_he` and `fedshield` "
+            f"encrypt {factor} the values of the clients' own factors."
+        )
+    mine, padded = values("our full HE"), values("zero-padded")
+    if mine:
         text += (
-            f" SHE-LoRA (delta mode) changes the total upload by {own['our_value']:+.2f}% against full "
-            f"HE at each client's own rank ({own['basis'].split(' (')[0]})"
+            " SHE-LoRA (delta mode) changes the total upload by "
+            f"{said(mine)} against full HE at each client's own rank"
         )
         if padded:
-            text += f" and by {padded['our_value']:+.2f}% against the zero-padded one ({padded['basis'].split(' (')[0]})"
+            text += f" and by {said(padded)} against the zero-padded one"
         text += "."
     return text
 

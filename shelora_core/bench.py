@@ -124,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_reductions(res: dict) -> None:
     paper = res["paper"]
-    print("\nSHE-LoRA and MaskCrypt vs full HE (measured here | paper v2 / v1 for SHE-LoRA):")
+    layouts = sorted({r.get("full_he_layout", "padded") for r in res["rows"]})
+    print(
+        f"\nSHE-LoRA and MaskCrypt vs full HE ({'/'.join(layouts)} layout; measured here | paper "
+        "v2 / v1 for SHE-LoRA):"
+    )
     for r in res["rows"]:
         if r.get("method", "").startswith(("shelora", "maskcrypt")) and "skipped" not in r:
             print(

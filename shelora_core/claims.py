@@ -20,7 +20,7 @@ Verdicts (:data:`VERDICTS`) and their thresholds (module constants, so a reader 
 * ``no data``: the results file the claim needs is missing for this profile.
 
 Three accountings of the communication and encryption-time claims against full HE, and two
-definitions of "full HE" (plus the zero-padded variant the ``full_he`` / ``fedshield`` methods run):
+definitions of "full HE" (plus a zero-padded variant, an ablation):
 
 ========================  =====================================================================
 accounting                what is counted (per client and round, mean over the clients)
@@ -34,9 +34,15 @@ total upload bytes        everything a client uploads: ciphertexts + float32 pla
   encrypted in the paper's cipher mode (one N = 8192 ciphertext of ``r_i`` values per column),
   ``B`` in plaintext. SHE-LoRA is compared in the same cipher mode (``shelora-paper``).
 * ``own`` full HE (ours): ``A`` and ``B`` encrypted at each client's own rank, densely packed
-  (FedShield-LLM's parameters). SHE-LoRA is compared in our default cipher mode (``delta``).
-* ``padded`` full HE (ablation): ``A`` and ``B`` zero-padded to ``r_max``, which is what our
-  ``full_he`` and ``fedshield`` methods encrypt (``he_cost.json`` measures it).
+  (FedShield-LLM's parameters). SHE-LoRA is compared in our default cipher mode (``delta``). Our
+  ``full_he`` and ``fedshield`` methods run it (results version 4), so ``he_cost.json``
+  measures it.
+* ``padded`` full HE (ablation): ``A`` and ``B`` zero-padded to ``r_max`` (what those methods
+  encrypted before results version 4), counted from shapes.
+
+Which definition ``he_cost.json``'s ``full_he`` row measured is read from its
+``full_he_layout`` field (:func:`measured_definition`; a file without it is from the zero-padded
+code): that definition's rows are *measured*, the others *counted*.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ __all__ = [
     "CKKS_MAX_REL_ERROR",
     "FULL_HE_DEFINITIONS",
     "INCONCLUSIVE",
+    "LAYOUT_DEFINITIONS",
     "MODEL_SHAPES",
     "NOT_REPRODUCED",
     "NO_DATA",
@@ -78,6 +85,8 @@ __all__ = [
     "padding_factor",
     "paper_rouge",
     "measure_product_error",
+    "measured_definition",
+    "measured_scheme",
     "counted_vs_measured",
     "reduction_table",
     "results_commit",
@@ -610,8 +619,10 @@ SCHEMES = {
     "shelora-paper": "SHE-LoRA, paper mode (one N = 8192 ciphertext per A column)",
     "full_he-paper": "full HE, paper's definition (every A column encrypted as in paper mode, B plain)",
     "full_he-paper-dense": "full HE, paper's definition, A packed densely instead",
-    "full_he-own": "full HE, ours (A and B at each client's own rank, dense N = 8192)",
-    "full_he-padded": "full HE zero-padded to r_max (what full_he / fedshield run)",
+    "full_he-own": "full HE, ours (A and B at each client's own rank, dense N = 8192; what "
+    "full_he / fedshield run)",
+    "full_he-padded": "full HE zero-padded to r_max (ablation; what full_he / fedshield ran "
+    "before results version 4)",
 }
 
 #: full-HE definitions: (full-HE scheme, the SHE-LoRA scheme compared with it, label, whether
@@ -622,7 +633,7 @@ FULL_HE_DEFINITIONS = {
     "padded": (
         "full_he-padded",
         "shelora-delta",
-        "full HE zero-padded to r_max (ablation: what our full_he runs)",
+        "full HE zero-padded to r_max (ablation)",
         False,
     ),
 }
@@ -757,12 +768,57 @@ def _he_row(he_cost: Mapping | None, model: str, method: str) -> Mapping | None:
 
 
 #: ``he_cost.json`` method -> the scheme of :func:`count_costs` that counts the same upload
+#: (``full_he``: the scheme of the row's ``full_he_layout``, :func:`measured_scheme`)
 MEASURED_AS = {
     "flexlora": "flexlora",
     "shelora-delta": "shelora-delta",
     "shelora-paper": "shelora-paper",
-    "full_he": "full_he-padded",
+    "full_he": "full_he-own",
 }
+
+#: ``he_cost.json``'s ``full_he_layout`` -> the full-HE definition it measured
+LAYOUT_DEFINITIONS = {"own-rank": "own", "padded": "padded"}
+#: the layout of an ``he_cost.json`` row without ``full_he_layout`` (written before results
+#: version 4 of ``full_he``, when its factors were zero-padded to r_max)
+LEGACY_LAYOUT = "padded"
+
+
+def measured_definition(he_cost: Mapping | None, model: str | None = None) -> str:
+    """The full-HE definition (``"own"`` or ``"padded"``) ``he_cost.json``'s ``full_he`` row
+    measured, from its ``full_he_layout`` (of ``model``'s row when given); without any row,
+    the layout the code measures now (:data:`shelora_core.he_cost.FULL_HE_LAYOUT`).
+
+    Raises:
+        SheloraError: the row names a layout this module does not know.
+    """
+    rows = [
+        r
+        for r in (he_cost or {}).get("rows", [])
+        if r.get("method") == "full_he" and (model is None or r.get("model") == model)
+    ]
+    if rows:
+        layout = rows[0].get("full_he_layout", LEGACY_LAYOUT)
+    else:
+        from .he_cost import FULL_HE_LAYOUT as layout
+    if layout not in LAYOUT_DEFINITIONS:
+        raise SheloraError(
+            f"he_cost.json: full_he_layout = {layout!r} is not one of "
+            f"{sorted(LAYOUT_DEFINITIONS)}; re-run the benchmark (make bench) with this code"
+        )
+    return LAYOUT_DEFINITIONS[layout]
+
+
+def measured_scheme(row: Mapping[str, Any]) -> str | None:
+    """The scheme of :func:`count_costs` that counts what an ``he_cost.json`` row measured
+    (``full_he``: by its ``full_he_layout``), ``None`` for a method it does not count."""
+    if row.get("method") == "full_he":
+        layout = row.get("full_he_layout", LEGACY_LAYOUT)
+        return (
+            FULL_HE_DEFINITIONS[LAYOUT_DEFINITIONS[layout]][0]
+            if layout in LAYOUT_DEFINITIONS
+            else None
+        )
+    return MEASURED_AS.get(row.get("method"))
 
 
 def counted_vs_measured(
@@ -781,7 +837,7 @@ def counted_vs_measured(
     """
     rows = []
     for r in (he_cost or {}).get("rows", []):
-        scheme = MEASURED_AS.get(r.get("method"))
+        scheme = measured_scheme(r)
         if "skipped" in r or scheme is None or r.get("model") not in counts:
             continue
         c = counts[r["model"]][scheme]
@@ -810,6 +866,10 @@ def he_cost_setting(he_cost: Mapping | None) -> tuple[tuple[int, ...], tuple[int
     return (8, 16, 32), (2, 4, 8)
 
 
+#: how each full-HE definition's layout reads in a claim's accounting and basis
+_LAYOUT_TEXT = {"own": "at each client's own rank", "padded": "zero-padded to r_max"}
+
+
 def cost_claims(
     he_cost: Mapping | None,
     sizes: Mapping[str, CiphertextSize],
@@ -817,8 +877,10 @@ def cost_claims(
     model: str = "OpenLLaMA-3B",
 ) -> list[dict]:
     """Communication and encryption-time claims on ``model`` (the paper's): counted under the
-    three accountings and the ``paper`` / ``own`` definitions, measured for ``padded``
-    (``he_cost.json``), plus the absolute encryption seconds (measured).
+    three accountings and the ``paper`` / ``own`` definitions; measured (``he_cost.json``) for
+    the definition its ``full_he`` row ran (:func:`measured_definition`: ``own`` since results
+    version 4), with the other of ``own`` / ``padded`` counted from shapes; plus the absolute
+    encryption seconds (measured).
     """
     ranks, budgets = he_cost_setting(he_cost)
     counts = count_costs(MODEL_SHAPES[model], ranks, budgets, sizes)
@@ -828,6 +890,7 @@ def cost_claims(
         sorted(f"{s.params}: {s.source}" for s in sizes.values() if s.params in used)
     )
     counted = f"counted from shapes (bytes per ciphertext {ct_source})"
+    count_source = "counted from shapes (shelora_core.claims.count_costs)"
     comm, enc = PAPER_CLAIMS["communication"], PAPER_CLAIMS["encryption_time"]
     rows = []
     for definition in ("paper", "own"):
@@ -840,13 +903,17 @@ def cost_claims(
                     value,
                     f"{acc_label}; {SCHEMES[she]} vs {label}; {setting}",
                     verdict_reduction(value, comm.value, paper_accounting=paper_acc),
-                    "counted from shapes (shelora_core.claims.count_costs)",
+                    count_source,
                     basis=counted,
                 )
             )
     he_source = "he_cost.json" if he_cost else "he_cost.json (missing)"
     commit = results_commit(he_cost) if he_cost else None
     she_m, full_m = _he_row(he_cost, model, "shelora-delta"), _he_row(he_cost, model, "full_he")
+    # the definition he_cost.json measured, and the other one of own / padded (counted)
+    meas = measured_definition(he_cost, model)
+    other = "padded" if meas == "own" else "own"
+    meas_ref, other_ref = FULL_HE_DEFINITIONS[meas][0], FULL_HE_DEFINITIONS[other][0]
     value = (
         she_m["upload_change_vs_full_he_pct"]
         if she_m and "upload_change_vs_full_he_pct" in she_m
@@ -857,13 +924,30 @@ def cost_claims(
             comm,
             value,
             f"total upload bytes; {SCHEMES['shelora-delta']} vs "
-            f"{FULL_HE_DEFINITIONS['padded'][2]}; {setting}",
+            f"{FULL_HE_DEFINITIONS[meas][2]}; {setting}",
             verdict_reduction(value, comm.value),
             he_source,
             basis="measured (make bench)",
             commit=commit,
         )
     )
+    if other == "padded":  # the ablation, counted (own is counted above under every accounting)
+        value = change_pct(
+            counts["shelora-delta"]["upload_bytes"], counts[other_ref]["upload_bytes"]
+        )
+        rows.append(
+            _row(
+                comm,
+                value,
+                f"total upload bytes; {SCHEMES['shelora-delta']} vs "
+                f"{FULL_HE_DEFINITIONS[other][2]}; {setting}",
+                verdict_reduction(value, comm.value),
+                count_source,
+                basis=counted,
+                note=f"zero-padding to r_max encrypts {padding_factor(ranks):.2f}x the values of "
+                "the clients' own factors",
+            )
+        )
     # encryption time: the paper's definition as a ciphertext count (same N on both sides: the
     # time per ciphertext cancels); ours from measured seconds
     ref, she, label, _ = FULL_HE_DEFINITIONS["paper"]
@@ -875,48 +959,43 @@ def cost_claims(
             f"ciphertexts encrypted (same N = 8192 on both sides, so time per ciphertext "
             f"cancels); {SCHEMES[she]} vs {label}; {setting}",
             verdict_reduction(value, enc.value, paper_accounting=True),
-            "counted from shapes (shelora_core.claims.count_costs)",
+            count_source,
             basis="counted from shapes",
         )
     )
-    own_value = pad_value = None
+    # the measured definition's change is he_cost.json's; the other's scales the measured full-HE
+    # seconds by the counted ciphertexts (encryption time is linear in them at one N)
+    secs: dict[str, float | None] = {meas: None, other: None}
     note = ""
     if she_m and full_m:
-        scale = counts["full_he-own"]["ciphertexts"] / counts["full_he-padded"]["ciphertexts"]
-        own_full = full_m["client_upload_seconds"] * scale
-        own_value = change_pct(she_m["client_upload_seconds"], own_full)
-        pad_value = she_m.get("encrypt_time_change_vs_full_he_pct")
+        scale = counts[other_ref]["ciphertexts"] / counts[meas_ref]["ciphertexts"]
+        secs[meas] = she_m.get("encrypt_time_change_vs_full_he_pct")
+        secs[other] = change_pct(
+            she_m["client_upload_seconds"], full_m["client_upload_seconds"] * scale
+        )
         note = (
             f"SHE-LoRA {she_m['client_upload_seconds']:.3f} s; full HE "
-            f"{full_m['client_upload_seconds']:.2f} s at r_max, x {scale:.3f} (ciphertexts at "
-            "own ranks / padded) for the own-rank definition"
+            f"{full_m['client_upload_seconds']:.2f} s measured ({_LAYOUT_TEXT[meas]}), x "
+            f"{scale:.3f} (counted ciphertexts, {other} / {meas}) for the {other} definition"
         )
-    rows.append(
-        _row(
-            enc,
-            own_value,
-            f"client encryption seconds; {SCHEMES['shelora-delta']} vs "
-            f"{FULL_HE_DEFINITIONS['own'][2]}; {setting}",
-            verdict_reduction(own_value, enc.value),
-            he_source,
-            basis="measured SHE-LoRA seconds; full HE seconds measured at r_max and scaled by "
-            "the counted ciphertexts at own ranks",
-            commit=commit,
-            note=note,
+    for definition in ("own", "padded"):  # the order of the table
+        measured = definition == meas
+        rows.append(
+            _row(
+                enc,
+                secs[definition],
+                f"client encryption seconds; {SCHEMES['shelora-delta']} vs "
+                f"{FULL_HE_DEFINITIONS[definition][2]}; {setting}",
+                verdict_reduction(secs[definition], enc.value),
+                he_source,
+                basis="measured (make bench)"
+                if measured
+                else f"measured SHE-LoRA seconds; full HE seconds measured ({_LAYOUT_TEXT[meas]}) "
+                f"and scaled by the counted ciphertexts ({_LAYOUT_TEXT[definition]})",
+                commit=commit,
+                note="" if measured else note,
+            )
         )
-    )
-    rows.append(
-        _row(
-            enc,
-            pad_value,
-            f"client encryption seconds; {SCHEMES['shelora-delta']} vs "
-            f"{FULL_HE_DEFINITIONS['padded'][2]}; {setting}",
-            verdict_reduction(pad_value, enc.value),
-            he_source,
-            basis="measured (make bench)",
-            commit=commit,
-        )
-    )
     for key, method in (
         ("seconds_shelora", "shelora-paper"),
         ("seconds_shelora", "shelora-delta"),
@@ -930,8 +1009,8 @@ def cost_claims(
                 PAPER_CLAIMS[key],
                 secs,
                 f"client encryption seconds per round, {method} ({model}, ranks "
-                f"{'/'.join(map(str, ranks))}; {'zero-padded to r_max, ' if method == 'full_he' else ''}"
-                f"this machine)",
+                f"{'/'.join(map(str, ranks))}; "
+                f"{_LAYOUT_TEXT[meas] + ', ' if method == 'full_he' else ''}this machine)",
                 verdict_seconds(secs, PAPER_CLAIMS[key].value),
                 he_source,
                 basis="measured (make bench)"

@@ -76,6 +76,7 @@ _LATE_FIELDS: dict[str, Any] = {
     "first_layers_encrypt": "dw",
     "min_clients": 1,
     "seeded_uploads": False,
+    "prune_schedule_rounds": None,
 }
 
 #: torch.manual_seed takes seeds below 2**64 (numpy's generators take any non-negative integer)
@@ -143,6 +144,12 @@ class FederatedConfig:
         fedshield_weighted: FedShield-LLM / full HE: weighted mean by sample count (``True``) or
             the authors' unweighted mean.
         prune: FedShield-LLM: magnitude pruning with the paper's schedule (full HE: ``False``).
+        prune_schedule_rounds: FedShield-LLM with ``prune``: ``None`` keeps the paper's schedule
+            (nothing pruned before round 40, 0.2 at round 40 rising to 0.5 at round 200), which a
+            run of fewer than 40 rounds never reaches; an integer R lays those 200 rounds over R:
+            round t prunes as the paper's round t x 200 / R (R = ``rounds``: the ramp begins at
+            0.2R and reaches 0.5 in the last round; :mod:`shelora_core.pruning`). Other methods
+            ignore it. Defaults to ``None``.
         shelora_protect: SHE-LoRA: what happens to each client's columns ``G[:k_i]``:
             ``"encrypt"`` (the paper) or ``"withhold"`` (an ablation: they are not sent at all,
             no CKKS; the server averages each column over the clients that did send it and
@@ -241,6 +248,7 @@ class FederatedConfig:
     first_layers_encrypt: str = "dw"
     min_clients: int = 1
     seeded_uploads: bool = False
+    prune_schedule_rounds: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -335,7 +343,10 @@ class FederatedConfig:
     @property
     def variant(self) -> str:
         """Short label of the method and its protection choices, e.g. ``shelora-delta``,
-        ``shelora-delta-random``, ``shelora-delta-withhold``, ``maskcrypt-delta``."""
+        ``shelora-delta-random``, ``shelora-delta-withhold``, ``maskcrypt-delta``; FedShield-LLM
+        with its pruning schedule laid over R rounds: ``fedshield-prune<R>``."""
+        if self.method == "fedshield" and self.prune and self.prune_schedule_rounds is not None:
+            return f"fedshield-prune{self.prune_schedule_rounds}"
         if self.method not in BUDGETED:
             return self.method
         parts = [self.method, self.cipher_mode]
@@ -864,6 +875,15 @@ _FIELD_CHECKS: dict[str, Callable[[str, Any], Any]] = {
         allowed="must be an integer >= 1 (the fewest valid uploads a round is aggregated from)",
     ),
     "seeded_uploads": _bool,
+    "prune_schedule_rounds": lambda n, v: _int(
+        n,
+        v,
+        minimum=1,
+        optional=True,
+        allowed="must be an integer >= 1 (the rounds the paper's 200-round pruning schedule is "
+        "laid over, e.g. the run's rounds) or None (the paper's schedule: no pruning before "
+        "round 40)",
+    ),
     "extra": _extra,
 }
 

@@ -11,6 +11,14 @@ encrypt-everything methods are measured on ``layers_measured`` of the model's id
 and scaled by ``layers / layers_measured`` (bytes exactly, seconds linearly); the JSON says so in
 every such row (``scaled_from_layers``).
 
+Full HE and FedShield-LLM encrypt each client's factors at its own rank (results version 4 of
+those methods; :class:`~shelora_core.methods.packing.ComponentLayout`): every row states the layout
+of the full-HE row it is measured against in ``full_he_layout`` (:data:`FULL_HE_LAYOUT`; rows
+without the field are from before, when the full-HE row encrypted factors zero-padded to the
+largest rank), so ``upload_change_vs_full_he_pct`` and ``encrypt_time_change_vs_full_he_pct`` say
+which baseline they compare with. The zero-padded variant is counted from shapes
+(:func:`shelora_core.claims.count_costs`), not measured.
+
 MaskCrypt rows add the per-round mask exchange: ``mask_upload_bytes`` (a client's ranked mask
 proposal), ``mask_download_bytes`` (the consensus), ``client_mask_seconds`` (scoring and
 proposing; its gradient comes from a synthetic array here, so the backward pass a real client
@@ -36,7 +44,12 @@ from .methods import ckks_params_for, get_method
 from .methods.budget import encrypted_values
 from .methods.shelora import public_column_order
 
-__all__ = ["SHAPES", "ModelShape", "measure_method"]
+__all__ = ["FULL_HE_LAYOUT", "SHAPES", "ModelShape", "measure_method"]
+
+#: what the ``full_he`` (and ``fedshield``) uploads measured here encrypt: each client's factors
+#: at its own rank (``"padded"``: zero-padded to the federation's largest rank, before results
+#: version 4)
+FULL_HE_LAYOUT = "own-rank"
 
 
 @dataclass(frozen=True)
@@ -185,6 +198,7 @@ def measure_method(
         "max_rel_error_vs_plaintext": rel,
         "layers_measured": n_meas,
         "scaled_from_layers": n_meas != shape.layers,
+        "full_he_layout": FULL_HE_LAYOUT,
         **mask_row,
     }
     return row
@@ -194,8 +208,9 @@ def _encrypted_values(cfg: FederatedConfig, shapes) -> float:
     """Mean values a client encrypts per round (SHE-LoRA and MaskCrypt: the same count)."""
     if cfg.method in ("fedavg", "flexlora"):
         return 0.0
-    if cfg.method in ("fedshield", "full_he"):
-        return float(sum(max(cfg.ranks) * (mm + nn) for mm, nn in shapes.values()))
+    if cfg.method in ("fedshield", "full_he"):  # each client's factors at its own rank
+        per_rank = sum(mm + nn for mm, nn in shapes.values())
+        return float(np.mean([cfg.client_rank(i) * per_rank for i in range(cfg.num_clients)]))
     per = [encrypted_values(cfg, i, shapes) for i in range(cfg.num_clients)]
     return float(np.mean(per))
 
@@ -253,6 +268,7 @@ def run_plan(profile: str, *, progress: bool = True) -> dict[str, Any]:
                         "method": "shelora-paper",
                         "model": shape.name,
                         "skipped": f"d={shape.d} exceeds 4096 slots at N=8192 (needs N=16384)",
+                        "full_he_layout": FULL_HE_LAYOUT,
                     }
                 )
                 continue

@@ -64,11 +64,13 @@ def profile_config(profile: str, **overrides: Any) -> FederatedConfig:
 
 def federated_tuning_grid(profile: str, **overrides: Any) -> list[FederatedConfig]:
     """Notebook 05's runs: {FedAvg, FlexLoRA} x {homogeneous r=8, heterogeneous 8/16/32} x
-    {IID, Dirichlet 0.3} on MiniLM; SHE-LoRA (delta and paper cipher modes), FedShield-LLM,
-    full HE, MaskCrypt and two SHE-LoRA ablations (random columns; withheld instead of
-    encrypted columns) with heterogeneous ranks under Dirichlet 0.3; plus (paper profile) the heterogeneous
-    Dirichlet FedAvg / FlexLoRA pair on SmolLM2-135M and FlexLoRA under IID as its control, with a
-    shorter schedule (a step costs ~7x more there)."""
+    {IID, Dirichlet 0.3} on MiniLM; SHE-LoRA (delta and paper cipher modes), FedShield-LLM
+    (with the paper's pruning schedule, and with it laid over the rounds run:
+    ``fedshield-prune<rounds>``), full HE, MaskCrypt and two SHE-LoRA ablations (random columns;
+    withheld instead of encrypted columns) with heterogeneous ranks under Dirichlet 0.3; plus
+    (paper profile) the heterogeneous Dirichlet FedAvg / FlexLoRA pair on SmolLM2-135M, FlexLoRA
+    under IID as its control and SHE-LoRA (delta) beside it under IID, with a shorter schedule
+    (a step costs ~7x more there)."""
     base = profile_config(profile, **overrides)
     runs = []
     for method in ("fedavg", "flexlora"):
@@ -82,6 +84,9 @@ def federated_tuning_grid(profile: str, **overrides: Any) -> list[FederatedConfi
         base.replace(method="shelora", cipher_mode="delta", **hetero),
         base.replace(method="shelora", cipher_mode="paper", **hetero),
         base.replace(method="fedshield", **hetero),
+        # FedShield-LLM's pruning starts at round 40 of 200 in the paper, never in our runs: the
+        # same schedule laid over the rounds run (0.2 from round rounds/5, 0.5 in the last round)
+        base.replace(method="fedshield", prune_schedule_rounds=base.rounds, **hetero),
         base.replace(method="full_he", **hetero),
         # issue 4's baseline and ablations, at SHE-LoRA delta's budget: MaskCrypt (per-weight
         # selection), random instead of sensitivity-ranked columns, and withholding the columns
@@ -92,10 +97,12 @@ def federated_tuning_grid(profile: str, **overrides: Any) -> list[FederatedConfi
     ]
     if profile == "paper":
         # FlexLoRA under IID is the control: does SmolLM2 learn in this short schedule at all?
+        # SHE-LoRA (delta mode) beside it, in the one SmolLM2 setting where FlexLoRA learns
         for method, part in (
             ("fedavg", "dirichlet"),
             ("flexlora", "dirichlet"),
             ("flexlora", "iid"),
+            ("shelora", "iid"),
         ):
             runs.append(
                 base.replace(

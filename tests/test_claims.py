@@ -174,13 +174,11 @@ def test_counts_agree_with_the_measured_uploads_of_he_cost_json():
         assert r["counted encrypted values"] == pytest.approx(r["measured encrypted values"]), r
 
 
-def test_cost_claims_measured_rows_need_he_cost_and_counted_rows_do_not():
-    rows = C.cost_claims(None, SIZES)
-    by_basis = {r["verdict"] for r in rows if r["basis"].startswith("counted")}
-    assert C.NO_DATA not in by_basis
-    measured = [r for r in rows if r["evidence"].startswith("he_cost.json")]
-    assert measured and {r["verdict"] for r in measured} == {C.NO_DATA}
-    he_cost = {
+def _he_cost(layout=None):
+    """A toy he_cost.json: SHE-LoRA delta and full HE on OpenLLaMA-3B (``layout``: the
+    ``full_he_layout`` of every row, ``None``: a file from before the field)."""
+    extra = {} if layout is None else {"full_he_layout": layout}
+    return {
         "rows": [
             {
                 "model": "OpenLLaMA-3B",
@@ -190,6 +188,7 @@ def test_cost_claims_measured_rows_need_he_cost_and_counted_rows_do_not():
                 "upload_change_vs_full_he_pct": -94.0,
                 "encrypt_time_change_vs_full_he_pct": -96.0,
                 "client_upload_seconds": 0.5,
+                **extra,
             },
             {
                 "model": "OpenLLaMA-3B",
@@ -197,20 +196,106 @@ def test_cost_claims_measured_rows_need_he_cost_and_counted_rows_do_not():
                 "ranks": [8, 16, 32],
                 "budgets": None,
                 "client_upload_seconds": 10.0,
+                **extra,
             },
         ],
         "meta": {"git_commit": "0123456789abcdef"},
     }
-    rows = C.cost_claims(he_cost, SIZES)
-    padded = [
+
+
+def _by_definition(rows, key, definition):
+    label = C.FULL_HE_DEFINITIONS[definition][2]
+    return [
         r
         for r in rows
-        if r["key"] in ("communication", "encryption_time") and "zero-padded" in r["accounting"]
+        if r["key"] == key
+        and f"vs {label};" in r["accounting"]
+        and r["accounting"].startswith(("total upload bytes", "client encryption seconds"))
     ]
-    assert [r["our_value"] for r in padded] == [-94.0, -96.0]
-    assert {r["evidence_commit"] for r in padded} == {"0123456789ab"}
-    secs = [r for r in rows if r["key"] == "seconds_shelora" and "shelora-delta" in r["accounting"]]
+
+
+def test_cost_claims_measured_rows_need_he_cost_and_counted_rows_do_not():
+    rows = C.cost_claims(None, SIZES)
+    by_basis = {r["verdict"] for r in rows if r["basis"].startswith("counted")}
+    assert C.NO_DATA not in by_basis
+    measured = [r for r in rows if r["evidence"].startswith("he_cost.json")]
+    assert measured and {r["verdict"] for r in measured} == {C.NO_DATA}
+    secs = [
+        r
+        for r in C.cost_claims(_he_cost("own-rank"), SIZES)
+        if r["key"] == "seconds_shelora" and "shelora-delta" in r["accounting"]
+    ]
     assert secs[0]["our_value"] == 0.5 and secs[0]["verdict"] == C.REPRODUCED
+
+
+def test_cost_claims_measure_the_own_rank_full_he_and_count_the_padded_one():
+    # Arrange: he_cost.json from this code (full HE at each client's own rank)
+    ranks = (8, 16, 32)
+    counts = C.count_costs(C.MODEL_SHAPES["OpenLLaMA-3B"], ranks, (2, 4, 8), SIZES)
+
+    # Act
+    rows = C.cost_claims(_he_cost("own-rank"), SIZES)
+
+    # Assert: the own definition's upload and seconds rows are he_cost.json's, measured
+    own_up, own_secs = (
+        _by_definition(rows, k, "own") for k in ("communication", "encryption_time")
+    )
+    measured = [r for r in own_up if r["basis"] == "measured (make bench)"]
+    assert [r["our_value"] for r in measured] == [-94.0]
+    assert measured[0]["evidence_commit"] == "0123456789ab"
+    assert [r["our_value"] for r in own_secs] == [-96.0]
+    assert own_secs[0]["basis"] == "measured (make bench)"
+    # ... the padded ablation is counted from shapes, the upload from counts alone and the
+    # seconds scaled from the measured full HE by the counted ciphertexts
+    pad_up, pad_secs = (
+        _by_definition(rows, k, "padded") for k in ("communication", "encryption_time")
+    )
+    assert len(pad_up) == 1 and pad_up[0]["basis"].startswith("counted from shapes")
+    want = 100 * (
+        counts["shelora-delta"]["upload_bytes"] / counts["full_he-padded"]["upload_bytes"] - 1
+    )
+    assert pad_up[0]["our_value"] == pytest.approx(want)
+    assert "1.71x" in pad_up[0]["note"]
+    scale = counts["full_he-padded"]["ciphertexts"] / counts["full_he-own"]["ciphertexts"]
+    assert scale > 1
+    assert pad_secs[0]["our_value"] == pytest.approx(100 * (0.5 / (10.0 * scale) - 1))
+    assert "scaled by the counted ciphertexts (zero-padded to r_max)" in pad_secs[0]["basis"]
+    # the absolute full-HE seconds say which layout they measured
+    full = next(r for r in rows if r["key"] == "seconds_full_he")
+    assert "at each client's own rank" in full["accounting"] and full["our_value"] == 10.0
+    # the verdict logic is unchanged: -94% keeps 6% of full HE, far from the paper's 0.29%
+    assert measured[0]["verdict"] == C.NOT_REPRODUCED
+
+
+def test_cost_claims_read_a_legacy_he_cost_json_as_zero_padded():
+    # Arrange: he_cost.json written before full_he_layout existed (full HE zero-padded to r_max)
+    rows = C.cost_claims(_he_cost(None), SIZES)
+
+    # Assert: its numbers are the padded definition's, measured; own-rank seconds are scaled
+    pad_up, pad_secs = (
+        _by_definition(rows, k, "padded") for k in ("communication", "encryption_time")
+    )
+    assert [(r["our_value"], r["basis"]) for r in pad_up + pad_secs] == [
+        (-94.0, "measured (make bench)"),
+        (-96.0, "measured (make bench)"),
+    ]
+    own_secs = _by_definition(rows, "encryption_time", "own")
+    assert own_secs[0]["basis"].startswith("measured SHE-LoRA seconds; full HE seconds measured")
+    full = next(r for r in rows if r["key"] == "seconds_full_he")
+    assert "zero-padded to r_max" in full["accounting"]
+    assert C.measured_definition(_he_cost(None)) == "padded"
+    assert C.measured_definition(_he_cost("own-rank")) == "own"
+    assert C.measured_definition(None) == "own"  # what this code's benchmark measures
+    with pytest.raises(C.SheloraError, match="full_he_layout = 'diagonal'"):
+        C.measured_definition(_he_cost("diagonal"))
+
+
+def test_measured_full_he_rows_are_checked_against_the_scheme_of_their_layout():
+    row = {"method": "full_he", "model": "SmolLM2-135M"}
+    assert C.measured_scheme({**row, "full_he_layout": "own-rank"}) == "full_he-own"
+    assert C.measured_scheme(row) == "full_he-padded"  # before the field: zero-padded
+    assert C.measured_scheme({"method": "shelora-delta"}) == "shelora-delta"
+    assert C.measured_scheme({"method": "maskcrypt-delta"}) is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,6 +490,31 @@ def test_cost_notes_are_computed_from_he_cost_json():
     assert "about 32 bytes" in notes  # (50 - 18) bytes / 1 encrypted value
     assert "2.0x the upload of delta mode" in notes and "61.0 s of server time" in notes
     assert "12.3 s here" in notes and "far below" in notes
+    # which full HE the rows measured comes from their full_he_layout (none: zero-padded)
+    assert "against full HE zero-padded to r_max**" in notes
+    own = {**data, "rows": [{**r, "full_he_layout": "own-rank"} for r in data["rows"]]}
+    notes = "\n".join(_reproduce().cost_notes(own))
+    assert "against full HE at each client's own rank**" in notes
+    assert "Against full HE zero-padded to r_max (an ablation, counted)" in notes
+    assert (
+        "12.3 s here, at each client's own rank" in notes and "zero-padded to r_max," not in notes
+    )
+
+
+def test_padding_note_names_the_layout_of_he_cost_json(tmp_path):
+    rep = _reproduce()
+    rows = C.cost_claims(_he_cost("own-rank"), SIZES)
+    (tmp_path / "he_cost.json").write_text(json.dumps(_he_cost("own-rank")))
+    note = rep.padding_note(rows, tmp_path)
+    assert note.startswith("Our `full_he` and `fedshield` encrypt each client's factors at its own")
+    assert "(an ablation, counted from shapes) they would encrypt 1.71x" in note
+    assert "-94.00% (measured)" in note  # the measured row of the own definition
+    padded = _by_definition(rows, "communication", "padded")[0]["our_value"]
+    assert f"by {padded:+.2f}% (counted from shapes) against the zero-padded one" in note
+    (tmp_path / "he_cost.json").write_text(json.dumps(_he_cost(None)))
+    legacy = rep.padding_note(C.cost_claims(_he_cost(None), SIZES), tmp_path)
+    assert legacy.startswith("Zero-padding to r_max: at ranks 8/16/32 our `full_he`")
+    assert "by -94.00% (measured) against the zero-padded one" in legacy
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,18 +536,21 @@ def test_quick_profile_executes_notebook_07_and_records_the_claims(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     claims = json.loads((dst / "claims.json").read_text())
     assert {c["verdict"] for c in claims} <= set(C.VERDICTS)
-    # recorded values: the measured padded reduction is he_cost.json's, DAGER's is attack.json's
+    # recorded values: the measured reduction (against the full HE of he_cost.json's layout) is
+    # he_cost.json's, DAGER's is attack.json's
     he_cost = json.loads((src / "he_cost.json").read_text())
     want = next(
         r["upload_change_vs_full_he_pct"]
         for r in he_cost["rows"]
         if r.get("model") == "OpenLLaMA-3B" and r.get("method") == "shelora-delta"
     )
-    padded = next(
+    label = C.FULL_HE_DEFINITIONS[C.measured_definition(he_cost)][2]
+    measured = next(
         c for c in claims
-        if c["key"] == "communication" and "zero-padded" in c["accounting"]
+        if c["key"] == "communication" and c["basis"] == "measured (make bench)"
     )  # fmt: skip
-    assert padded["our_value"] == pytest.approx(want)
+    assert f"vs {label};" in measured["accounting"]
+    assert measured["our_value"] == pytest.approx(want)
     attack = json.loads((src / "attack.json").read_text())
     she = [
         e for e in C.documented_attack_rows(attack)

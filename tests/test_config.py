@@ -113,12 +113,47 @@ def test_client_ranks_are_assigned_cyclically():
 
 def test_profiles_build_valid_grids():
     quick = federated_tuning_grid("quick")
-    assert len(quick) == 15
+    assert len(quick) == 16
     variants = [c.variant for c in quick]
-    assert len({c.run_name for c in quick}) == 15  # no two runs share checkpoints
+    assert len({c.run_name for c in quick}) == 16  # no two runs share checkpoints
+    assert len(set(variants[8:])) == 8  # the encrypted runs have distinct labels
     for v in ("maskcrypt-delta", "shelora-delta-random", "shelora-delta-withhold"):
         assert variants.count(v) == 1
     paper = federated_tuning_grid("paper")
     assert {c.model for c in paper} == {"minilm", "smollm2"}
+    assert len({c.run_name for c in paper}) == len(paper)
     with pytest.raises(ValueError, match="unknown profile"):
         profile_config("fast")
+
+
+@pytest.mark.parametrize("profile", ["quick", "paper"])
+def test_grid_has_fedshield_with_its_pruning_schedule_laid_over_the_rounds_run(profile):
+    grid = federated_tuning_grid(profile)
+    shield = [c for c in grid if c.method == "fedshield"]
+    assert [c.prune_schedule_rounds for c in shield] == [None, grid[0].rounds]
+    plain, scaled = shield
+    assert scaled.variant == f"fedshield-prune{grid[0].rounds}" and plain.variant == "fedshield"
+    # the same run otherwise: only the schedule differs
+    assert scaled.replace(prune_schedule_rounds=None) == plain
+
+
+def test_paper_grid_runs_shelora_on_smollm2_beside_the_flexlora_control():
+    smol = {
+        (c.variant, c.partition): c for c in federated_tuning_grid("paper") if c.model == "smollm2"
+    }
+    she, flex = smol[("shelora-delta", "iid")], smol[("flexlora", "iid")]
+    assert she.replace(method="flexlora") == flex  # same data, schedule, ranks and learning rate
+
+
+def test_prune_schedule_rounds_is_a_late_field():
+    cfg = FederatedConfig(method="fedshield")
+    assert cfg.prune_schedule_rounds is None
+    assert cfg.replace(prune_schedule_rounds=None).fingerprint() == cfg.fingerprint()
+    assert cfg.replace(prune_schedule_rounds=20).fingerprint() != cfg.fingerprint()
+    old = cfg.to_dict()
+    del old["prune_schedule_rounds"]  # a config saved before the field existed
+    assert FederatedConfig.from_dict(old) == cfg
+    assert cfg.replace(prune_schedule_rounds=20.0).prune_schedule_rounds == 20
+    # the label says the schedule was laid over the rounds; without pruning there is none
+    assert cfg.replace(prune_schedule_rounds=20).variant == "fedshield-prune20"
+    assert cfg.replace(prune_schedule_rounds=20, prune=False).variant == "fedshield"

@@ -181,6 +181,10 @@ BAD_VALUES: list[tuple[str, object, dict]] = [
     ("min_clients", 3, {"num_clients": 4, "client_fraction": 0.5}),  # 2 sampled per round
     ("seeded_uploads", 1, {}),
     ("seeded_uploads", "yes", {}),
+    ("prune_schedule_rounds", 0, {}),
+    ("prune_schedule_rounds", 2.5, {}),
+    ("prune_schedule_rounds", True, {}),
+    ("prune_schedule_rounds", "20", {}),
     ("extra", [], {}),
     ("extra", None, {}),
 ]

@@ -357,3 +357,54 @@ def test_he_cost_measures_maskcrypt_at_shelora_budget(keys):
     assert mc["encrypted_values_per_client"] == she["encrypted_values_per_client"] == 48
     assert mc["mask_upload_bytes"] > 0 and mc["mask_download_bytes"] > 0
     assert mc["max_abs_error_vs_plaintext"] < 1e-5  # vs plaintext FedAvg
+
+
+@pytest.mark.parametrize(
+    ("rounds", "ratios"),
+    [
+        (20, {3: 0.0, 4: 0.2, 12: 0.35, 20: 0.5}),
+        (10, {1: 0.0, 2: 0.2, 6: 0.35, 10: 0.5, 11: 0.5}),  # round 2 = paper round 40 exactly
+        (3, {1: 0.25, 2: 0.375, 3: 0.5}),
+    ],
+)
+def test_pruning_schedule_laid_over_fewer_rounds(rounds, ratios):
+    from shelora_core.pruning import prune_ratios
+
+    for rnd, ratio in ratios.items():
+        assert prune_ratio(rnd, schedule_rounds=rounds) == pytest.approx(ratio)
+    # the paper's schedule is the one laid over its own 200 rounds
+    assert prune_ratios(200, 200) == prune_ratios(200)
+    got = prune_ratios(rounds, rounds)
+    assert got[-1] == 0.5 and got == sorted(got)
+    with pytest.raises(ValueError, match="schedule_rounds"):
+        prune_ratio(1, schedule_rounds=0)
+
+
+def test_scaled_pruning_states_its_ratio_in_the_header_and_sends_the_same_bytes(keys):
+    # Arrange: one client of rank 4, FedShield-LLM with the schedule laid over 4 rounds (round 4
+    # prunes half the weights), the paper's schedule (round 4: none) and full HE
+    cfg = FederatedConfig(method="fedshield", num_clients=1, ranks=(4,), prune_schedule_rounds=4)
+    (w,) = _adapters((4,), 7)
+    crypto = keys["fedshield"].client()
+
+    def upload(c):
+        m = get_method(c.method, c)
+        return m, m.make_upload(w, round_=4, client_id=0, num_examples=5, crypto=crypto)
+
+    # Act
+    m, pruned = upload(cfg)
+    _, plain = upload(cfg.replace(prune_schedule_rounds=None))
+    _, full = upload(cfg.replace(method="full_he"))
+    bc = server_step(cfg, [encode(pruned)], round_=4, crypto=keys["fedshield"].server())
+    got = m.client_weights(decode(bc, expect_kind="broadcast"), rank=4, alpha=16.0, crypto=crypto)
+
+    # Assert: the server reads the ratio in plaintext but not which weights were zeroed (they
+    # travel encrypted, zeros included: the same number of ciphertexts and bytes)
+    assert pruned.header["prune_ratio"] == 0.5
+    assert plain.header["prune_ratio"] == 0.0 and full.header["prune_ratio"] == 0.0
+    assert pruned.header["ciphertexts"] == plain.header["ciphertexts"] == full.header["ciphertexts"]
+    sizes = [len(encode(u)) for u in (pruned, plain, full)]  # serialized ciphertexts vary a little
+    assert max(sizes) - min(sizes) < 0.01 * min(sizes), sizes
+    for layer, (b, a) in got.factors.items():
+        for x in (b, a):  # half of each tensor zero after the round trip (up to CKKS noise)
+            assert np.mean(np.abs(x) < 1e-4) == pytest.approx(0.5, abs=0.05), layer

@@ -45,7 +45,11 @@ class FedShield(Method):
     prune = True
 
     def ratio(self, round_: int) -> float:
-        return prune_ratio(round_) if (self.prune and self.cfg.prune) else 0.0
+        """The pruned fraction in ``round_``: the paper's schedule, laid over
+        ``cfg.prune_schedule_rounds`` rounds when set (0 for full HE or ``prune=False``)."""
+        if not (self.prune and self.cfg.prune):
+            return 0.0
+        return prune_ratio(round_, schedule_rounds=self.cfg.prune_schedule_rounds)
 
     def _upload(self, weights: AdapterWeights, req: UploadArgs) -> Message:
         round_, client_id, num_examples, crypto, _, _, _ = req
