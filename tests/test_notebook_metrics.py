@@ -141,9 +141,9 @@ def test_reproduce_prints_one_line_per_notebook_and_per_federated_round(executed
         assert any(line.startswith(f"[{i}/3] {name}: started ") for line in lines)
         assert any(line.startswith(f"[{i}/3] {name}: done in ") for line in lines)
     rounds = [line for line in lines if line.startswith("    05 ") and ": round 1/1," in line]
-    assert len(rounds) == 15  # one per run of the grid, each with its full label
+    assert len(rounds) == 16  # one per run of the grid, each with its full label
     assert any(
-        "run 15/15 shelora-delta-withhold r=8/16/32 minilm dirichlet(0.3)" in x for x in rounds
+        "run 16/16 shelora-delta-withhold r=8/16/32 minilm dirichlet(0.3)" in x for x in rounds
     )
     assert not any("IProgress" in line or "WARNING" in line for line in lines)
 
@@ -152,7 +152,7 @@ def test_reproduce_prints_one_line_per_notebook_and_per_federated_round(executed
 def test_notebooks_03_to_05_write_their_records_and_figures(executed):
     results = executed[0].parent
     runs = json.loads((results / "federated_tuning.json").read_text())
-    assert len(runs) == 15
+    assert len(runs) == 16
     assert {r["method"] for r in runs} == {
         "fedavg", "flexlora", "shelora", "fedshield", "full_he", "maskcrypt"
     }  # fmt: skip
