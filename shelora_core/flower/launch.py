@@ -572,3 +572,143 @@ class Deployment:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+# ---------------------------------------------------------------------------- one whole run
+@dataclass
+class DeployedRun:
+    """What :func:`run_deployed` leaves: the run's records and the evidence around them.
+
+    Attributes:
+        config: the run's configuration.
+        outcome: the ``flwr run`` outcome (status, Flower's run id, its network traffic).
+        history: the ServerApp's round records (notebook 05's schema).
+        summary: the ServerApp's ``<run>.summary.json`` (``None`` if the run did not finish).
+        audit: the ServerApp's ``audit.json`` (files it opened, CKKS contexts it held).
+        roles: the key directories the key holder wrote.
+        results_dir: where the records are.
+        stopped: PIDs :meth:`Deployment.stop` signalled.
+        leftovers: processes of the deployment still running after the stop (should be none).
+        seconds: ``start`` (SuperLink and SuperNodes ready), ``run`` and ``stop``.
+    """
+
+    config: Any
+    outcome: RunOutcome
+    history: list[dict[str, Any]]
+    summary: dict[str, Any] | None
+    audit: dict[str, Any] | None
+    roles: Any
+    results_dir: Path
+    stopped: list[int]
+    leftovers: list[int]
+    seconds: dict[str, float]
+
+    @property
+    def wire_bytes(self) -> dict[str, int]:
+        """Flower's count of the run's bytes through the SuperLink (``flwr ls``)."""
+        traffic = self.outcome.details.get("network-traffic") or {}
+        return {k: int(v) for k, v in traffic.items()}
+
+
+class RoundWatcher:
+    """Follows a run's JSONL and calls ``on_round(record)`` once per new round."""
+
+    def __init__(self, path: Path, on_round: Callable[[dict[str, Any]], None] | None) -> None:
+        self.path = path
+        self.on_round = on_round
+        self.records: list[dict[str, Any]] = []
+
+    def poll(self) -> None:
+        if not self.path.exists():
+            return
+        try:
+            lines = [x for x in self.path.read_text().splitlines() if x.strip()]
+            records = [json.loads(x) for x in lines]
+        except (OSError, ValueError):
+            return  # being replaced: read it next time
+        for rec in records[len(self.records) :]:
+            self.records.append(rec)
+            if self.on_round is not None:
+                self.on_round(rec)
+
+
+def run_deployed(
+    cfg: Any,
+    root: str | Path,
+    *,
+    results_dir: str | Path | None = None,
+    secure: bool = False,
+    torch_threads: int = 1,
+    round_timeout: float = 600.0,
+    quorum_grace: float = -1.0,
+    timeout: float = 3600.0,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    during: Callable[[Deployment, RoundWatcher], None] | None = None,
+    extra_env: Mapping[str, str] | None = None,
+) -> DeployedRun:
+    """Key holder, SuperLink, one SuperNode per client, ``flwr run``, teardown: one whole run.
+
+    Under ``root``: ``keys/`` (the key holder's role directories; the server's checkpoint and
+    audit land in ``keys/server/``) and ``flower/`` (FLWR_HOME, logs, certificates). SuperNode 0
+    also holds the evaluator's directory. The records go to ``results_dir`` (default
+    ``root/results``).
+
+    Args:
+        on_round: called with each round's record as the ServerApp writes it.
+        during: called about twice a second while the run is going, with the deployment and
+            the rounds seen so far (fault injection: :meth:`Deployment.kill_supernode`).
+
+    Every process is stopped by PID before this returns, also when the run fails.
+    """
+    from . import APP_DIR
+    from .keys import publish_keys
+    from .settings import run_config_for
+
+    root = Path(root)
+    results = Path(results_dir) if results_dir is not None else root / "results"
+    roles = publish_keys(cfg, root / "keys")
+    rc = run_config_for(
+        cfg,
+        server_dir=roles.server,
+        results_dir=results,
+        round_timeout=round_timeout,
+        quorum_grace=quorum_grace,
+    )
+    metrics = results / "federated_tuning" / f"{cfg.run_name}.jsonl"
+    watcher = RoundWatcher(metrics, on_round)
+    dep = Deployment(
+        root / "flower", secure=secure, torch_threads=torch_threads, extra_env=extra_env
+    )
+    t0 = time.monotonic()
+    seconds: dict[str, float] = {}
+    outcome = None
+    try:
+        dep.start_superlink()
+        for i in range(cfg.num_clients):
+            node = {"partition-id": i, "client-dir": str(roles.clients[i])}
+            if i == 0:
+                node["evaluator-dir"] = str(roles.evaluator)
+            dep.start_supernode(node)
+        dep.wait_supernodes(cfg.num_clients)
+        seconds["start"] = time.monotonic() - t0
+
+        def poll() -> None:
+            watcher.poll()
+            if during is not None:
+                during(dep, watcher)
+
+        outcome = dep.run(APP_DIR, rc, timeout=timeout, on_poll=poll)
+        seconds["run"] = outcome.seconds
+    finally:
+        t1 = time.monotonic()
+        stopped = dep.stop()
+        seconds["stop"] = time.monotonic() - t1
+    left = dep.leftovers()
+    watcher.poll()
+    summary_path = metrics.with_name(f"{cfg.run_name}.summary.json")
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    audit_path = roles.server / "audit.json"
+    audit = json.loads(audit_path.read_text()) if audit_path.exists() else None
+    return DeployedRun(
+        cfg, outcome, watcher.records, summary, audit, roles, results, stopped, left, seconds
+    )
