@@ -2,6 +2,7 @@
 in-process run, a SuperNode killed mid-round, keys where they belong, nothing left running."""
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -52,10 +53,16 @@ def _global_adapter(cfg, broadcast, secret):
 def test_three_supernodes_two_rounds_of_shelora_equal_the_in_process_run(tmp_path):
     # Prepare: the same configuration and seed, once on Flower and once in-process
     cfg = FederatedConfig(**TINY).validate()
-    # Execute
-    run = run_deployed(cfg, tmp_path / "flower", round_timeout=600)
-    fed = Federation(cfg, results_dir=tmp_path / "inproc")
-    ref = fed.run().history
+
+    def in_process():
+        fed = Federation(cfg, results_dir=tmp_path / "inproc")
+        return fed, fed.run().history
+
+    # Execute: the in-process reference runs in a thread while this process waits for Flower
+    with ThreadPoolExecutor(1) as pool:
+        reference = pool.submit(in_process)
+        run = run_deployed(cfg, tmp_path / "flower", round_timeout=600)
+        fed, ref = reference.result(timeout=600)
     # Assert: the run completed and every process of the deployment is gone
     assert run.outcome.ok, (run.outcome, run.outcome.log.read_text()[-3000:])
     assert run.leftovers == [] and run.stopped
@@ -65,7 +72,7 @@ def test_three_supernodes_two_rounds_of_shelora_equal_the_in_process_run(tmp_pat
     assert [h["round"] for h in got] == [1, 2]
     assert [h["clients"] for h in got] == [h["clients"] for h in ref] == [3, 3]
     assert [h["lr"] for h in got] == [h["lr"] for h in ref]
-    assert [h["train_loss"] for h in got] == pytest.approx([h["train_loss"] for h in ref], abs=1e-4)
+    assert [h["train_loss"] for h in got] == pytest.approx([h["train_loss"] for h in ref], abs=1e-6)
     assert got[1]["accuracy"] == pytest.approx(ref[1]["accuracy"], abs=1 / 48 + 1e-9)
     assert got[0]["negotiation_upload_bytes"] > 0 and "negotiation_upload_bytes" not in got[1]
     assert "rejected" not in got[0] and "rejected" not in got[1]
@@ -79,9 +86,10 @@ def test_three_supernodes_two_rounds_of_shelora_equal_the_in_process_run(tmp_pat
     b = _global_adapter(cfg, inproc_bc, fed.keys.evaluator_secret)
     for layer, (bb, aa) in b.factors.items():
         fb, fa = a.factors[layer]
-        np.testing.assert_allclose(fb @ fa, bb @ aa, atol=1e-3)
+        dw = bb @ aa  # CKKS error: ~1e-4 of the update's largest entry at most
+        np.testing.assert_allclose(fb @ fa, dw, atol=1e-3 * np.abs(dw).max())
     for k, v in b.head.items():
-        np.testing.assert_allclose(a.head[k], v, atol=1e-4)
+        np.testing.assert_allclose(a.head[k], v, atol=1e-6)
     # keys where they belong: the ServerApp opened its public context and no secret, and
     # held public contexts only
     audit = run.audit
@@ -99,32 +107,44 @@ def test_three_supernodes_two_rounds_of_shelora_equal_the_in_process_run(tmp_pat
     assert run.summary["meta"]["engine"] == "flower-deployment"
 
 
+def _clientapp_working(dep, i):
+    """SuperNode ``i`` has received a ``train`` message and its ClientApp process is running."""
+    log = (dep.logs / f"supernode-{i}.log").read_text(errors="replace")
+    if "Receiving: train message" not in log:
+        return False
+    for pid in tagged_processes(dep.tag, f"supernode-{i}"):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if b"flwr-clientapp" in cmd:
+            return True
+    return False
+
+
 def test_a_supernode_killed_mid_round_leaves_a_completed_round_with_the_other_two(tmp_path):
-    # Prepare: min_clients = 2; SuperNode 2 is killed (SIGKILL, with its children) in round 2
-    # while its ClientApp is working; the round waits at most 5 s after two answered
-    cfg = FederatedConfig(**TINY, min_clients=2).validate()
+    # Prepare: SHE-LoRA (public column order: no negotiation), min_clients = 2; SuperNode 2 is
+    # killed (SIGKILL, with its children) while its ClientApp works on round 1; the round waits
+    # at most 5 s once two clients answered
+    cfg = FederatedConfig(**TINY, rounds=1, column_order="random", min_clients=2).validate()
     killed: list[int] = []
 
     def during(dep, watcher):
-        if killed or len(watcher.records) < 1:
-            return
-        # round 2 is on: a third process under SuperNode 2 is its ClientApp at work
-        if len(tagged_processes(dep.tag, "supernode-2")) >= 3:
+        if not killed and _clientapp_working(dep, 2):
             killed.extend(dep.kill_supernode(2))
 
     # Execute
     run = run_deployed(cfg, tmp_path, round_timeout=300, quorum_grace=5.0, during=during)
-    # Assert: round 2 completed with clients 0 and 1, re-weighted over them, and evaluated
+    # Assert: the round completed with clients 0 and 1, re-weighted over them, and evaluated
     assert run.outcome.ok, (run.outcome, run.outcome.log.read_text()[-3000:])
-    assert killed, "SuperNode 2's ClientApp never ran in round 2"
-    first, second = run.history
-    assert first["clients"] == 3 and "rejected" not in first
-    assert second["clients"] == 2
-    assert [r["client_id"] for r in second["rejected"]] == [2]
-    assert second["rejected"][0]["reason"] in ("timeout", "unavailable", "crashed")
-    assert second["accuracy"] is not None
+    assert killed, "SuperNode 2's ClientApp was never seen working"
+    (rec,) = run.history
+    assert rec["clients"] == 2
+    assert [r["client_id"] for r in rec["rejected"]] == [2]
+    assert rec["rejected"][0]["reason"] in ("timeout", "unavailable", "crashed")
+    assert rec["accuracy"] is not None and rec["upload_bytes"] > 0
     bc = decode(RunDirs(run.roles.root, 3).load_checkpoint(cfg.fingerprint())[1])
-    assert bc.header["round"] == 2 and bc.header["clients"] == [0, 1]
+    assert bc.header["round"] == 1 and bc.header["clients"] == [0, 1]
     # nothing left running: the killed SuperNode's processes and everything else
     assert not [p for p in killed if _alive(p)]
     assert run.leftovers == [] and not [p for p in run.stopped if _alive(p)]
