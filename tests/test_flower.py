@@ -11,6 +11,7 @@ from shelora_core import FederatedConfig
 from shelora_core.checkpoint import RunDirs
 from shelora_core.ckks import ClientCrypto
 from shelora_core.client import receive
+from shelora_core.config import METHODS
 from shelora_core.federation import Federation
 from shelora_core.flower.launch import run_deployed, tagged_processes
 from shelora_core.messages import decode
@@ -126,7 +127,9 @@ def test_a_supernode_killed_mid_round_leaves_a_completed_round_with_the_other_tw
     # Prepare: SHE-LoRA (public column order: no negotiation), min_clients = 2; SuperNode 2 is
     # killed (SIGKILL, with its children) while its ClientApp works on round 1; the round waits
     # at most 5 s once two clients answered
-    cfg = FederatedConfig(**TINY, rounds=1, column_order="random", min_clients=2).validate()
+    cfg = FederatedConfig(
+        **{**TINY, "rounds": 1, "column_order": "random", "min_clients": 2}
+    ).validate()
     killed: list[int] = []
 
     def during(dep, watcher):
@@ -148,3 +151,23 @@ def test_a_supernode_killed_mid_round_leaves_a_completed_round_with_the_other_tw
     # nothing left running: the killed SuperNode's processes and everything else
     assert not [p for p in killed if _alive(p)]
     assert run.leftovers == [] and not [p for p in run.stopped if _alive(p)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_two_rounds_on_flower_as_in_process(method, tmp_path):
+    # 2 SuperNodes, 2 rounds: SHE-LoRA's negotiation, MaskCrypt's consensus, DP noise (seeded
+    # per client and round), CKKS sums; each method's records match its in-process run
+    extra = {"column_order": "random"} if method == "shelora+first-layers" else {}
+    cfg = FederatedConfig(**{**TINY, "num_clients": 2, "method": method, **extra}).validate()
+    run = run_deployed(cfg, tmp_path / "flower", round_timeout=600)
+    ref = Federation(cfg, results_dir=tmp_path / "inproc").run().history
+    assert run.outcome.ok, (run.outcome, run.outcome.log.read_text()[-3000:])
+    assert run.leftovers == []
+    got = run.history
+    assert [h["clients"] for h in got] == [h["clients"] for h in ref] == [2, 2]
+    assert [h["train_loss"] for h in got] == pytest.approx([h["train_loss"] for h in ref], abs=1e-5)
+    assert got[1]["accuracy"] == pytest.approx(ref[1]["accuracy"], abs=1 / 48 + 1e-9)
+    for key in ("consensus_upload_bytes", "negotiation_upload_bytes"):
+        assert (key in got[0]) == (key in ref[0])
+    assert run.audit["private_contexts"] == 0
