@@ -571,6 +571,9 @@ def deployment_block(path: Path) -> str:
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in sc["rows"]:
+            if "skipped" in r:
+                lines.append(f"| {r['supernodes']} | not run: {r['skipped']} |" + " |" * 7)
+                continue
             acc = r.get("final_accuracy")
             ref = r.get("in_process_final_accuracy")
             accs = (

@@ -142,6 +142,29 @@ def demo(
     return run
 
 
+#: measured resident memory of one SuperNode with its SuperExec (Flower's, ~0.25 GB) and of a
+#: ClientApp process holding torch, MiniLM and its data (~0.65 GB); all ClientApps of a round
+#: run at once
+GB_PER_SUPERNODE = 0.25 + 0.65
+
+
+def memory_needed(supernodes: int) -> float:
+    """GB a loopback run with ``supernodes`` SuperNodes needs at its peak (plus 1.5 GB for the
+    SuperLink, the ServerApp and the in-process reference)."""
+    return supernodes * GB_PER_SUPERNODE + 1.5
+
+
+def memory_available() -> float | None:
+    """``MemAvailable`` in GB (``None`` where /proc/meminfo is missing)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        return None
+    return None
+
+
 def bench(
     profile: str = "quick",
     *,
@@ -158,6 +181,13 @@ def bench(
     rows = []
     for n in sizes:
         cfg = scaling_config(profile, n)
+        need, have = memory_needed(n), memory_available()
+        if have is not None and have < need:
+            print(
+                f"deploy-bench: {n} SuperNodes skipped: ~{need:.1f} GB needed, {have:.1f} GB free"
+            )
+            rows.append({"supernodes": n, "skipped": f"~{need:.1f} GB needed, {have:.1f} GB free"})
+            continue
         print(f"deploy-bench: {n} SuperNodes ({cfg.run_name})", flush=True)
         with tempfile.TemporaryDirectory(prefix="shelora-bench-") as tmp:
             run = run_deployed(

@@ -106,7 +106,7 @@ class ServerSettings:
             server_dir=_dir(rc, "server-dir", "run config"),
             results_dir=Path(results),
             round_timeout=_number(rc, "round-timeout", minimum=1.0),
-            quorum_grace=float(rc.get("quorum-grace", -1.0)),
+            quorum_grace=_number(rc, "quorum-grace", minimum=-math.inf),
             discover_timeout=_number(rc, "discover-timeout", minimum=0.0),
             poll_interval=_number(rc, "poll-interval", minimum=0.01),
         )
