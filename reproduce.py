@@ -613,6 +613,19 @@ def deployment_block(path: Path) -> str:
             f"{audit.get('private_contexts', '?')} private CKKS contexts; "
             f"{run['processes_stopped']} processes stopped by PID, {run['processes_left']} left.",
         ]
+        name = summ.get("run_name")
+        twin = path.parent / "federated_tuning" / f"{name}.jsonl"
+        if name and twin.exists():  # the same configuration, run in-process (notebook 05)
+            ref = [json.loads(x) for x in twin.read_text().splitlines() if x.strip()]
+
+            def accs(records):
+                return ", ".join("-" if h.get("accuracy") is None else f"{h['accuracy']:.3f}"
+                                 for h in records)  # fmt: skip
+
+            lines[-1] += (
+                f" Accuracy per round on Flower {accs(hist)}; the same configuration in-process "
+                f"(`{_rel(twin)}`) {accs(ref)}."
+            )
     return "\n".join(lines)
 
 

@@ -133,3 +133,51 @@ def test_the_audit_records_opened_files_and_counts_private_contexts(tmp_path):
     rep = audit.report()
     assert rep["installed"] and str(target) in rep["opened"]
     assert json.loads(json.dumps(rep)) == rep
+
+
+def test_the_readme_block_is_generated_from_deployment_json(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("reproduce_mod", root / "reproduce.py")
+    rep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rep)
+    row = {
+        "supernodes": 3,
+        "seconds_per_round": 12.34,
+        "in_process_seconds_per_round": 2.5,
+        "client_load_seconds": 4.0,
+        "upload_bytes_per_round": 2_166_038,
+        "download_bytes_per_round": 4_894_038,
+        "wire_bytes_per_round": 7_100_000,
+        "final_accuracy": 0.655,
+        "in_process_final_accuracy": 0.655,
+        "processes_left": 0,
+    }
+    cfg = {"method": "shelora", "cipher_mode": "delta", "ranks": [8, 16], "rounds": 2}
+    data = {
+        "scaling": {
+            "config": {**cfg, "local_steps": 2},
+            "rows": [row, {"supernodes": 20, "skipped": "~19.5 GB needed, 9.0 GB free"}],
+            "meta": {"git_commit": "abc", "cpu_threads": 2},
+        },
+        "demo": {
+            "supernodes": 3,
+            "status": "finished:completed",
+            "seconds": {"start": 7.0, "run": 200.0},
+            "wire_bytes": {"total-bytes": 21_250_919},
+            "processes_stopped": 4,
+            "processes_left": 0,
+            "server_audit": {"opened": ["<tmp>/keys/server/public.ctx"], "private_contexts": 0},
+            "summary": {"run_name": "r", "final_accuracy": 0.655},
+            "history": [{"seconds": 70.0, "accuracy": 0.6}, {"seconds": 80.0, "accuracy": 0.655}],
+        },
+    }
+    path = tmp_path / "deployment.json"
+    path.write_text(json.dumps(data))
+    text = rep.deployment_block(path)
+    assert "| 3 | 12.3 | 2.5 | 4.0 | 2.17 | 4.89 | 7.10 | 0.655 / 0.655 | 0 |" in text
+    assert "| 20 | not run: ~19.5 GB needed, 9.0 GB free |" in text
+    assert "75.0 s per round" in text and "21.25 MB" in text
+    assert "(0 of them secret.ctx or ope.key)" in text and "0 private CKKS contexts" in text

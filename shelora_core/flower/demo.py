@@ -78,8 +78,19 @@ def _save(path: Path, data: dict[str, Any]) -> None:
     atomic_write(path, (json.dumps(data, indent=1, default=str) + "\n").encode())
 
 
+def _portable(path: str, tmp: Path) -> str:
+    """``path`` relative to the run's temporary directory (``<tmp>/...``) or the repository."""
+    p = Path(path)
+    if p.is_relative_to(tmp):
+        return f"<tmp>/{p.relative_to(tmp)}"
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else path
+
+
 def _run_record(run: DeployedRun, *, secure: bool) -> dict[str, Any]:
-    """What deployment.json keeps of a deployed run."""
+    """What deployment.json keeps of a deployed run (paths made portable)."""
+    audit = dict(run.audit or {})
+    tmp = run.roles.root.parent
+    audit["opened"] = [_portable(x, tmp) for x in audit.get("opened", [])]
     return {
         "secure": secure,
         "supernodes": run.config.num_clients,
@@ -89,7 +100,7 @@ def _run_record(run: DeployedRun, *, secure: bool) -> dict[str, Any]:
         "wire_bytes": run.wire_bytes,
         "processes_stopped": len(run.stopped),
         "processes_left": len(run.leftovers),
-        "server_audit": run.audit,
+        "server_audit": audit,
         "summary": run.summary,
         "history": run.history,
     }
