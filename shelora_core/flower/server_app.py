@@ -291,7 +291,7 @@ class FlowerServer:
         uploads, losses, client_secs, parts, ids, senders, loads = [], [], [], [], [], [], []
         for cid in sorted(targets):
             reply = replies.get(cid)
-            problem = _missing(self.s.round_timeout) if reply is None else _problem(reply)
+            problem = _missing(self.s) if reply is None else _problem(reply)
             if problem is not None:
                 failed.append(_left_out(cid, problem))
                 continue
@@ -321,7 +321,7 @@ class FlowerServer:
             uploads, senders = [], []
             for j, cid in enumerate(ids):
                 reply = second.get(cid)
-                problem = _missing(self.s.round_timeout) if reply is None else _problem(reply)
+                problem = _missing(self.s) if reply is None else _problem(reply)
                 if problem is not None:
                     failed.append(_left_out(cid, problem))
                     parts[j]["upload"] = 0.0
@@ -380,7 +380,7 @@ class FlowerServer:
             group=f"eval-{rnd}",
         )
         reply = replies.get(0)
-        problem = _missing(self.s.round_timeout) if reply is None else _problem(reply)
+        problem = _missing(self.s) if reply is None else _problem(reply)
         if problem is not None:
             _say(f"round {rnd}: no evaluation ({problem})")
             return {"evaluation": problem}
@@ -470,8 +470,13 @@ def _problem(reply: Message) -> dict[str, str] | None:
     return wire.refused(reply)
 
 
-def _missing(timeout: float) -> dict[str, str]:
-    return {"reason": "timeout", "error": f"no answer within {timeout:g} s (straggler or gone)"}
+def _missing(s: ServerSettings) -> dict[str, str]:
+    """A client that had not answered when the exchange closed (a straggler, or gone)."""
+    grace = f", or {s.quorum_grace:g} s after min_clients answered" if s.quorum_grace >= 0 else ""
+    return {
+        "reason": "timeout",
+        "error": f"no answer when the round closed (round-timeout {s.round_timeout:g} s{grace})",
+    }
 
 
 def _left_out(client_id: int, problem: Mapping[str, str]) -> dict[str, Any]:
