@@ -563,16 +563,17 @@ def deployment_block(path: Path) -> str:
             f"{'/'.join(str(r) for r in cfg['ranks'])}, {cfg['rounds']} rounds of "
             f"{cfg['local_steps']} steps, every client every round. Payload = shelora's message "
             "bytes; wire = Flower's count of the bytes through the SuperLink (`flwr ls`), "
-            "negotiation and evaluation messages included.",
+            "negotiation and evaluation messages included. Load average: the machine's 1-minute "
+            "load before and after the row (2 cores, shared with other work).",
             "",
             "| SuperNodes | s/round, Flower | s/round, in-process | ClientApp load s | "
             "payload up MB/round | payload down MB/round | wire MB/round | accuracy Flower / "
-            "in-process | processes left |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "in-process | processes left | load average |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in sc["rows"]:
             if "skipped" in r:
-                lines.append(f"| {r['supernodes']} | not run: {r['skipped']} |" + " |" * 7)
+                lines.append(f"| {r['supernodes']} | not run: {r['skipped']} |" + " |" * 8)
                 continue
             acc = r.get("final_accuracy")
             ref = r.get("in_process_final_accuracy")
@@ -587,7 +588,9 @@ def deployment_block(path: Path) -> str:
                 f"| {r['supernodes']} | {r['seconds_per_round']:.1f} | "
                 f"{r['in_process_seconds_per_round']:.1f} | {r['client_load_seconds']:.1f} | "
                 f"{r['upload_bytes_per_round'] / 1e6:.2f} | {r['download_bytes_per_round'] / 1e6:.2f} | "
-                f"{r['wire_bytes_per_round'] / 1e6:.2f} | {accs} | {r['processes_left']} |"
+                f"{r['wire_bytes_per_round'] / 1e6:.2f} | {accs} | {r['processes_left']} | "
+                + "-".join(f"{x:g}" for x in r.get("load_average", []))
+                + " |"
             )
     for key, label in (("demo", "insecure loopback"), ("demo_tls", "TLS")):
         run = d.get(key)

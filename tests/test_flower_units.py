@@ -154,6 +154,7 @@ def test_the_readme_block_is_generated_from_deployment_json(tmp_path):
         "final_accuracy": 0.655,
         "in_process_final_accuracy": 0.655,
         "processes_left": 0,
+        "load_average": [1.5, 2.25],
     }
     cfg = {"method": "shelora", "cipher_mode": "delta", "ranks": [8, 16], "rounds": 2}
     data = {
@@ -177,7 +178,7 @@ def test_the_readme_block_is_generated_from_deployment_json(tmp_path):
     path = tmp_path / "deployment.json"
     path.write_text(json.dumps(data))
     text = rep.deployment_block(path)
-    assert "| 3 | 12.3 | 2.5 | 4.0 | 2.17 | 4.89 | 7.10 | 0.655 / 0.655 | 0 |" in text
+    assert "| 3 | 12.3 | 2.5 | 4.0 | 2.17 | 4.89 | 7.10 | 0.655 / 0.655 | 0 | 1.5-2.25 |" in text
     assert "| 20 | not run: ~19.5 GB needed, 9.0 GB free |" in text
     assert "75.0 s per round" in text and "21.25 MB" in text
     assert "(0 of them secret.ctx or ope.key)" in text and "0 private CKKS contexts" in text

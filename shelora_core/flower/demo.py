@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import tempfile
 import time
@@ -200,6 +202,7 @@ def bench(
             rows.append({"supernodes": n, "skipped": f"~{need:.1f} GB needed, {have:.1f} GB free"})
             continue
         print(f"deploy-bench: {n} SuperNodes ({cfg.run_name})", flush=True)
+        load_before = os.getloadavg()[0]
         with tempfile.TemporaryDirectory(prefix="shelora-bench-") as tmp:
             run = run_deployed(
                 cfg,
@@ -243,6 +246,8 @@ def bench(
             "in_process_total_seconds": inproc_total,
             "in_process_upload_bytes_per_round": float(np.mean([h["upload_bytes"] for h in rh])),
             "in_process_final_accuracy": rh[-1].get("accuracy"),
+            # the machine's 1-minute load average before and after (other work shares the cores)
+            "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         }
         rows.append(row)
         print(
@@ -268,6 +273,8 @@ def bench(
 
 
 def main(argv: list[str] | None = None) -> None:
+    # SIGTERM unwinds like Ctrl-C: run_deployed's cleanup stops every Flower process by PID
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     p = argparse.ArgumentParser(prog="python -m shelora_core.flower.demo", description=__doc__)
     p.add_argument("what", nargs="?", choices=("demo", "bench"), default="demo")
     p.add_argument("--profile", choices=PROFILES, default="quick")
