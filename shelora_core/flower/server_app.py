@@ -445,7 +445,7 @@ class FlowerServer:
         return {
             "engine": "flower-deployment",
             "flwr": getattr(flwr, "__version__", "unknown"),
-            "supernodes": len(self.client_of) + (self.evaluator not in self.client_of),
+            "supernodes": len(set(self.client_of) | {self.evaluator} - {None}),
             "clients_on_supernodes": sorted(self.nodes),
             "evaluator": self.evaluator is not None,
             "excluded_supernodes": self.excluded,
