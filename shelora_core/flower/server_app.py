@@ -39,7 +39,7 @@ from flwr.common.constant import ErrorCode  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from ..checkpoint import RunDirs, atomic_write  # noqa: E402
-from ..errors import CheckpointError, ConfigError, RoundError  # noqa: E402
+from ..errors import CheckpointError, ConfigError, MessageError, RoundError  # noqa: E402
 from ..methods import get_method  # noqa: E402
 from ..server import (  # noqa: E402
     sample_clients,
@@ -145,7 +145,7 @@ class FlowerServer:
                 if k is None:
                     continue
                 replies[k] = reply
-                if not reply.has_error():
+                if _problem(reply) is None:
                     self.exchange_bytes["up"] += sum(
                         len(b) for b in wire.read_blobs(reply).values()
                     )
@@ -189,6 +189,9 @@ class FlowerServer:
                     self.excluded.append({"node_id": node, **problem})
                     continue
                 m = wire.meta(reply)
+                if not isinstance(m.get("partition-id"), int):
+                    self.excluded.append({"node_id": node, "reason": "malformed"})
+                    continue
                 pid, fp = int(m["partition-id"]), str(m.get("fingerprint", ""))
                 if m.get("evaluator") and self.evaluator is None:
                     self.evaluator = node
@@ -243,8 +246,8 @@ class FlowerServer:
         proposals, seconds = [], []
         for cid in sorted(self.nodes):
             reply = replies.get(cid)
-            if reply is None or _problem(reply) is not None:
-                why = _problem(reply) if reply is not None else {"reason": "timeout"}
+            why = _missing(self.s) if reply is None else _problem(reply, "proposal", ("seconds",))
+            if why is not None:
                 _say(f"negotiation before round {round_}: client {cid} left out ({why})")
                 continue
             proposals.append(wire.read_blobs(reply)["proposal"])
@@ -291,7 +294,8 @@ class FlowerServer:
         uploads, losses, client_secs, parts, ids, senders, loads = [], [], [], [], [], [], []
         for cid in sorted(targets):
             reply = replies.get(cid)
-            problem = _missing(self.s) if reply is None else _problem(reply)
+            need = ("loss", "client_seconds", "receive", "train")
+            problem = _missing(self.s) if reply is None else _problem(reply, "upload", need)
             if problem is not None:
                 failed.append(_left_out(cid, problem))
                 continue
@@ -321,7 +325,9 @@ class FlowerServer:
             uploads, senders = [], []
             for j, cid in enumerate(ids):
                 reply = second.get(cid)
-                problem = _missing(self.s) if reply is None else _problem(reply)
+                problem = (
+                    _missing(self.s) if reply is None else _problem(reply, "upload", ("upload",))
+                )
                 if problem is not None:
                     failed.append(_left_out(cid, problem))
                     parts[j]["upload"] = 0.0
@@ -380,7 +386,8 @@ class FlowerServer:
             group=f"eval-{rnd}",
         )
         reply = replies.get(0)
-        problem = _missing(self.s) if reply is None else _problem(reply)
+        need = ("accuracy", "macro_f1")
+        problem = _missing(self.s) if reply is None else _problem(reply, None, need)
         if problem is not None:
             _say(f"round {rnd}: no evaluation ({problem})")
             return {"evaluation": problem}
@@ -455,8 +462,11 @@ class FlowerServer:
         }
 
 
-def _problem(reply: Message) -> dict[str, str] | None:
-    """Why a reply carries no usable bytes (a Flower error or a client's refusal), or ``None``."""
+def _problem(
+    reply: Message, blob: str | None = None, metrics: tuple[str, ...] = ()
+) -> dict[str, str] | None:
+    """Why a reply is unusable (a Flower error, a client's refusal, or a reply without the
+    ``blob`` bytes and ``metrics`` it must carry), or ``None``."""
     if reply.has_error():
         err = reply.error
         names = {
@@ -467,7 +477,18 @@ def _problem(reply: Message) -> dict[str, str] | None:
             ErrorCode.CLIENT_APP_RAISED_EXCEPTION: "client:exception",
         }
         return {"reason": names.get(err.code, f"flower:{err.code}"), "error": str(err.reason)}
-    return wire.refused(reply)
+    refused = wire.refused(reply)
+    if refused is not None:
+        return refused
+    try:
+        blobs = wire.read_blobs(reply)
+    except MessageError as exc:
+        return {"reason": "malformed", "error": str(exc)}
+    missing = [blob] if blob is not None and blob not in blobs else []
+    missing += [k for k in metrics if k not in wire.metrics(reply)]
+    if missing:
+        return {"reason": "malformed", "error": f"the reply lacks {missing}: not this app's client"}
+    return None
 
 
 def _missing(s: ServerSettings) -> dict[str, str]:
