@@ -182,3 +182,42 @@ def test_the_readme_block_is_generated_from_deployment_json(tmp_path):
     assert "| 20 | not run: ~19.5 GB needed, 9.0 GB free |" in text
     assert "75.0 s per round" in text and "21.25 MB" in text
     assert "(0 of them secret.ctx or ope.key)" in text and "0 private CKKS contexts" in text
+
+
+@pytest.fixture()
+def flower_task():
+    """Flower's task identity, which building a Message needs outside a running app."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = old
+
+
+def test_the_server_leaves_out_replies_it_cannot_use_by_reason(flower_task):
+    from flwr.app import Error, Message, RecordDict
+    from flwr.common.constant import ErrorCode
+
+    from shelora_core.flower.server_app import _problem
+
+    sent = Message(RecordDict(), dst_node_id=5, message_type="train")
+
+    def reply(content):
+        return Message(content, reply_to=sent)
+
+    good = wire.content({"upload": b"\x01"}, metrics={"loss": 0.5})
+    assert _problem(reply(good), "upload", ("loss",)) is None
+    assert _problem(reply(wire.refusal("round", "a stale broadcast"))) == {
+        "reason": "round",
+        "error": "a stale broadcast",
+    }
+    lacking = _problem(reply(wire.content({"other": b"1"})), "upload")
+    assert lacking["reason"] == "malformed" and "upload" in lacking["error"]
+    assert _problem(reply(good), "upload", ("loss", "train"))["reason"] == "malformed"
+    gone = Message(
+        Error(code=ErrorCode.NODE_UNAVAILABLE, reason="missed heartbeats"), reply_to=sent
+    )
+    assert _problem(gone)["reason"] == "unavailable"
+    crashed = Message(Error(code=ErrorCode.CLIENT_APP_CRASHED, reason="killed"), reply_to=sent)
+    assert _problem(crashed)["reason"] == "crashed"
