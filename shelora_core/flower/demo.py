@@ -258,12 +258,18 @@ def bench(
         )
     path = results / "deployment.json"
     data = _load(path)
+    config = scaling_config(profile, sizes[0]).to_dict() | {"num_clients": "per row"}
+    old = data.get("scaling") or {}
+    if old.get("config") == config:  # the same runs: keep the rows of sizes not run this time
+        ran = {r["supernodes"] for r in rows}
+        rows = [r for r in old.get("rows", []) if r["supernodes"] not in ran] + rows
+        rows.sort(key=lambda r: r["supernodes"])
     data["scaling"] = {
         "what": (
             "loopback, one machine: a SuperLink and N SuperNodes as separate processes; "
             "seconds per round include Flower starting a ClientApp process per message"
         ),
-        "config": scaling_config(profile, sizes[0]).to_dict() | {"num_clients": list(sizes)},
+        "config": config,
         "rows": rows,
         "meta": run_meta(0),
     }
