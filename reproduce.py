@@ -558,8 +558,8 @@ def deployment_block(path: Path) -> str:
         lines += [
             "",
             f"Loopback scaling (`make deploy-bench`, commit "
-            f"{str(sc['meta'].get('git_commit'))[:12]}, {sc['meta'].get('cpu_threads', '?')} "
-            f"threads): {cfg['method']} {cfg.get('cipher_mode')}, ranks "
+            f"{str(sc['meta'].get('git_commit'))[:12]}, {sc['meta'].get('cpu_count', '?')} "
+            f"cores): {cfg['method']} {cfg.get('cipher_mode')}, ranks "
             f"{'/'.join(str(r) for r in cfg['ranks'])}, {cfg['rounds']} rounds of "
             f"{cfg['local_steps']} steps, every client every round. Payload = shelora's message "
             "bytes; wire = Flower's count of the bytes through the SuperLink (`flwr ls`), "

@@ -161,7 +161,7 @@ def test_the_readme_block_is_generated_from_deployment_json(tmp_path):
         "scaling": {
             "config": {**cfg, "local_steps": 2},
             "rows": [row, {"supernodes": 20, "skipped": "~19.5 GB needed, 9.0 GB free"}],
-            "meta": {"git_commit": "abc", "cpu_threads": 2},
+            "meta": {"git_commit": "abc", "cpu_count": 2},
         },
         "demo": {
             "supernodes": 3,
