@@ -162,9 +162,26 @@ GB_PER_SUPERNODE = 0.25 + 0.65
 
 
 def memory_needed(supernodes: int) -> float:
-    """GB a loopback run with ``supernodes`` SuperNodes needs at its peak (plus 1.5 GB for the
-    SuperLink, the ServerApp and the in-process reference)."""
-    return supernodes * GB_PER_SUPERNODE + 1.5
+    """GB a loopback run with ``supernodes`` SuperNodes needs at its peak, plus 1.5 GB for the
+    SuperLink, the ServerApp and the in-process reference and 2 GB left for the rest of the
+    machine."""
+    return supernodes * GB_PER_SUPERNODE + 3.5
+
+
+#: a run stops (every process by PID) when the machine's free memory falls below this
+MIN_FREE_GB = 1.0
+
+
+def _memory_watchdog(dep: Any, watcher: Any) -> None:
+    """``during`` hook of a bench run: stop before the machine runs out of memory."""
+    free = memory_available()
+    if free is not None and free < MIN_FREE_GB:
+        from .launch import DeploymentError
+
+        raise DeploymentError(
+            f"only {free:.1f} GB of memory left: the run was stopped before the machine ran "
+            "out; run deploy-bench with fewer --sizes or on an idle machine"
+        )
 
 
 def memory_available() -> float | None:
@@ -178,6 +195,35 @@ def memory_available() -> float | None:
     return None
 
 
+def _save_scaling(
+    results: Path, profile: str, sizes: tuple[int, ...], rows: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Write the rows measured so far into ``deployment.json`` (after every size: a run stopped
+    later keeps them); rows of sizes not run this time are kept when the configuration is the
+    same."""
+    from ..provenance import run_meta
+
+    path = results / "deployment.json"
+    data = _load(path)
+    config = scaling_config(profile, sizes[0]).to_dict() | {"num_clients": "per row"}
+    old = data.get("scaling") or {}
+    if old.get("config") == config:  # the same runs: keep the rows of sizes not run this time
+        ran = {r["supernodes"] for r in rows}
+        rows = [r for r in old.get("rows", []) if r["supernodes"] not in ran] + rows
+        rows.sort(key=lambda r: r["supernodes"])
+    data["scaling"] = {
+        "what": (
+            "loopback, one machine: a SuperLink and N SuperNodes as separate processes; "
+            "seconds per round include Flower starting a ClientApp process per message"
+        ),
+        "config": config,
+        "rows": rows,
+        "meta": run_meta(0),
+    }
+    _save(path, data)
+    return data["scaling"]
+
+
 def bench(
     profile: str = "quick",
     *,
@@ -188,7 +234,6 @@ def bench(
     """Loopback scaling: seconds and bytes per round for each number of SuperNodes, beside the
     same configuration in-process; written to ``deployment.json`` (``scaling``)."""
     from ..federation import Federation
-    from ..provenance import run_meta
 
     results = results or ROOT / "results" / profile
     rows = []
@@ -209,6 +254,7 @@ def bench(
                 Path(tmp) / "flower",
                 timeout=timeout,
                 on_round=lambda rec, cfg=cfg: print("  " + round_line(rec, cfg), flush=True),
+                during=_memory_watchdog,
             )
             if not run.outcome.ok or run.leftovers:
                 raise SystemExit(f"the {n}-SuperNode run failed: {run.outcome}")
@@ -250,32 +296,16 @@ def bench(
             "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         }
         rows.append(row)
+        _save_scaling(results, profile, sizes, rows)
         print(
             f"  {n} SuperNodes: {row['seconds_per_round']:.1f} s/round on Flower, "
             f"{row['in_process_seconds_per_round']:.1f} s/round in-process; "
             f"{row['wire_bytes_per_round'] / 1e6:.2f} MB/round through the SuperLink",
             flush=True,
         )
-    path = results / "deployment.json"
-    data = _load(path)
-    config = scaling_config(profile, sizes[0]).to_dict() | {"num_clients": "per row"}
-    old = data.get("scaling") or {}
-    if old.get("config") == config:  # the same runs: keep the rows of sizes not run this time
-        ran = {r["supernodes"] for r in rows}
-        rows = [r for r in old.get("rows", []) if r["supernodes"] not in ran] + rows
-        rows.sort(key=lambda r: r["supernodes"])
-    data["scaling"] = {
-        "what": (
-            "loopback, one machine: a SuperLink and N SuperNodes as separate processes; "
-            "seconds per round include Flower starting a ClientApp process per message"
-        ),
-        "config": config,
-        "rows": rows,
-        "meta": run_meta(0),
-    }
-    _save(path, data)
-    print(f"wrote {path}")
-    return data["scaling"]
+    scaling = _save_scaling(results, profile, sizes, rows)
+    print(f"wrote {results / 'deployment.json'}")
+    return scaling
 
 
 def main(argv: list[str] | None = None) -> None:
