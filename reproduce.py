@@ -615,6 +615,94 @@ def faults_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+DEPLOY_START, DEPLOY_END = "<!-- deployment:start -->", "<!-- deployment:end -->"
+
+
+def deployment_block(path: Path) -> str:
+    """results/<profile>/deployment.json (``make deploy-demo`` / ``make deploy-bench``) as
+    markdown: the loopback scaling table (Flower beside in-process) and the demo runs."""
+    d = json.loads(path.read_text())
+    lines = [f"`{_rel(path)}`:"]
+    sc = d.get("scaling")
+    if sc:
+        cfg = sc["config"]
+        lines += [
+            "",
+            f"Loopback scaling (`make deploy-bench`, commit "
+            f"{str(sc['meta'].get('git_commit'))[:12]}, {sc['meta'].get('cpu_count', '?')} "
+            f"cores): {cfg['method']} {cfg.get('cipher_mode')}, ranks "
+            f"{'/'.join(str(r) for r in cfg['ranks'])}, {cfg['rounds']} rounds of "
+            f"{cfg['local_steps']} steps, every client every round. Payload = shelora's message "
+            "bytes; wire = Flower's count of the bytes through the SuperLink (`flwr ls`), "
+            "negotiation and evaluation messages included. Load average: the machine's 1-minute "
+            "load before and after the row (2 cores, shared with other work).",
+            "",
+            "| SuperNodes | s/round, Flower | s/round, in-process | ClientApp load s | "
+            "payload up MB/round | payload down MB/round | wire MB/round | accuracy Flower / "
+            "in-process | processes left | load average |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in sc["rows"]:
+            if "skipped" in r:
+                lines.append(f"| {r['supernodes']} | not run: {r['skipped']} |" + " |" * 8)
+                continue
+            acc = r.get("final_accuracy")
+            ref = r.get("in_process_final_accuracy")
+            accs = (
+                "-"
+                if acc is None
+                else f"{acc:.3f} / {ref:.3f}"
+                if ref is not None
+                else f"{acc:.3f}"
+            )
+            lines.append(
+                f"| {r['supernodes']} | {r['seconds_per_round']:.1f} | "
+                f"{r['in_process_seconds_per_round']:.1f} | {r['client_load_seconds']:.1f} | "
+                f"{r['upload_bytes_per_round'] / 1e6:.2f} | {r['download_bytes_per_round'] / 1e6:.2f} | "
+                f"{r['wire_bytes_per_round'] / 1e6:.2f} | {accs} | {r['processes_left']} | "
+                + "-".join(f"{x:g}" for x in r.get("load_average", []))
+                + " |"
+            )
+    for key, label in (("demo", "insecure loopback"), ("demo_tls", "TLS")):
+        run = d.get(key)
+        if not run:
+            continue
+        hist = run.get("history") or []
+        summ = run.get("summary") or {}
+        audit = run.get("server_audit") or {}
+        secs = [h["seconds"] for h in hist]
+        mean = sum(secs) / len(secs) if secs else float("nan")
+        acc = summ.get("final_accuracy")
+        secrets = sum(1 for f in audit.get("opened", []) if f.endswith(("secret.ctx", "ope.key")))
+        lines += [
+            "",
+            f"`make deploy-demo{'-tls' if key == 'demo_tls' else ''}` ({label}): "
+            f"{summ.get('run_name', '?')}, {run['supernodes']} SuperNodes, {len(hist)} rounds, "
+            f"status `{run['status']}`, {mean:.1f} s per round, "
+            f"{run['seconds'].get('start', 0):.1f} s to start; "
+            f"final accuracy {'-' if acc is None else f'{acc:.3f}'}; wire "
+            f"{run['wire_bytes'].get('total-bytes', 0) / 1e6:.2f} MB; the ServerApp opened "
+            f"{len(audit.get('opened', []))} files outside Python ({secrets} of them secret.ctx "
+            "or ope.key) and held "
+            f"{audit.get('private_contexts', '?')} private CKKS contexts; "
+            f"{run['processes_stopped']} processes stopped by PID, {run['processes_left']} left.",
+        ]
+        name = summ.get("run_name")
+        twin = path.parent / "federated_tuning" / f"{name}.jsonl"
+        if name and twin.exists():  # the same configuration, run in-process (notebook 05)
+            ref = [json.loads(x) for x in twin.read_text().splitlines() if x.strip()]
+
+            def accs(records):
+                return ", ".join("-" if h.get("accuracy") is None else f"{h['accuracy']:.3f}"
+                                 for h in records)  # fmt: skip
+
+            lines[-1] += (
+                f" Accuracy per round on Flower {accs(hist)}; the same configuration in-process "
+                f"(`{_rel(twin)}`) {accs(ref)}."
+            )
+    return "\n".join(lines)
+
+
 def _cell(text) -> str:
     """A markdown table cell: pipes escaped, newlines flattened."""
     return str(text).replace("|", "\\|").replace("\n", " ")
@@ -927,6 +1015,12 @@ def update_readme(results_root: Path) -> None:
     text = _replace_block(text, START, END, body)
     text = _replace_block(text, CLAIMS_START, CLAIMS_END, claims_block(results_root))
     text = _replace_block(text, PROTECTION_START, PROTECTION_END, protection_notes(results_root))
+    deployments = [results_root / p / "deployment.json" for p in PROFILES]
+    deployments = [f for f in deployments if f.exists()]
+    if deployments:
+        text = _replace_block(
+            text, DEPLOY_START, DEPLOY_END, "\n\n".join(deployment_block(f) for f in deployments)
+        )
     faults = [results_root / p / "faults.json" for p in PROFILES]
     faults = [f for f in faults if f.exists()]
     if faults:

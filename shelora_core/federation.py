@@ -55,7 +55,7 @@ from .client import (
     receive,
 )
 from .config import BUDGETED, FederatedConfig
-from .data import ClientData, encode_dataset, load_dataset
+from .data import ClientData, TextDataset, encode_dataset, load_dataset
 from .engine import run_negotiation
 from .errors import CheckpointError, SheloraError
 from .lora import LoraModel
@@ -67,7 +67,19 @@ from .partitions import partition, partition_stats
 from .provenance import run_meta
 from .server import sample_clients, server_consensus, server_round
 
-__all__ = ["Federation", "RunResult", "run_federated"]
+__all__ = [
+    "Federation",
+    "RunResult",
+    "build_model",
+    "client_datasets",
+    "encode_examples",
+    "evaluate_global",
+    "negotiation_record",
+    "negotiation_summary",
+    "round_record",
+    "run_federated",
+    "split_data",
+]
 
 
 def quiet() -> bool:
@@ -161,6 +173,185 @@ class RunResult:
         }
 
 
+# ---------------------------------------------------------------------------- shared pieces
+# The loop below and a remote driver (:mod:`shelora_core.flower`) both build their data, their
+# model, their evaluation and their round records with these functions.
+def split_data(config: FederatedConfig) -> tuple[TextDataset, TextDataset, list[np.ndarray]]:
+    """The run's training and test examples and each client's indices into the training set.
+
+    Seeded by ``config.seed``: every process that calls it with the same configuration (the
+    in-process loop, each remote client, the evaluator) gets the same split.
+
+    Raises:
+        ValueError: more clients than the training examples allow.
+    """
+    train, test = load_dataset(config.dataset, seed=config.seed)
+    if config.train_examples is not None and config.train_examples < len(train):
+        pick = np.random.default_rng([config.seed, 3]).choice(
+            len(train), config.train_examples, replace=False
+        )
+        train = train.subset(np.sort(pick))
+    if config.num_clients * config.min_client_examples > len(train):
+        raise ValueError(
+            f"config.num_clients = {config.num_clients} is invalid: more clients than the data "
+            f"allows ({config.num_clients} x {config.min_client_examples} > {len(train)} examples)"
+        )
+    if config.eval_examples is not None and config.eval_examples < len(test):
+        pick = np.random.default_rng([config.seed, 4]).choice(
+            len(test), config.eval_examples, replace=False
+        )
+        test = test.subset(np.sort(pick))
+    parts = partition(
+        train.labels,
+        config.num_clients,
+        scheme=config.partition,
+        alpha=config.dirichlet_alpha,
+        seed=config.seed,
+        min_size=config.min_client_examples,
+    )
+    return train, test, parts
+
+
+def build_model(config: FederatedConfig, num_labels: int) -> LoraModel:
+    """The run's :class:`LoraModel` with one adapter slot per rank (seeded by ``config.seed``)."""
+    return LoraModel(
+        config.model,
+        num_labels=num_labels,
+        ranks=config.ranks,
+        alpha=config.lora_alpha,
+        target_modules=config.target_modules,
+        seed=config.seed,
+    )
+
+
+def encode_examples(config: FederatedConfig, ds: TextDataset, tokenizer: Any) -> ClientData:
+    """``ds`` tokenized to ``config.max_length`` (padded to it, so a subset encodes the same)."""
+    enc = encode_dataset(tokenizer, ds, max_length=config.max_length)
+    return ClientData(enc["input_ids"], enc["attention_mask"], enc["labels"])
+
+
+def client_datasets(
+    config: FederatedConfig, train: TextDataset, parts: list[np.ndarray], tokenizer: Any
+) -> list[ClientData]:
+    """Each client's private examples (client ``i`` holds ``train[parts[i]]``), tokenized."""
+    enc = encode_dataset(tokenizer, train, max_length=config.max_length)
+    return [
+        ClientData(enc["input_ids"][p], enc["attention_mask"][p], enc["labels"][p])
+        for p in (torch.as_tensor(p) for p in parts)
+    ]
+
+
+def evaluate_global(
+    config: FederatedConfig,
+    broadcast: bytes,
+    model: LoraModel,
+    test_data: ClientData,
+    *,
+    crypto: Any = None,
+) -> dict[str, float]:
+    """Accuracy and macro-F1 of the global model: the broadcast read at the largest rank with
+    the evaluator's context ``crypto`` (a secret context for encrypted methods)."""
+    r_max = max(config.client_ranks)
+    weights = receive(config, broadcast, rank=r_max, crypto=crypto)
+    model.load(weights)
+    preds, refs = model.predict(test_data.batches(64))
+    return classification_metrics(preds, refs)
+
+
+def negotiation_summary(
+    round_: int,
+    *,
+    proposals: list[bytes],
+    broadcast: bytes,
+    result: Any,
+    client_seconds: list[float],
+    server_seconds: float,
+) -> dict[str, Any]:
+    """What a SHE-LoRA negotiation before ``round_`` cost and chose (kept with the columns, in
+    the run's meta): bytes, seconds, Coverage, Risk and the (a, b) of every tier.
+
+    Args:
+        proposals: the clients' proposal bytes; broadcast: the server's negotiation bytes;
+        result: the server's :class:`~shelora_core.negotiation.NegotiationResult`;
+        client_seconds: each client's proposal seconds; server_seconds: the server's.
+    """
+    return {
+        "round": round_,
+        "proposal_bytes_per_client": float(np.mean([len(u) for u in proposals])),
+        "upload_bytes": int(sum(len(u) for u in proposals)),
+        "broadcast_bytes": len(broadcast),
+        "client_seconds": float(np.mean(client_seconds)),
+        "server_seconds": server_seconds,
+        "coverage": result.coverage,
+        "risk": result.risk,
+        "tiers": {layer: [(t.a, t.b) for t in tiers] for layer, tiers in result.tiers.items()},
+    }
+
+
+def negotiation_record(negotiation: dict[str, Any] | None, num_clients: int) -> dict[str, Any]:
+    """The ``negotiation_*`` fields of the record of the round a negotiation precedes."""
+    n = negotiation or {}
+    up = n.get("upload_bytes", n.get("proposal_bytes_per_client", 0) * num_clients)
+    return {
+        "negotiation_upload_bytes": int(up),
+        "negotiation_broadcast_bytes": int(n.get("broadcast_bytes", 0)),
+        "negotiation_client_seconds": float(n.get("client_seconds", 0.0)),
+        "negotiation_server_seconds": float(n.get("server_seconds", 0.0)),
+    }
+
+
+def round_record(
+    config: FederatedConfig,
+    round_: int,
+    *,
+    clients: int,
+    losses: list[float],
+    uploads: list[bytes],
+    download_bytes: int,
+    broadcast: bytes,
+    client_seconds: list[float],
+    parts: list[dict[str, float]],
+    key_bytes_public: int,
+    server_seconds: float,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """A round's record (one line of ``federated_tuning/<run>.jsonl``), before evaluation.
+
+    Args:
+        clients: how many uploads were aggregated.
+        losses: each answering client's mean training loss.
+        uploads: the upload bytes the server received.
+        download_bytes: the bytes of the previous broadcast times the clients that read it.
+        broadcast: this round's broadcast bytes.
+        client_seconds: each answering client's wall-clock seconds.
+        parts: each answering client's ``receive`` / ``train`` / ``upload`` split of them.
+        key_bytes_public: the public context's size (0 without CKKS).
+        server_seconds: the server step's seconds.
+        extra: method-specific fields (negotiation, consensus, ``rejected``), appended last.
+
+    ``accuracy`` and ``macro_f1`` are ``None`` until the caller evaluates; ``seconds`` (the
+    round's wall clock) is the caller's to add.
+    """
+    return {
+        "round": round_,
+        "clients": clients,
+        "lr": learning_rate(config, round_),
+        "train_loss": float(np.mean(losses)),
+        "upload_bytes": int(sum(len(u) for u in uploads)),
+        "download_bytes": download_bytes,
+        "broadcast_bytes": len(broadcast),
+        "client_seconds": float(np.mean(client_seconds)),
+        "client_receive_seconds": float(np.mean([x["receive"] for x in parts])),
+        "client_upload_seconds": float(np.mean([x["upload"] for x in parts])),
+        "key_bytes_public": key_bytes_public,
+        "server_seconds": server_seconds,
+        "accuracy": None,
+        "macro_f1": None,
+        "results_version": results_version(config.method),
+        **extra,
+    }
+
+
 class Federation:
     """Runs one :class:`FederatedConfig`, with checkpoints and resume.
 
@@ -183,41 +374,11 @@ class Federation:
         self.cfg = config
         self.results_dir = Path(results_dir)
         self.progress = (not quiet()) if progress is None else progress
-        train, test = load_dataset(config.dataset, seed=config.seed)
-        if config.train_examples is not None and config.train_examples < len(train):
-            pick = np.random.default_rng([config.seed, 3]).choice(
-                len(train), config.train_examples, replace=False
-            )
-            train = train.subset(np.sort(pick))
-        if config.num_clients * config.min_client_examples > len(train):
-            raise ValueError(
-                f"config.num_clients = {config.num_clients} is invalid: more clients than the data "
-                f"allows ({config.num_clients} x {config.min_client_examples} > {len(train)} examples)"
-            )
-        if config.eval_examples is not None and config.eval_examples < len(test):
-            pick = np.random.default_rng([config.seed, 4]).choice(
-                len(test), config.eval_examples, replace=False
-            )
-            test = test.subset(np.sort(pick))
+        train, test, self.parts = split_data(config)
         self.train, self.test = train, test
-        self.parts = partition(
-            train.labels,
-            config.num_clients,
-            scheme=config.partition,
-            alpha=config.dirichlet_alpha,
-            seed=config.seed,
-            min_size=config.min_client_examples,
-        )
         self.partition_counts = partition_stats(train.labels, self.parts, train.num_labels)
         if model is None:
-            model = LoraModel(
-                config.model,
-                num_labels=train.num_labels,
-                ranks=config.ranks,
-                alpha=config.lora_alpha,
-                target_modules=config.target_modules,
-                seed=config.seed,
-            )
+            model = build_model(config, train.num_labels)
         missing = set(config.ranks) - set(model.ranks)
         if missing or model.alpha != config.lora_alpha:
             raise ValueError(
@@ -228,11 +389,7 @@ class Federation:
         from .assets import load_tokenizer
 
         tok = load_tokenizer(config.model)
-        enc = encode_dataset(tok, train, max_length=config.max_length)
-        self.clients = [
-            ClientData(enc["input_ids"][p], enc["attention_mask"][p], enc["labels"][p])
-            for p in (torch.as_tensor(p) for p in self.parts)
-        ]
+        self.clients = client_datasets(config, train, self.parts, tok)
         self.negotiation: dict[str, Any] | None = None  # SHE-LoRA: cost and outcome
         self.columns: dict[str, list[int]] | None = None
         self.client_crypto: ClientCrypto | None = None
@@ -256,10 +413,7 @@ class Federation:
             get_method(config.method, config).check_sum_range(
                 max(len(p) for p in self.parts), self.client_crypto.max_abs
             )
-        enc_test = encode_dataset(tok, test, max_length=config.max_length)
-        self.test_data = ClientData(
-            enc_test["input_ids"], enc_test["attention_mask"], enc_test["labels"]
-        )
+        self.test_data = encode_examples(config, test, tok)
 
     # -------------------------------------------------------------- paths
     @property
@@ -320,31 +474,21 @@ class Federation:
                 for i in range(cfg.num_clients)
             ]
         trace = run_negotiation(cfg, self.model, self.clients, ope=ope, weights=weights)
-        ups, down, result, columns = trace.proposals, trace.broadcast, trace.result, trace.columns
-        self.negotiation = {
-            "round": e,
-            "proposal_bytes_per_client": float(np.mean([len(u) for u in ups])),
-            "upload_bytes": int(sum(len(u) for u in ups)),
-            "broadcast_bytes": len(down),
-            "client_seconds": float(np.mean(trace.seconds["proposal"])),
-            "server_seconds": trace.seconds["server"],
-            "coverage": result.coverage,
-            "risk": result.risk,
-            "tiers": {layer: [(t.a, t.b) for t in tiers] for layer, tiers in result.tiers.items()},
-        }
+        columns = trace.columns
+        self.negotiation = negotiation_summary(
+            e,
+            proposals=trace.proposals,
+            broadcast=trace.broadcast,
+            result=trace.result,
+            client_seconds=trace.seconds["proposal"],
+            server_seconds=trace.seconds["server"],
+        )
         self.dirs.save_columns(e, {"columns": columns, "negotiation": self.negotiation})
         return columns
 
     def _negotiation_record(self) -> dict[str, Any]:
         """The cost of the negotiation held in ``self.negotiation``, for a round's record."""
-        n = self.negotiation or {}
-        up = n.get("upload_bytes", n.get("proposal_bytes_per_client", 0) * self.cfg.num_clients)
-        return {
-            "negotiation_upload_bytes": int(up),
-            "negotiation_broadcast_bytes": int(n.get("broadcast_bytes", 0)),
-            "negotiation_client_seconds": float(n.get("client_seconds", 0.0)),
-            "negotiation_server_seconds": float(n.get("server_seconds", 0.0)),
-        }
+        return negotiation_record(self.negotiation, self.cfg.num_clients)
 
     def _load_checkpoint(self) -> tuple[int, bytes | None, list[dict]]:
         start, broadcast, history = self.dirs.load_checkpoint(self.cfg.fingerprint())
@@ -394,11 +538,9 @@ class Federation:
     # -------------------------------------------------------------- evaluation
     def evaluate(self, broadcast: bytes) -> dict[str, float]:
         """Accuracy and macro-F1 of the global model (the broadcast at the largest rank)."""
-        r_max = max(self.cfg.client_ranks)
-        weights = receive(self.cfg, broadcast, rank=r_max, crypto=self.evaluator_crypto)
-        self.model.load(weights)
-        preds, refs = self.model.predict(self.test_data.batches(64))
-        return classification_metrics(preds, refs)
+        return evaluate_global(
+            self.cfg, broadcast, self.model, self.test_data, crypto=self.evaluator_crypto
+        )
 
     # -------------------------------------------------------------- the loop
     def run(
@@ -521,24 +663,20 @@ class Federation:
             if failed or outcome.rejected:  # recorded only when it happens (records stay as before)
                 extra["rejected"] = failed + outcome.rejected
             server_secs = time.perf_counter() - ts
-            rec: dict[str, Any] = {
-                "round": rnd,
-                "clients": len(outcome.clients),
-                "lr": learning_rate(cfg, rnd),
-                "train_loss": float(np.mean(losses)),
-                "upload_bytes": int(sum(len(u) for u in uploads)),
-                "download_bytes": download * len(ids),
-                "broadcast_bytes": len(broadcast),
-                "client_seconds": float(np.mean(client_secs)),
-                "client_receive_seconds": float(np.mean([x["receive"] for x in parts])),
-                "client_upload_seconds": float(np.mean([x["upload"] for x in parts])),
-                "key_bytes_public": self.key_bytes["public"],
-                "server_seconds": server_secs,
-                "accuracy": None,
-                "macro_f1": None,
-                "results_version": results_version(cfg.method),
-                **extra,
-            }
+            rec = round_record(
+                cfg,
+                rnd,
+                clients=len(outcome.clients),
+                losses=losses,
+                uploads=uploads,
+                download_bytes=download * len(ids),
+                broadcast=broadcast,
+                client_seconds=client_secs,
+                parts=parts,
+                key_bytes_public=self.key_bytes["public"],
+                server_seconds=server_secs,
+                extra=extra,
+            )
             if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
                 rec.update(self.evaluate(broadcast))
             rec["seconds"] = time.perf_counter() - t0

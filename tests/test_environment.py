@@ -1,8 +1,15 @@
-"""environment.yml and requirements/constraints.txt pin the same environment as the venv."""
+"""environment.yml and requirements/constraints.txt pin the same environment as the venv; the lock
+satisfies every requirement its packages declare (flwr's typer/rich/packaging caps included)."""
 
+import importlib.metadata as md
 import re
 import tomllib
 from pathlib import Path
+
+import pytest
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -12,9 +19,21 @@ def _norm(pin: str) -> str:
     return re.sub(r"[-_.]+", "-", pin.lower())
 
 
-def test_environment_yml_holds_every_pyproject_pin():
+def _pins() -> list[str]:
+    """Every pin of pyproject.toml: the dependencies, the dev extra and the deploy extra."""
     proj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    pins = proj["dependencies"] + proj["optional-dependencies"]["dev"]
+    extras = proj["optional-dependencies"]
+    return proj["dependencies"] + extras["dev"] + extras["deploy"]
+
+
+def _lock():
+    text = (ROOT / "requirements" / "constraints.txt").read_text()
+    lines = [x.strip() for x in text.splitlines() if x.strip() and not x.startswith("#")]
+    return {canonicalize_name(x.split("==")[0]): x.split("==")[1] for x in lines}
+
+
+def test_environment_yml_holds_every_pyproject_pin():
+    pins = _pins()
     env = (ROOT / "environment.yml").read_text()
     env_pins = {_norm(p) for p in re.findall(r"^\s+- ([A-Za-z0-9_.-]+==[^\s]+)$", env, flags=re.M)}
     assert {_norm(p) for p in pins} <= env_pins
@@ -51,8 +70,7 @@ def test_environment_yml_pins_exactly_the_constraints():
 
 
 def test_every_pyproject_pin_is_in_the_constraints():
-    proj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    pins = proj["dependencies"] + proj["optional-dependencies"]["dev"]
+    pins = _pins()
     norm = {_norm(p) for p in _constraint_pins()}
     missing = [p for p in pins if _norm(p) not in norm]
     assert not missing, (
@@ -86,3 +104,31 @@ def test_make_lab_runs_headless_and_as_root():
     assert "$(filter 0,$(shell id -u)),--allow-root" in makefile
     lab = re.search(r"^lab:.*\n((?:\t.*\n)+)", makefile, flags=re.M).group(1)
     assert "$(LAB_FLAGS)" in lab and "--no-browser" in makefile
+
+
+def test_make_setup_installs_flower_from_the_lock():
+    make = (ROOT / "Makefile").read_text()
+    assert "-c requirements/constraints.txt -e '.[dev,deploy]'" in make
+    assert _lock()["flwr"] == "1.41.0"
+    assert "flwr==1.41.0" in _pins()
+
+
+@pytest.mark.parametrize("dist", ["flwr", "transformers", "huggingface-hub", "jupyterlab", "peft"])
+def test_the_lock_satisfies_what_each_package_declares(dist):
+    # the pin conflict resolved honestly: each locked version meets every requirement the
+    # package declares for this platform (e.g. flwr's typer<0.21, rich<15, packaging<26 next
+    # to transformers' typer and jupyterlab's packaging>=23.2)
+    lock = _lock()
+    assert canonicalize_name(dist) in lock
+    env = {**default_environment(), "extra": ""}
+    broken = []
+    for line in md.requires(dist) or []:
+        req = Requirement(line)
+        if req.marker is not None and not req.marker.evaluate(env):
+            continue
+        have = lock.get(canonicalize_name(req.name))
+        if have is None:
+            continue  # not locked: pip resolves it from the index (checked by `pip check`)
+        if not req.specifier.contains(have, prereleases=True):
+            broken.append(f"{dist} needs {req}, the lock has {have}")
+    assert not broken, broken
