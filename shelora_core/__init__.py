@@ -23,7 +23,7 @@ __all__ = ["FederatedConfig", "Federation", "RunResult", "__version__", "run_fed
 _LAZY = {
     "FederatedConfig": "config",
     "Federation": "federation",
-    "RunResult": "federation",
+    "RunResult": "records",
     "run_federated": "federation",
 }
 

@@ -18,7 +18,6 @@ attack grid's victim and a remote driver all call these functions; none calls a 
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from .adapters import AdapterWeights
-from .config import FederatedConfig
+from .config import FederatedConfig, learning_rate
 from .data import ClientData
 from .errors import ProtocolError, SheloraError
 from .messages import Message, decode, encode
@@ -55,15 +54,6 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------- local training
-def learning_rate(cfg: FederatedConfig, round_: int) -> float:
-    """Cosine annealing over rounds, from ``lr`` (round 1) to ``lr * lr_final_ratio`` (last)."""
-    if cfg.rounds == 1:
-        return cfg.lr
-    t = (round_ - 1) / (cfg.rounds - 1)
-    lo = cfg.lr * cfg.lr_final_ratio
-    return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * t))
-
-
 def client_seed(*parts: int) -> int:
     """A 31-bit seed from integers, e.g. ``(cfg.seed, round, client_id, purpose)``: purpose 0
     reparameterization, 1 local training, 2 MaskCrypt's calibration batch, 3 upload noise (DP)."""

@@ -26,7 +26,7 @@ from .data import DATASETS as _DATASET_LOADERS
 from .errors import ConfigError
 from .partitions import PARTITION_SCHEMES as PARTITIONS
 
-__all__ = ["BUDGETED", "METHODS", "SHELORA_FAMILY", "FederatedConfig"]
+__all__ = ["BUDGETED", "METHODS", "SHELORA_FAMILY", "FederatedConfig", "learning_rate"]
 
 #: aggregation methods the federation loop knows
 METHODS = (
@@ -937,3 +937,12 @@ def _wrap_init(init: Callable[..., None]) -> Callable[..., None]:
 
 
 FederatedConfig.__init__ = _wrap_init(FederatedConfig.__init__)  # type: ignore[method-assign]
+
+
+def learning_rate(cfg: FederatedConfig, round_: int) -> float:
+    """Cosine annealing over rounds, from ``lr`` (round 1) to ``lr * lr_final_ratio`` (last)."""
+    if cfg.rounds == 1:
+        return cfg.lr
+    t = (round_ - 1) / (cfg.rounds - 1)
+    lo = cfg.lr * cfg.lr_final_ratio
+    return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * t))

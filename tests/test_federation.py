@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from shelora_core import records
 from shelora_core.aggregation import lora_scaling
 from shelora_core.federation import Federation
 from shelora_core.lora import AdapterWeights
@@ -162,7 +163,7 @@ def test_a_complete_run_is_reused_only_when_asked_and_only_from_current_code(
     assert summary["final_accuracy"] == full.final_accuracy and summary["rounds"] == 2
     with pytest.raises(AssertionError, match="trained again"):
         fed.run()  # without reuse_complete: trains
-    monkeypatch.setattr(federation, "RESULTS_VERSION", federation.RESULTS_VERSION + 1)
+    monkeypatch.setattr(records, "RESULTS_VERSION", records.RESULTS_VERSION + 1)
     assert fed.completed_history() is None  # older code's results are not reused
     with pytest.raises(AssertionError, match="trained again"):
         fed.run(reuse_complete=True)

@@ -101,6 +101,7 @@ def test_three_supernodes_two_rounds_of_shelora_equal_the_in_process_run(tmp_pat
     # held public contexts only
     audit = run.audit
     assert str(run.roles.server / "public.ctx") in audit["opened"]
+    assert str(run.roles.server / "model.json") in audit["opened"]  # checked by geometry
     secret_dirs = [str(run.roles.evaluator), str(run.roles.root / "keyholder")]
     secret_dirs += [str(d) for d in run.roles.clients]
     for path in audit["opened"]:

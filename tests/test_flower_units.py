@@ -221,3 +221,22 @@ def test_the_server_leaves_out_replies_it_cannot_use_by_reason(flower_task):
     assert _problem(gone)["reason"] == "unavailable"
     crashed = Message(Error(code=ErrorCode.CLIENT_APP_CRASHED, reason="killed"), reply_to=sent)
     assert _problem(crashed)["reason"] == "crashed"
+
+
+def test_the_key_holder_publishes_the_public_models_geometry_for_the_server(tiny_config, tmp_path):
+    from shelora_core.errors import CheckpointError
+    from shelora_core.federation import build_model, split_data
+    from shelora_core.flower.keys import GEOMETRY_FILE, publish_keys, read_geometry
+
+    cfg = tiny_config.replace(method="shelora", ranks=(2, 4))
+    roles = publish_keys(cfg, tmp_path / "keys")
+    got = read_geometry(roles.server)
+    model = build_model(cfg, split_data(cfg)[0].num_labels)
+    assert got["layers"] == dict(model.layer_shapes)
+    assert got["head"] == {k: v.shape for k, v in model.initial_head.items()}
+    # only the server's directory gets it; a client's directory has no use for it
+    assert not (roles.clients[0] / GEOMETRY_FILE).exists()
+    assert read_geometry(tmp_path) is None  # no file: the server falls back to the majority
+    (roles.server / GEOMETRY_FILE).write_text('{"layers": 3}')
+    with pytest.raises(CheckpointError, match="model geometry"):
+        read_geometry(roles.server)

@@ -7,18 +7,28 @@ returns the directories to hand out: ``clients/<i>/`` to SuperNode ``i`` (node c
 ``client-dir``), ``server/`` to the ServerApp (run config ``server-dir``) and ``evaluator/`` to
 the evaluating SuperNode (node config ``evaluator-dir``). Across machines each directory is
 copied to its owner alone; no other directory ever leaves the key holder.
+
+The server's directory also gets ``model.json`` (:data:`GEOMETRY_FILE`): the public model's
+adapted layers ``(m, n)`` and head shapes, so the ServerApp checks every upload against the public
+model (as the in-process server does) instead of against what most uploads agree on, without
+loading a model itself.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ..checkpoint import RunDirs
+from ..checkpoint import RunDirs, atomic_write
 from ..config import FederatedConfig
 from ..methods import ckks_params_for, get_method
 
-__all__ = ["RoleDirs", "publish_keys"]
+__all__ = ["GEOMETRY_FILE", "RoleDirs", "public_geometry", "publish_keys", "read_geometry"]
+
+#: the public model's geometry in the server's directory
+GEOMETRY_FILE = "model.json"
 
 
 @dataclass(frozen=True)
@@ -57,4 +67,42 @@ def publish_keys(cfg: FederatedConfig, root: str | Path) -> RoleDirs:
     clients = tuple(dirs.client(i) for i in range(cfg.num_clients))
     for d in (dirs.server, dirs.evaluator, *clients):
         d.mkdir(parents=True, exist_ok=True)
+    geometry = dirs.server / GEOMETRY_FILE
+    if not geometry.exists():
+        atomic_write(geometry, json.dumps(public_geometry(cfg), indent=1).encode())
     return RoleDirs(dirs.root, dirs.server, dirs.evaluator, clients)
+
+
+def public_geometry(cfg: FederatedConfig) -> dict[str, Any]:
+    """The public model's adapted layers ``{name: [m, n]}`` and head ``{name: shape}`` (the
+    model every participant starts from; building it loads the shipped weights)."""
+    from ..federation import build_model, split_data
+
+    train, _, _ = split_data(cfg)
+    model = build_model(cfg, train.num_labels)
+    return {
+        "model": cfg.model,
+        "layers": {k: [int(m), int(n)] for k, (m, n) in model.layer_shapes.items()},
+        "head": {k: [int(x) for x in v.shape] for k, v in model.initial_head.items()},
+    }
+
+
+def read_geometry(server_dir: str | Path) -> dict[str, Any] | None:
+    """``(layers, head)`` keyword arguments for :func:`~shelora_core.server.server_round` from the
+    server's ``model.json``, or ``None`` when the key holder wrote none."""
+    path = Path(server_dir) / GEOMETRY_FILE
+    if not path.exists():
+        return None
+    try:
+        g = json.loads(path.read_text())
+        return {
+            "layers": {k: (int(m), int(n)) for k, (m, n) in g["layers"].items()},
+            "head": {k: tuple(int(x) for x in v) for k, v in g["head"].items()},
+        }
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        from ..errors import CheckpointError
+
+        raise CheckpointError(
+            f"{path} is not the key holder's model geometry ({exc}); delete it and publish the "
+            "keys again (shelora_core.flower.keys.publish_keys)"
+        ) from exc

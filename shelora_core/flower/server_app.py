@@ -5,7 +5,7 @@ SHE-LoRA's negotiation (``query.propose`` -> :func:`~shelora_core.server.server_
 every round: :func:`~shelora_core.server.sample_clients`, one ``train`` message per sampled client
 (MaskCrypt: :func:`~shelora_core.server.server_consensus`, then ``train.upload``),
 :func:`~shelora_core.server.server_round` over the uploads that arrived, ``evaluate`` on the
-evaluator's SuperNode, and the round's record (:func:`shelora_core.federation.round_record`).
+evaluator's SuperNode, and the round's record (:func:`shelora_core.records.round_record`).
 These are the functions the in-process :class:`~shelora_core.federation.Federation` calls; the
 ServerApp only moves their bytes through Flower.
 
@@ -92,6 +92,11 @@ class FlowerServer:
             public = path.read_bytes()
             self.crypto = ServerCrypto(public)  # refuses a context that holds a secret key
             self.key_bytes_public = len(public)
+        from .keys import read_geometry
+
+        # the public model's layers and head shapes (uploads are checked against them); without
+        # the key holder's model.json, against what most uploads agree on
+        self.geometry = read_geometry(settings.server_dir) or {}
         self.nodes: dict[int, int] = {}  # client id -> node id
         self.client_of: dict[int, int] = {}  # node id -> client id
         self.evaluator: int | None = None
@@ -234,7 +239,7 @@ class FlowerServer:
     def negotiate(self, round_: int, broadcast: bytes | None) -> None:
         """Every client with a SuperNode proposes, the server negotiates the column list on
         the OPE ciphertexts; its bytes travel with every ``train`` message from now on."""
-        from ..federation import negotiation_summary
+        from ..records import negotiation_summary
 
         replies = self.exchange(
             wire.PROPOSE,
@@ -268,7 +273,7 @@ class FlowerServer:
     # -------------------------------------------------------------- one round
     def round(self, rnd: int, broadcast: bytes | None) -> tuple[bytes, dict[str, Any]]:
         """One round over Flower: the same steps and record as the in-process loop."""
-        from ..federation import negotiation_record, round_record
+        from ..records import negotiation_record, round_record
 
         cfg, method = self.cfg, self.method
         extra: dict[str, Any] = {}
@@ -350,6 +355,7 @@ class FlowerServer:
             consensus=consensus,
             sampled=sampled,
             senders=senders,
+            **self.geometry,
         )
         broadcast = outcome.broadcast
         if failed or outcome.rejected:
@@ -401,8 +407,8 @@ class FlowerServer:
 
     def run(self) -> list[dict[str, Any]]:
         """Every round; the records in notebook 05's schema after each, the summary at the end."""
-        from ..federation import RunResult
         from ..provenance import run_meta
+        from ..records import RunResult
 
         cfg = self.cfg
         if self.dirs.checkpoint.exists():
