@@ -14,6 +14,7 @@ from shelora_core.ckks import ClientCrypto
 from shelora_core.client import receive
 from shelora_core.config import METHODS
 from shelora_core.federation import Federation
+from shelora_core.flower.keys import publish_keys
 from shelora_core.flower.launch import run_deployed, tagged_processes
 from shelora_core.messages import decode
 
@@ -65,7 +66,10 @@ def test_three_supernodes_two_rounds_of_shelora_equal_the_in_process_run(tmp_pat
         fed = Federation(cfg, results_dir=tmp_path / "inproc")
         return fed, fed.run().history
 
-    # Execute: the in-process reference runs in a thread while this process waits for Flower
+    # Execute: the in-process reference runs in a thread while this process waits for Flower.
+    # The key holder publishes first: building the public model's geometry seeds torch's global
+    # generator, which the reference's local training (dropout) draws from in the other thread
+    publish_keys(cfg, tmp_path / "flower" / "keys")
     with ThreadPoolExecutor(1) as pool:
         reference = pool.submit(in_process)
         run = run_deployed(cfg, tmp_path / "flower", round_timeout=600, torch_threads=THREADS)
@@ -158,6 +162,49 @@ def test_a_supernode_killed_mid_round_leaves_a_completed_round_with_the_other_tw
     # nothing left running: the killed SuperNode's processes and everything else
     assert not [p for p in killed if _alive(p)]
     assert run.leftovers == [] and not [p for p in run.stopped if _alive(p)]
+
+
+def test_a_server_killed_after_round_one_resumes_from_its_checkpoint(tmp_path):
+    # Prepare: 2 rounds of SHE-LoRA with negotiated columns (negotiated before round 1 only);
+    # the SuperLink and the ServerApp are killed (SIGKILL) once round 1's record is written
+    cfg = FederatedConfig(**TINY).validate()
+
+    def in_process():
+        fed = Federation(cfg, results_dir=tmp_path / "inproc")
+        return fed, fed.run().history
+
+    def during(dep, watcher):
+        if watcher.records and dep.superlink.poll() is None:
+            dep.kill_superlink()
+
+    # Execute: the interrupted run, then the same configuration again on the same directories
+    # (keys published first, as in the test above)
+    publish_keys(cfg, tmp_path / "flower" / "keys")
+    with ThreadPoolExecutor(1) as pool:
+        reference = pool.submit(in_process)
+        kw = dict(round_timeout=300, torch_threads=THREADS)
+        first = run_deployed(cfg, tmp_path / "flower", timeout=300, during=during, **kw)
+        second = run_deployed(cfg, tmp_path / "flower", **kw)
+        fed, ref = reference.result(timeout=600)
+    # Assert: the first run stopped after round 1; the second went on from its checkpoint with
+    # the same negotiated list and ended where an uninterrupted run ends
+    assert not first.outcome.ok and [r["round"] for r in first.history] == [1]
+    assert second.outcome.ok, (second.outcome, second.outcome.log.read_text()[-3000:])
+    assert "resuming after round 1/2" in second.outcome.log.read_text()
+    assert [r["round"] for r in second.history] == [1, 2]
+    assert second.history[0] == first.history[0]
+    assert "negotiation_upload_bytes" not in second.history[1]  # no second negotiation
+    assert second.summary["meta"]["negotiation"]["round"] == 1
+    last = RunDirs(second.roles.root, 3).load_checkpoint(cfg.fingerprint())[1]
+    secret = (second.roles.evaluator / "secret.ctx").read_bytes()
+    a = _global_adapter(cfg, last, secret)
+    b = _global_adapter(cfg, fed.last_broadcast(), fed.keys.evaluator_secret)
+    for layer, (bb, aa) in b.factors.items():
+        fb, fa = a.factors[layer]
+        dw = bb @ aa
+        np.testing.assert_allclose(fb @ fa, dw, atol=1e-3 * np.abs(dw).max())
+    assert second.history[1]["accuracy"] == pytest.approx(ref[1]["accuracy"], abs=1 / 48 + 1e-9)
+    assert first.leftovers == [] and second.leftovers == []
 
 
 @pytest.mark.slow

@@ -474,9 +474,11 @@ class Deployment:
 
     @staticmethod
     def _run_id(log: Path) -> int | None:
+        # the last run the log names: logs are appended to, so a deployment started again in the
+        # same directory (a resumed run) finds its own run, not the first one
         text = log.read_text(errors="replace") if log.exists() else ""
-        m = re.search(r"[Rr]un(?: ID)?:? ?(\d{3,})", text) or re.search(r"run (\d+)", text)
-        return int(m.group(1)) if m else None
+        found = re.findall(r"[Rr]un(?: ID)?:? ?(\d{3,})", text) or re.findall(r"run (\d+)", text)
+        return int(found[-1]) if found else None
 
     def cli(self, args: list[str], *, timeout: float = 60.0) -> subprocess.CompletedProcess:
         """Run the ``flwr`` CLI against this deployment (offline, private FLWR_HOME)."""
@@ -513,6 +515,20 @@ class Deployment:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(10)
+        return pids
+
+    def kill_superlink(self, sig: int = signal.SIGKILL) -> list[int]:
+        """Kill the SuperLink and every process it started (the ServerApp among them): the
+        server's machine dies mid-run. The ServerApp's checkpoint of the last finished round
+        stays; running the same configuration again resumes from it."""
+        pids = tagged_processes(self.tag, "superlink")
+        _signal(pids, sig)
+        if self.superlink is not None:
+            try:
+                self.superlink.wait(10)
+            except subprocess.TimeoutExpired:
+                self.superlink.kill()
+                self.superlink.wait(10)
         return pids
 
     def leftovers(self) -> list[int]:

@@ -411,18 +411,23 @@ class FlowerServer:
         from ..records import RunResult
 
         cfg = self.cfg
-        if self.dirs.checkpoint.exists():
-            raise CheckpointError(
-                f"{self.dirs.checkpoint} exists: a Flower run starts from round 1 (resuming "
-                "is the in-process loop's); move it away or give a fresh server directory"
-            )
-        self.discover()
+        # resume: the server's checkpoint (round, history, broadcast) of this exact configuration
+        # (another configuration's, or a damaged one, is refused by name); the clients keep no
+        # state between rounds, so the next round starts from the checkpoint's broadcast
+        start, broadcast, history = self.dirs.load_checkpoint(cfg.fingerprint())
+        if start:
+            _say(f"resuming after round {start}/{cfg.rounds} from {self.dirs.checkpoint}")
+        if start < cfg.rounds:
+            self.discover()
         negotiated = cfg.uses_columns and cfg.column_order == "negotiated"
-        broadcast: bytes | None = None
-        history: list[dict[str, Any]] = []
-        for rnd in range(1, cfg.rounds + 1):
-            if negotiated and cfg.negotiation_round(rnd) == rnd:
-                self.negotiate(rnd, broadcast)
+        for rnd in range(start + 1, cfg.rounds + 1):
+            if negotiated:
+                e = cfg.negotiation_round(rnd)
+                if e == rnd:
+                    self.negotiate(rnd, broadcast)
+                    self.save_negotiation()
+                elif self.negotiation_bytes is None:  # resumed between negotiations
+                    self.load_negotiation(e)
             broadcast, rec = self.round(rnd, broadcast)
             history.append(rec)
             self.dirs.save_checkpoint(
@@ -439,6 +444,8 @@ class FlowerServer:
                 f"down {rec['download_bytes']} B, {rec['seconds']:.1f} s"
                 + (f", accuracy {acc:.3f}" if acc is not None else "")
             )
+        if negotiated and self.negotiation is None and history:  # resumed a finished run
+            self.load_negotiation(cfg.negotiation_round(len(history)))
         meta = run_meta(cfg.seed)
         meta.update(self.deployment_meta())
         if self.negotiation is not None:
@@ -450,6 +457,39 @@ class FlowerServer:
             json.dumps(summary, indent=1, default=str).encode(),
         )
         return history
+
+    def _negotiation_path(self, round_: int) -> Path:
+        return self.dirs.server / f"negotiation-{round_}.msg"
+
+    def save_negotiation(self) -> None:
+        """Keep the negotiated list's bytes (OPE-encrypted, as the clients receive them) and its
+        summary beside the checkpoint, so a resumed run sends the clients the same list."""
+        from ..messages import Message as Msg
+        from ..messages import encode
+
+        blob = np.frombuffer(self.negotiation_bytes, dtype=np.uint8)
+        data = encode(Msg("negotiation", {"summary": self.negotiation}, {"bytes": blob}))
+        atomic_write(self._negotiation_path(self.negotiation["round"]), data)
+
+    def load_negotiation(self, round_: int) -> None:
+        """The list negotiated before ``round_`` (kept by :meth:`save_negotiation`).
+
+        Raises:
+            CheckpointError: it is missing or damaged.
+        """
+        from ..messages import decode
+
+        path = self._negotiation_path(round_)
+        try:
+            msg = decode(path.read_bytes(), expect_kind="negotiation")
+            self.negotiation = dict(msg.header["summary"])
+            self.negotiation_bytes = msg.tensors["bytes"].tobytes()
+        except (OSError, MessageError, KeyError) as exc:
+            raise CheckpointError(
+                f"{path}: the column list negotiated before round {round_} is missing or "
+                f"damaged ({exc}); a resumed run needs it: start the run again with a fresh "
+                "server directory"
+            ) from exc
 
     def deployment_meta(self) -> dict[str, Any]:
         """How the run was deployed (for the summary's meta)."""
