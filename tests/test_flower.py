@@ -164,6 +164,7 @@ def test_a_supernode_killed_mid_round_leaves_a_completed_round_with_the_other_tw
     assert run.leftovers == [] and not [p for p in run.stopped if _alive(p)]
 
 
+@pytest.mark.slow  # two deployments and an in-process run: ~3.5 min, beyond make test's budget
 def test_a_server_killed_after_round_one_resumes_from_its_checkpoint(tmp_path):
     # Prepare: 2 rounds of SHE-LoRA with negotiated columns (negotiated before round 1 only);
     # the SuperLink and the ServerApp are killed (SIGKILL) once round 1's record is written
