@@ -390,6 +390,16 @@ class ServerCrypto:
 
     def __init__(self, public_context: bytes) -> None:
         self.context, self.info, self.fingerprint = _role_context(public_context, private=False)
+        self._packed: Any = None  # the PackedEvaluator, built on first use
+
+    def packed_evaluator(self) -> Any:
+        """The SEAL-level evaluator of the packed products over this public context
+        (:class:`~shelora_core.ckks.packed.PackedEvaluator`, built once)."""
+        if self._packed is None:
+            from .packed import PackedEvaluator
+
+            self._packed = PackedEvaluator(self)
+        return self._packed
 
     @property
     def slots(self) -> int:
