@@ -173,7 +173,12 @@ def _galois_key_bytes(ctx: ts.Context, steps: Sequence[int]) -> bytes:
     """SEAL's serialization of Galois keys for exactly ``steps`` (secret context ``ctx``)."""
     seal = ctx.seal_context().data
     keys = sealapi.GaloisKeys()
-    sealapi.KeyGenerator(seal, ctx.secret_key().data).create_galois_keys(list(steps), keys)
+    # pass Galois elements, not steps: the binding's overloads (steps as int, elements as
+    # uint32) both take a list, and a list of positive steps would be read as elements
+    elts = seal.key_context_data().galois_tool().get_elts_from_steps(list(steps))
+    sealapi.KeyGenerator(seal, ctx.secret_key().data).create_galois_keys(list(elts), keys)
+    if keys.size() != len(set(elts)) or not all(keys.has_key(e) for e in elts):
+        raise CKKSError(f"SEAL generated {keys.size()} Galois keys for the steps {list(steps)}")
     try:
         with tempfile.TemporaryDirectory(prefix="shelora-galois-") as tmp:
             path = os.path.join(tmp, "galois")
