@@ -425,8 +425,11 @@ class SHELoRA(Method):
         }
         if self.mode == "delta":
             return -(-sum(rows.values()) * k // slots)
-        if self.mode == "packed":
-            return self._packed_layout(rows, slots).inputs(int(upload.header["rank"]), k)
+        if self.mode == "packed":  # the rank of the factors sent (validation: the client's)
+            ranks = {v.shape[1] for n, v in upload.tensors.items() if n.endswith(f"{SEP}B")}
+            if len(ranks) != 1:
+                raise MessageError(f"the upload's factors B have ranks {sorted(ranks)}, not one")
+            return self._packed_layout(rows, slots).inputs(ranks.pop(), k) if k else 0
         return k * len(rows)
 
     def _packed_layout(self, rows: dict[str, int], slots: int) -> PackedLayout:
