@@ -164,6 +164,23 @@ def test_packed_round_equals_flexlora_for_heterogeneous_ranks_and_budgets(packed
         assert all(u.tensors["enc|0"][0] == 0 for u in ups)  # the seeded format's zero byte
 
 
+def test_packed_round_when_the_largest_budget_does_not_answer(packed):
+    # clients 0 and 1 answer (budgets 2 and 4): the outputs up to position 4, read with k_eff 4
+    shapes = {"q": (576, 12), "l0": (24, 16)}
+    cfg = _cfg(shapes)
+    adapters, cols = _adapters(shapes, RANKS)[:2], _columns(shapes, 8)
+    she = run_round(cfg, adapters, client_ids=[0, 1], num_examples=SIZES[:2], columns=cols,
+                    client_crypto=packed.client(), server_crypto=packed.server(),
+                    receive_ranks=[8, 32])  # fmt: skip
+    flex = run_round(cfg.replace(method="flexlora"), adapters, client_ids=[0, 1],
+                     num_examples=SIZES[:2], receive_ranks=[8, 32])  # fmt: skip
+    layout = PackedLayout.build({k: m for k, (m, _) in shapes.items()}, 8, 32, 4096)
+    assert she.broadcast_message().header["ciphertexts"] == layout.outputs(4) < layout.outputs(8)
+    for a, b in zip(she.received, flex.received, strict=True):
+        for layer in shapes:
+            np.testing.assert_allclose(_dw(a, layer), _dw(b, layer), atol=1e-5)
+
+
 def test_packed_round_splits_tall_layers_into_blocks(packed):
     shapes = {"tall": (4200, 8), "short": (16, 8)}
     cfg = _cfg(shapes, ranks=(4, 8), budgets=(1, 2))
@@ -276,3 +293,9 @@ def test_a_broadcast_with_a_wrong_ciphertext_count_is_refused_by_the_client(pack
     method = get_method("shelora", cfg)
     with pytest.raises(MessageError, match=f"holds {n - 1} ciphertexts; its layout needs {n}"):
         method.client_weights(decode(encode(bc)), rank=8, alpha=16.0, crypto=packed.client())
+
+
+def test_galois_steps_that_are_no_rotation_are_refused():
+    for bad in ([0], [4096], [-5000]):
+        with pytest.raises(CKKSError, match="not rotations: a step must be non-zero and below"):
+            KeyHolder.generate("packed", galois_steps=bad)

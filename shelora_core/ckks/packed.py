@@ -134,7 +134,6 @@ class PackedEvaluator:
         self._encoder = sealapi.CKKSEncoder(self._seal)
         self._keys = ctx.galois_keys().data if ctx.has_galois_keys() else None
         self._galois = self._seal.key_context_data().galois_tool()
-        self._masks: dict[tuple[int, int], Any] = {}
 
     # ---------------------------------------------------------------- keys
     def has_key(self, step: int) -> bool:
@@ -233,13 +232,10 @@ class PackedEvaluator:
 
     def _extract(self, ct: Any, offset: int, span: int) -> Any:
         """Slots ``offset .. offset + span`` of ``ct`` moved to slot 0, zeros elsewhere."""
-        key = (offset, span)
-        if key not in self._masks:
-            mask = np.zeros(self.slots)
-            mask[offset : offset + span] = 1.0
-            self._masks[key] = self._encode(mask, ct)
+        mask = np.zeros(self.slots)  # encoded per use: one encode against r for the diagonals
+        mask[offset : offset + span] = 1.0
         out = sealapi.Ciphertext()
-        self._evaluator.multiply_plain(ct, self._masks[key], out)
+        self._evaluator.multiply_plain(ct, self._encode(mask, ct), out)
         return self.rotate(out, offset)
 
     def _replicate(self, x0: Any, period: int, copies: int) -> Any:
