@@ -273,15 +273,16 @@ class SHELoRA(Method):
                 reason="mode",
             )
         slots = ctx.crypto.slots if ctx.crypto is not None else 1
+        expected = self._expected_ciphertexts(upload, slots)
         self._check_ciphertexts(
             upload,
             ctx,
-            self._expected_ciphertexts(upload, slots),
+            expected,
             f"its budget {k}, rank and layer shapes"
             if self.mode == "packed"
             else f"its budget {k} and layer shapes",
         )
-        if self.mode == "packed":  # the products need fresh ciphertexts (top level, scale)
+        if self.mode == "packed" and expected:  # the products need fresh ciphertexts
             evaluator = ctx.crypto.packed_evaluator()
             for name in sorted(t for t in upload.tensors if t.startswith("enc" + SEP)):
                 try:
