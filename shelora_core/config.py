@@ -43,7 +43,7 @@ METHODS = (
 SHELORA_FAMILY = ("shelora", "shelora+first-layers")
 #: methods whose encrypted share is set by ``he_budgets`` and ``cipher_mode``
 BUDGETED = (*SHELORA_FAMILY, "maskcrypt")
-CIPHER_MODES = ("delta", "paper")
+CIPHER_MODES = ("delta", "paper", "packed")
 LOSSES = ("ce", "logit_adjusted")
 PROTECT_MODES = ("encrypt", "withhold")
 COLUMN_ORDERS = ("negotiated", "w0_norm", "random")
@@ -124,14 +124,16 @@ class FederatedConfig:
         he_budgets: SHE-LoRA: encrypted columns per layer, assigned to clients cyclically like
             ``ranks``. Defaults to ``(2, 4, 8)``. MaskCrypt encrypts the same number of values.
         cipher_mode: SHE-LoRA: ``"delta"`` (clients encrypt their pre-weighted dW columns, the
-            server only adds) or ``"paper"`` (clients encrypt A's columns, the server multiplies
-            them by plaintext p_i s_i B_i). Defaults to ``"delta"``. MaskCrypt: ``"delta"``
+            server only adds), ``"paper"`` (clients encrypt A's columns, one ciphertext each, the
+            server multiplies them by plaintext p_i s_i B_i) or ``"packed"`` (the paper's
+            protocol with A's columns densely packed and packed products; SHE-LoRA only).
+            Defaults to ``"delta"``. MaskCrypt: ``"delta"``
             matches SHE-LoRA delta's count (k_i x m values per layer) and clients pre-weight
             (additions only); ``"paper"`` matches SHE-LoRA paper's count (k_i x r_i values per
             layer) and the server weights the ciphertexts (MaskCrypt's own protocol).
         ckks_params: a name in :data:`shelora_core.ckks.PARAM_SETS`, or ``None`` for the method's
             default (``add_only`` for SHE-LoRA and MaskCrypt delta, ``paper_mm`` for SHE-LoRA
-            paper, ``fedshield`` for the others).
+            paper, ``packed`` for SHE-LoRA packed, ``fedshield`` for the others).
         column_order: SHE-LoRA's ordered column list G: ``"negotiated"`` (the paper: sensitivity
             scores on each client's data, OPE, server-side negotiation before round 1),
             ``"w0_norm"`` (columns of the frozen weight by decreasing norm: public, an ablation) or
@@ -390,6 +392,13 @@ class FederatedConfig:
             )
         if self.method in BUDGETED:
             self._check_budgets_fit(_bad)
+        if self.cipher_mode == "packed" and self.method == "maskcrypt":
+            _bad(
+                "cipher_mode",
+                self.cipher_mode,
+                "'packed' is SHE-LoRA's densely packed paper mode; MaskCrypt runs in 'delta' or "
+                "'paper' mode",
+            )
         if self.method == "shelora+first-layers":
             if self.cipher_mode != "delta":
                 _bad("cipher_mode", self.cipher_mode, "shelora+first-layers runs in 'delta' mode")
@@ -455,7 +464,7 @@ class FederatedConfig:
         if self.method == "shelora":
             if self.shelora_protect == "withhold":
                 return None
-            return "matmul" if self.cipher_mode == "paper" else "add"
+            return "matmul" if self.cipher_mode in ("paper", "packed") else "add"
         if self.method == "maskcrypt":
             return "multiply" if self.cipher_mode == "paper" else "add"
         if self.method in ("fedshield", "full_he"):
@@ -499,8 +508,9 @@ class FederatedConfig:
                 "ckks_params",
                 name,
                 f"{what} multiplies each encrypted column of A by a plaintext matrix "
-                f"(CKKSVector.mm), which rotates ciphertexts and needs Galois keys, and {name!r} "
-                "generates none: use 'paper_mm', or None for the method's default",
+                f"(CKKSVector.mm, or the packed products), which rotates ciphertexts and needs "
+                f"Galois keys, and {name!r} generates none: use 'paper_mm' (paper) or 'packed' "
+                "(packed), or None for the method's default",
             )
 
     def _check_budgets_fit(self, bad: Any) -> None:

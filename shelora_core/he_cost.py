@@ -44,7 +44,7 @@ from .methods import ckks_params_for, get_method
 from .methods.budget import encrypted_values
 from .methods.shelora import public_column_order
 
-__all__ = ["FULL_HE_LAYOUT", "SHAPES", "ModelShape", "measure_method"]
+__all__ = ["FULL_HE_LAYOUT", "SHAPES", "ModelShape", "measure_method", "measure_packed"]
 
 #: what the ``full_he`` (and ``fedshield``) uploads measured here encrypt: each client's factors
 #: at its own rank (``"padded"``: zero-padded to the federation's largest rank, before results
@@ -293,3 +293,85 @@ def run_plan(profile: str, *, progress: bool = True) -> dict[str, Any]:
         flex = next(r for r in rows if r.get("model") == row["model"] and r["method"] == "flexlora")
         row["upload_vs_flexlora_x"] = row["upload_bytes"] / flex["upload_bytes"]
     return {"rows": rows, "paper": PAPER}
+
+
+def measure_packed(
+    shapes: dict[str, tuple[int, int]],
+    *,
+    ranks=(8, 16, 32),
+    budgets=(2, 4, 8),
+    seeded: bool = True,
+    keys: str = "pow2",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """One round of SHE-LoRA's ``packed`` mode on ``shapes`` against plaintext FlexLoRA.
+
+    Args:
+        shapes: the adapted layers (all of them are measured; nothing is scaled).
+        seeded: clients send seed-compressed ciphertexts (``seeded_uploads``).
+        keys: ``"pow2"``: the ``packed`` parameter set's power-of-two Galois keys;
+            ``"layout"``: exactly the layout's steps
+            (:meth:`~shelora_core.methods.packing.PackedLayout.galois_steps`).
+
+    Returns:
+        Per-round bytes (uploads summed over the clients), the ratio of the uploads to
+        FlexLoRA's, the public context's bytes, wall-clock seconds (client encrypt and decrypt:
+        the mean per client) and the largest client's max abs dW error against FlexLoRA.
+    """
+    from .methods.packing import PackedLayout
+
+    cfg = FederatedConfig(method="shelora", cipher_mode="packed", num_clients=len(ranks),
+                          ranks=tuple(ranks), he_budgets=tuple(budgets), seed=seed,
+                          seeded_uploads=seeded)  # fmt: skip
+    if keys == "layout":
+        layout = PackedLayout.build(
+            {k: m for k, (m, _) in shapes.items()}, max(budgets), max(ranks), 4096
+        )
+        steps = layout.galois_steps(zip(ranks, budgets, strict=True))
+        kh = KeyHolder.generate("packed", galois_steps=steps)
+    else:
+        kh = KeyHolder.generate("packed")
+    w0 = {k: np.random.default_rng(1).normal(size=s) for k, s in shapes.items()}
+    columns = public_column_order(w0, max(budgets), order="random", seed=seed)
+    adapters = _adapters(shapes, ranks, seed)
+    sizes = [100 + 10 * i for i in range(len(ranks))]
+    cpu = time.process_time()
+    trace = run_round(cfg, adapters, num_examples=sizes, columns=columns,
+                      client_crypto=kh.client(), server_crypto=kh.server())  # fmt: skip
+    cpu = time.process_time() - cpu
+    from .server import server_step
+
+    server = kh.server()
+    server_cpu = time.process_time()  # the server step again, in CPU seconds (one thread)
+    server_step(cfg, trace.uploads, round_=1, crypto=server)
+    server_cpu = time.process_time() - server_cpu
+    flex = run_round(cfg.replace(method="flexlora"), adapters, num_examples=sizes)
+    err, rel = _max_error(cfg, adapters, sizes, trace.received[-1], ranks[-1])
+    costs = trace.costs()
+    return {
+        "layers": len(shapes),
+        "ranks": list(ranks),
+        "budgets": list(budgets),
+        "seeded_uploads": seeded,
+        "galois_keys": keys,
+        "galois_key_count": int(kh.server().context.galois_keys().data.size()),
+        "public_context_bytes": len(kh.public_bytes()),
+        "upload_bytes": sum(costs["upload_bytes"]),
+        "upload_cipher_bytes": sum(costs["upload_cipher_bytes"]),
+        "ciphertexts_up": costs["ciphertexts_up"],
+        "flexlora_upload_bytes": sum(len(u) for u in flex.uploads),
+        "upload_vs_flexlora_x": sum(costs["upload_bytes"]) / sum(len(u) for u in flex.uploads),
+        "broadcast_bytes": costs["broadcast_bytes"],
+        "broadcast_ciphertexts": int(trace.broadcast_message().header["ciphertexts"]),
+        "flexlora_broadcast_bytes": len(flex.broadcast),
+        "client_encrypt_seconds": costs["seconds_upload_per_client"],
+        "server_seconds": costs["seconds_server"],
+        "client_decrypt_seconds": costs["seconds_client_per_client"],
+        "server_cpu_seconds": server_cpu,
+        "round_cpu_seconds": cpu,
+        "broadcast_cipher_bytes": sum(
+            v.nbytes for k, v in trace.broadcast_message().tensors.items() if k.startswith("enc|")
+        ),
+        "max_abs_error_vs_flexlora": err,
+        "max_rel_error_vs_flexlora": rel,
+    }

@@ -124,6 +124,9 @@ BAD_VALUES: list[tuple[str, object, dict]] = [
     ("cipher_mode", "fast", {}),
     ("cipher_mode", 1, {}),
     ("cipher_mode", "paper", {"method": "shelora+first-layers"}),
+    ("cipher_mode", "packed", {"method": "shelora+first-layers"}),
+    ("cipher_mode", "packed", {"method": "maskcrypt"}),  # SHE-LoRA's packed products only
+    ("ckks_params", "fedshield", {"method": "shelora", "cipher_mode": "packed"}),  # no Galois
     ("ckks_params", "nope", {}),
     ("ckks_params", 3, {}),
     ("ckks_params", ("add_only",), {}),
@@ -279,6 +282,7 @@ def _method_configs() -> list[FederatedConfig]:
     out = []
     for method in METHODS:
         modes = ("delta",) if method == "shelora+first-layers" else ("delta", "paper")
+        modes += ("packed",) if method == "shelora" else ()
         out += [FederatedConfig(method=method, cipher_mode=m) for m in modes]
     out.append(FederatedConfig(method="shelora", shelora_protect="withhold"))
     return out
@@ -313,6 +317,15 @@ def test_shelora_paper_mode_needs_galois_keys():
     FederatedConfig(method="shelora", cipher_mode="paper", ckks_params="paper_mm")
 
 
+def test_shelora_packed_mode_needs_galois_keys_and_defaults_to_the_packed_set():
+    from shelora_core.methods import ckks_params_for
+
+    with pytest.raises(ConfigError, match="Galois keys.*'packed'"):
+        FederatedConfig(method="shelora", cipher_mode="packed", ckks_params="fedshield")
+    assert ckks_params_for(FederatedConfig(method="shelora", cipher_mode="packed")) == "packed"
+    FederatedConfig(method="shelora", cipher_mode="packed", ckks_params="paper_mm")
+
+
 def test_adding_methods_take_any_named_set_and_plaintext_methods_ignore_it():
     from shelora_core.ckks import PARAM_SETS
 
@@ -326,7 +339,9 @@ def test_adding_methods_take_any_named_set_and_plaintext_methods_ignore_it():
 def test_unknown_or_insecure_ckks_set_is_refused(monkeypatch):
     from shelora_core.ckks import PARAM_SETS, CKKSParams
 
-    with pytest.raises(ConfigError, match=r"choose one of \['add_only', 'fedshield', 'paper_mm'\]"):
+    with pytest.raises(
+        ConfigError, match=r"choose one of \['add_only', 'fedshield', 'packed', 'paper_mm'\]"
+    ):
         FederatedConfig(method="fedshield", ckks_params="fedshield2")
     # 120 bits of modulus at N=4096: above the 128-bit bound (109)
     toy = CKKSParams("toy", 4096, (60, 60), 40)

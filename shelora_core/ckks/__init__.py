@@ -26,6 +26,10 @@ seeded
     :func:`is_seeded`, :func:`seeded_header`, :func:`seeded_to_tenseal`.
 packing
     :class:`PackingLayout`, dense packing of named segments into ciphertext slots.
+packed
+    :class:`PackedEvaluator` (the server's plaintext-matrix x encrypted-vector products of
+    SHE-LoRA's ``packed`` mode, SEAL-level through ``tenseal.sealapi``), :class:`BlockInput`,
+    :func:`naf`, :func:`normalize_step`, :func:`replication_counts`.
 measure
     :func:`ciphertext_bytes`, :func:`measure_precision` and the values it sums, :func:`lora_like`.
 
@@ -53,6 +57,7 @@ from .context import (
 from .context import _as_bytes as _as_bytes
 from .errors import CKKSError
 from .measure import ciphertext_bytes, lora_like, measure_precision
+from .packed import BlockInput, PackedEvaluator, naf, normalize_step, replication_counts
 from .packing import PackingLayout
 from .params import _MAX_PRIME_BITS as _MAX_PRIME_BITS
 from .params import _WARN_HEADROOM_BITS as _WARN_HEADROOM_BITS
@@ -81,11 +86,13 @@ __all__ = [
     "PARAM_SETS",
     "SEEDED_MAGIC",
     "SEEDED_VERSION",
+    "BlockInput",
     "CKKSError",
     "CKKSParams",
     "ClientCrypto",
     "ContextInfo",
     "KeyHolder",
+    "PackedEvaluator",
     "PackingLayout",
     "SeededEncryptor",
     "ServerCrypto",
@@ -103,6 +110,9 @@ __all__ = [
     "load_vector",
     "lora_like",
     "measure_precision",
+    "naf",
+    "normalize_step",
+    "replication_counts",
     "seeded_header",
     "seeded_to_tenseal",
 ]

@@ -68,6 +68,12 @@ class CKKSParams:
         relin_keys: whether relinearisation keys are shipped to the server. Only a
             ciphertext x ciphertext product needs them; none of our protocols multiplies two
             ciphertexts, so they are left out of the public context (it halves its size).
+        galois_steps: with ``galois``, the rotation steps to generate keys for (SEAL's
+            ``KeyGenerator.create_galois_keys(steps)``); empty: SEAL's default set (every
+            power-of-two step in both directions and the conjugation, 25 keys at ``N = 8192``).
+            A rotation by a step without its own key is composed from power-of-two steps (SEAL
+            decomposes it into its non-adjacent form), so ``galois_steps`` holding
+            ``+-2**k`` allows every rotation.
     """
 
     name: str
@@ -77,11 +83,13 @@ class CKKSParams:
     galois: bool = False
     description: str = ""
     relin_keys: bool = False
+    galois_steps: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(
             self, "coeff_mod_bit_sizes", tuple(int(b) for b in self.coeff_mod_bit_sizes)
         )
+        object.__setattr__(self, "galois_steps", tuple(int(k) for k in self.galois_steps))
         if not isinstance(self.poly_modulus_degree, int) or self.poly_modulus_degree <= 0:
             raise CKKSError(
                 f"poly_modulus_degree must be a positive int, got {self.poly_modulus_degree!r}"
@@ -154,6 +162,22 @@ PARAM_SETS: dict[str, CKKSParams] = {
         description=(
             "SHE-LoRA paper mode: fedshield parameters plus Galois keys so the server can "
             "multiply ciphertexts by plaintext matrices (CKKSVector.mm)."
+        ),
+    ),
+    "packed": CKKSParams(
+        name="packed",
+        poly_modulus_degree=8192,
+        coeff_mod_bit_sizes=(60, 40, 40, 60),
+        global_scale_bits=40,
+        galois=True,
+        galois_steps=tuple(
+            sorted({s * 2**k for k in range(12) for s in (1, -1)} - {-2048}, key=abs)
+        ),
+        description=(
+            "SHE-LoRA packed mode: N=8192, [60,40,40,60], scale 2^40, depth 2 (a mask, then "
+            "the diagonal products), Galois keys for the rotation steps +-2^k only (23 keys, "
+            "every rotation composes from them); a layout's exact steps: "
+            "methods.packing.PackedLayout.galois_steps with KeyHolder.generate(galois_steps=)."
         ),
     ),
 }
@@ -263,6 +287,13 @@ def check_security(params: CKKSParams | str) -> CKKSParams:
             f"2^{s - bad[0]}. Use inner primes of exactly {s} bits or global_scale_bits="
             f"{bad[0]}"
             + (" (a scale larger than the inner primes cannot be supported)" if s > bad[0] else "")
+        )
+    bad_steps = [k for k in p.galois_steps if k == 0 or abs(k) >= p.slots]
+    if bad_steps:
+        raise CKKSError(
+            f"{p.name}: Galois key steps {bad_steps[:5]} are not rotations: a step must be "
+            f"non-zero and below the {p.slots} slots in absolute value (a rotation by k and by "
+            f"k - {p.slots} is the same one)"
         )
     if s < _WARN_SCALE_BITS:
         warnings.warn(

@@ -23,11 +23,15 @@ The roles exchange only bytes, and each exposes the key's ``fingerprint``
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import Any, NoReturn
 
 import numpy as np
 import tenseal as ts
+import tenseal.sealapi as sealapi
 
 from .context import ContextInfo, context_fingerprint, context_info, load_context
 from .errors import CKKSError
@@ -73,7 +77,11 @@ class KeyHolder:
 
     @classmethod
     def generate(
-        cls, params: CKKSParams | str = "add_only", *, seed: int | None = None
+        cls,
+        params: CKKSParams | str = "add_only",
+        *,
+        seed: int | None = None,
+        galois_steps: Iterable[int] | None = None,
     ) -> KeyHolder:
         """Create a fresh key pair for ``params`` (checked with :func:`check_security`).
 
@@ -83,14 +91,21 @@ class KeyHolder:
                 the operating system and TenSEAL exposes no way to seed it, so keys, ciphertext
                 bytes and fingerprints differ on every run; decrypted aggregates are
                 reproducible up to the CKKS noise (~1e-8 for ``add_only``).
+            galois_steps: generate Galois keys for exactly these rotation steps (e.g. a
+                packed layout's :meth:`~shelora_core.methods.packing.PackedLayout.galois_steps`),
+                replacing the parameters' own choice; the parameters get ``galois=True``.
 
         Returns:
             The key holder.
 
         Raises:
-            CKKSError: insecure or unusable parameters.
+            CKKSError: insecure or unusable parameters, or steps that are 0 or not below the
+                slot count in absolute value.
         """
         p = check_security(params)
+        if galois_steps is not None:
+            steps = tuple(sorted({int(k) for k in galois_steps}, key=lambda k: (abs(k), k)))
+            p = check_security(replace(p, galois=True, galois_steps=steps))
         ctx = _new_context(p)
         # Clients only encrypt and decrypt: serialize the secret context *before* generating
         # Galois keys. A secret TenSEAL context never stores relin/Galois keys; it regenerates
@@ -101,6 +116,18 @@ class KeyHolder:
             save_galois_keys=False,
             save_relin_keys=False,
         )
+        if p.galois and p.galois_steps:
+            # TenSEAL generates SEAL's default set only: make the chosen keys with SEAL and put
+            # them where TenSEAL's public context keeps its Galois keys (KeyHolder.context
+            # itself then holds none: the key holder never rotates)
+            public = ctx.serialize(
+                save_public_key=True,
+                save_secret_key=False,
+                save_galois_keys=False,
+                save_relin_keys=p.relin_keys,
+            )
+            public = _with_galois_keys(public, _galois_key_bytes(ctx, p.galois_steps))
+            return cls(p, ctx, secret, public, seed)
         if p.galois:
             ctx.generate_galois_keys()
         public = ctx.serialize(
@@ -140,6 +167,104 @@ class KeyHolder:
 
     def __repr__(self) -> str:
         return f"KeyHolder(params={self.params.name!r}, fingerprint={self._fingerprint!r})"
+
+
+def _galois_key_bytes(ctx: ts.Context, steps: Sequence[int]) -> bytes:
+    """SEAL's serialization of Galois keys for exactly ``steps`` (secret context ``ctx``)."""
+    seal = ctx.seal_context().data
+    keys = sealapi.GaloisKeys()
+    # pass Galois elements, not steps: the binding's overloads (steps as int, elements as
+    # uint32) both take a list, and a list of positive steps would be read as elements
+    elts = seal.key_context_data().galois_tool().get_elts_from_steps(list(steps))
+    sealapi.KeyGenerator(seal, ctx.secret_key().data).create_galois_keys(list(elts), keys)
+    if keys.size() != len(set(elts)) or not all(keys.has_key(e) for e in elts):
+        raise CKKSError(f"SEAL generated {keys.size()} Galois keys for the steps {list(steps)}")
+    try:
+        with tempfile.TemporaryDirectory(prefix="shelora-galois-") as tmp:
+            path = os.path.join(tmp, "galois")
+            keys.save(path)  # SEAL's Python binding saves to a path only
+            with open(path, "rb") as f:
+                return f.read()
+    except OSError as exc:
+        raise CKKSError(
+            f"could not write the Galois keys to a temporary file ({exc}); point TMPDIR to a "
+            "writable directory"
+        ) from exc
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _proto_fields(buf: bytes) -> list[tuple[int, bytes]]:
+    """``(tag number, raw field bytes including the tag)`` of a serialized protobuf message."""
+    out, pos = [], 0
+
+    def varint() -> int:
+        nonlocal pos
+        value = shift = 0
+        while True:
+            if pos >= len(buf):
+                raise CKKSError("truncated protobuf in a serialized TenSEAL context")
+            byte = buf[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return value
+
+    while pos < len(buf):
+        start = pos
+        key = varint()
+        wire = key & 7
+        if wire == 0:
+            varint()
+        elif wire == 1:
+            pos += 8
+        elif wire == 2:
+            length = varint()  # (pos += varint() would add to the pos read before the call)
+            pos += length
+        elif wire == 5:
+            pos += 4
+        else:
+            raise CKKSError(f"unexpected protobuf wire type {wire} in a TenSEAL context")
+        out.append((key >> 3, buf[start:pos]))
+    if pos != len(buf):
+        raise CKKSError("truncated protobuf in a serialized TenSEAL context")
+    return out
+
+
+def _field_payload(raw: bytes) -> bytes:
+    """The payload of a length-delimited field (``raw`` as :func:`_proto_fields` returns it)."""
+    pos = 0
+    while raw[pos] & 0x80:  # the tag
+        pos += 1
+    pos += 1
+    while raw[pos] & 0x80:  # the length
+        pos += 1
+    return raw[pos + 1 :]
+
+
+def _with_galois_keys(context: bytes, galois: bytes) -> bytes:
+    """A serialized TenSEAL context with ``galois`` (SEAL bytes) as its Galois keys.
+
+    TenSEAL's ``TenSEALContextProto`` keeps them in ``public_context`` (field 2), a
+    ``TenSEALPublicProto`` whose field 5 is the SEAL serialization of the keys
+    (tenseal/proto/tensealcontext.proto); TenSEAL loads them from there.
+    """
+    out = []
+    for number, raw in _proto_fields(context):
+        if number == 2:
+            inner = b"".join(r for n, r in _proto_fields(_field_payload(raw)) if n != 5)
+            inner += b"\x2a" + _varint(len(galois)) + galois  # field 5, length-delimited
+            raw = b"\x12" + _varint(len(inner)) + inner
+        out.append(raw)
+    return b"".join(out)
 
 
 def _role_context(data: bytes, *, private: bool) -> tuple[ts.Context, ContextInfo, str]:
@@ -270,6 +395,16 @@ class ServerCrypto:
 
     def __init__(self, public_context: bytes) -> None:
         self.context, self.info, self.fingerprint = _role_context(public_context, private=False)
+        self._packed: Any = None  # the PackedEvaluator, built on first use
+
+    def packed_evaluator(self) -> Any:
+        """The SEAL-level evaluator of the packed products over this public context
+        (:class:`~shelora_core.ckks.packed.PackedEvaluator`, built once)."""
+        if self._packed is None:
+            from .packed import PackedEvaluator
+
+            self._packed = PackedEvaluator(self)
+        return self._packed
 
     @property
     def slots(self) -> int:

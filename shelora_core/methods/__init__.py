@@ -40,7 +40,7 @@ _REGISTRY: dict[str, type[Method]] = {
 
 #: CKKS parameter set each encrypted method uses unless the config names one
 DEFAULT_CKKS = {
-    "shelora": {"delta": "add_only", "paper": "paper_mm"},
+    "shelora": {"delta": "add_only", "paper": "paper_mm", "packed": "packed"},
     "shelora+first-layers": {"delta": "add_only"},
     "fedshield": "fedshield",
     "full_he": "fedshield",

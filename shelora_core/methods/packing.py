@@ -13,22 +13,30 @@ clients add slot-wise.
   of G in every layer, then position 1, ...), so a client with a smaller budget sends a prefix.
 * :func:`first_layers_layout`: the protected layers of ``shelora+first-layers`` (their dW, or B
   then A).
+* :class:`PackedLayout`: SHE-LoRA's ``packed`` mode: each client's protected columns of A packed
+  densely into its inputs, and the server's products ``p_i s_i B_i A_i[:, G[j]]`` in common
+  output slots (blocks of a common width, interleaved; :mod:`shelora_core.ckks.packed`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..ckks import PackingLayout
+from ..ckks import CKKSError, PackingLayout
+from ..ckks.packed import naf, normalize_step, replication_counts
 from .wire import SEP
 
 __all__ = [
     "ENCRYPT_MODES",
     "ComponentLayout",
     "FactorLayout",
+    "PackedBlock",
+    "PackedClass",
+    "PackedLayout",
     "delta_layout",
     "first_layers_layout",
 ]
@@ -194,3 +202,228 @@ class ComponentLayout:
             out[layer] = (grid[:, pos : pos + m].T.copy(), grid[:, pos + m : pos + m + n].copy())
             pos += m + n
         return out
+
+
+# ---------------------------------------------------------------------- packed mode
+def _block_width(rows: int, r_max: int) -> int:
+    """Slots one block spans for every rank up to ``r_max``: ``copies(r) * r``, where
+    ``copies(r) = ceil((rows + r - 1) / r)`` periods of the replicated vector cover every read of
+    the diagonal products."""
+    return max(-(-(rows + r - 1) // r) * r for r in range(1, r_max + 1))
+
+
+@dataclass(frozen=True)
+class PackedBlock:
+    """One block of an output: rows ``row0 .. row0 + rows`` of ``dW[:, G[position]]`` of a layer."""
+
+    layer: str
+    position: int
+    row0: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class PackedClass:
+    """Blocks of one height, position-major (every layer's block of position 0 first), packed
+    ``per_output`` to an output ciphertext, each ``width`` slots wide (interleaved)."""
+
+    height: int
+    width: int
+    per_output: int
+    per_position: int
+    blocks: tuple[PackedBlock, ...]
+
+    def outputs(self, budget: int) -> int:
+        """Output ciphertexts holding the blocks of positions ``< budget`` (a prefix)."""
+        return -(-min(budget * self.per_position, len(self.blocks)) // self.per_output)
+
+    def output_blocks(self, o: int) -> tuple[PackedBlock | None, ...]:
+        """The ``per_output`` blocks of output ``o`` (``None`` past the last block)."""
+        chunk = self.blocks[o * self.per_output : (o + 1) * self.per_output]
+        return chunk + (None,) * (self.per_output - len(chunk))
+
+    def copies(self, rank: int) -> int:
+        """Periods of a rank-``rank`` vector the server replicates (covers every read)."""
+        return -(-(self.height + rank - 1) // rank)
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """SHE-LoRA ``packed`` mode's public layout (module docstring; the server side is
+    :class:`shelora_core.ckks.packed.PackedEvaluator`).
+
+    Built from public facts only: layer heights ``m``, the column-list length ``k_max``, the
+    federation's largest rank ``r_max`` and the slot count. A layer's rows are split into
+    blocks of at most ``height`` rows (one block when ``m`` fits); blocks of equal height form a
+    class whose output ciphertexts each hold ``per_output`` blocks of ``width`` slots,
+    interleaved (row ``u`` of block ``b`` in slot ``u * per_output + b``). ``width`` is the same
+    for every rank up to ``r_max``, so every client's products land in the same slots and add.
+
+    A client of rank ``r`` and budget ``k`` sends, per class, one *group* of ``r * per_output``
+    values for each output ciphertext that holds a block of a position ``< k`` (a prefix of the
+    outputs): entry ``u`` of the block's column ``A[:, G[j]]`` in slot ``u * per_output + b``
+    (zeros for blocks of positions ``>= k``). Groups are packed densely into ``inputs(r, k)``
+    ciphertexts, none split across two.
+    """
+
+    slots: int
+    k_max: int
+    r_max: int
+    classes: tuple[PackedClass, ...]
+
+    @classmethod
+    def build(
+        cls, layer_rows: Mapping[str, int], k_max: int, r_max: int, slots: int
+    ) -> PackedLayout:
+        """The layout for layers of ``layer_rows`` (name -> ``m``).
+
+        Raises:
+            CKKSError: ``r_max`` so large that a block of one row does not fit the slots.
+        """
+        if r_max < 1 or k_max < 0 or slots < 1:
+            raise CKKSError(f"r_max {r_max}, k_max {k_max} and slots {slots} must be positive")
+        if _block_width(1, r_max) > slots:
+            raise CKKSError(
+                f"rank {r_max} is too large for the packed layout: a block needs "
+                f"{_block_width(1, r_max)} slots, a ciphertext has {slots}; use cipher_mode "
+                "'delta' or 'paper', or parameters with more slots"
+            )
+        chunks: dict[str, list[tuple[int, int]]] = {}
+        for layer, m in sorted(layer_rows.items()):
+            m = int(m)
+            pieces = 1
+            while _block_width(-(-m // pieces), r_max) > slots:
+                pieces += 1
+            h = -(-m // pieces)
+            chunks[layer] = [(r0, min(h, m - r0)) for r0 in range(0, m, h)]
+        heights = sorted({max(rows for _, rows in c) for c in chunks.values()})
+        classes = []
+        for h in heights:
+            layers = [layer for layer, c in chunks.items() if max(rows for _, rows in c) == h]
+            blocks = tuple(
+                PackedBlock(layer, j, r0, rows)
+                for j in range(k_max)
+                for layer in layers
+                for r0, rows in chunks[layer]
+            )
+            width = _block_width(h, r_max)
+            classes.append(
+                PackedClass(
+                    height=h,
+                    width=width,
+                    per_output=slots // width,
+                    per_position=sum(len(chunks[layer]) for layer in layers),
+                    blocks=blocks,
+                )
+            )
+        return cls(slots=int(slots), k_max=int(k_max), r_max=int(r_max), classes=tuple(classes))
+
+    @property
+    def baby(self) -> int:
+        """Baby steps of the server's products: the power of two nearest below ``sqrt(r_max)``."""
+        return 1 << max(0, int(math.floor(math.log2(math.sqrt(self.r_max)))))
+
+    def outputs(self, budget: int) -> int:
+        """Output ciphertexts when the largest budget of the round's clients is ``budget``."""
+        return sum(c.outputs(budget) for c in self.classes)
+
+    def groups(self, rank: int, budget: int) -> list[tuple[int, int, int, int]]:
+        """``(class, output, input ciphertext, offset)`` of each group a client sends."""
+        if not 1 <= rank <= self.r_max:
+            raise CKKSError(f"rank {rank} is outside 1 .. r_max {self.r_max} of the layout")
+        out, ct, pos = [], 0, 0
+        for ci, c in enumerate(self.classes):
+            span = rank * c.per_output
+            for o in range(c.outputs(budget)):
+                if pos + span > self.slots:
+                    ct, pos = ct + 1, 0
+                out.append((ci, o, ct, pos))
+                pos += span
+        return out
+
+    def inputs(self, rank: int, budget: int) -> int:
+        """Ciphertexts a client of this rank and budget sends."""
+        groups = self.groups(rank, budget)
+        return groups[-1][2] + 1 if groups else 0
+
+    def pack(self, rank: int, budget: int, columns: Mapping[str, np.ndarray]) -> np.ndarray:
+        """A client's values: ``inputs(rank, budget) * slots`` of them.
+
+        Args:
+            rank: the client's rank ``r``.
+            budget: its budget ``k``.
+            columns: per layer, ``A[:, G[:k]]`` (``r x k``).
+        """
+        flat = np.zeros(self.inputs(rank, budget) * self.slots)
+        for ci, o, ct, pos in self.groups(rank, budget):
+            c = self.classes[ci]
+            base = ct * self.slots + pos + np.arange(rank) * c.per_output
+            for b, blk in enumerate(c.output_blocks(o)):
+                if blk is not None and blk.position < budget:
+                    col = np.asarray(columns[blk.layer], np.float64)[:, blk.position]
+                    if col.shape != (rank,):
+                        raise CKKSError(
+                            f"layer {blk.layer!r}: protected columns {columns[blk.layer].shape} "
+                            f"do not fit rank {rank} and budget {budget}"
+                        )
+                    flat[base + b] = col
+        return flat
+
+    def unpack(
+        self, values: np.ndarray, budget: int, layer_rows: Mapping[str, int]
+    ) -> dict[str, np.ndarray]:
+        """``D`` per layer (``m x k_max``) from the decrypted outputs (``outputs(budget)`` of
+        them, in class order; positions ``>= budget`` stay zero)."""
+        values = np.asarray(values, np.float64).ravel()
+        if values.size != self.outputs(budget) * self.slots:
+            raise CKKSError(
+                f"{values.size} decrypted values; {self.outputs(budget)} outputs of "
+                f"{self.slots} slots expected"
+            )
+        out = {layer: np.zeros((int(m), self.k_max)) for layer, m in layer_rows.items()}
+        start = 0
+        for c in self.classes:
+            for o in range(c.outputs(budget)):
+                slots = values[start : start + self.slots]
+                start += self.slots
+                for b, blk in enumerate(c.output_blocks(o)):
+                    if blk is not None:
+                        u = np.arange(blk.rows)
+                        out[blk.layer][blk.row0 + u, blk.position] = slots[u * c.per_output + b]
+        return out
+
+    def rotations(self, pairs: Iterable[tuple[int, int]]) -> tuple[set[int], set[int]]:
+        """``(repeated, single)``: the rotation steps of the server's products for clients of
+        these ``(rank, budget)`` pairs. ``repeated`` are used for every group (replication,
+        baby and giant steps); ``single`` once per group (moving a group to slot 0)."""
+        repeated: set[int] = set()
+        single: set[int] = set()
+        g = self.baby
+        for c in self.classes:
+            nb = c.per_output
+            repeated |= {e * nb for e in range(1, g)}
+            repeated |= {q * g * nb for q in range(1, -(-self.r_max // g))}
+        for rank, budget in set(pairs):
+            for ci, _, _, pos in self.groups(rank, budget):
+                c = self.classes[ci]
+                span = rank * c.per_output
+                single.add(pos)
+                repeated |= {-n * span for n, _ in replication_counts(c.copies(rank))}
+        norm = lambda steps: {normalize_step(s, self.slots) for s in steps} - {0}  # noqa: E731
+        return norm(repeated), norm(single) - norm(repeated)
+
+    def galois_steps(
+        self, pairs: Iterable[tuple[int, int]], *, compose: bool = False
+    ) -> tuple[int, ...]:
+        """The Galois key steps the server needs for clients of these ``(rank, budget)`` pairs.
+
+        ``compose=False``: a key for each repeated step (one key switch per rotation) and the
+        power-of-two steps of the others; ``compose=True``: power-of-two steps only (the fewest
+        keys, a rotation costs as many key switches as its non-adjacent form has terms).
+        """
+        repeated, single = self.rotations(pairs)
+        keys = set() if compose else set(repeated)
+        for s in (single | repeated) if compose else single:
+            if s not in keys:
+                keys |= {normalize_step(c, self.slots) for c in naf(s)}
+        return tuple(sorted(keys, key=lambda k: (abs(k), k)))

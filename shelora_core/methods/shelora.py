@@ -15,6 +15,13 @@ with budget ``k_i`` protects ``J_i = G[:k_i]``:
   - ``paper`` (the authors'): each column ``A_i[:, j]`` as a ciphertext of r_i values; the server
     multiplies it by the plaintext ``(p_i s_i B_i)^T`` (TenSEAL ``mm``, needs Galois keys) into an
     encrypted dW column of m values and adds those.
+  - ``packed``: the paper's protocol with dense packing. Each client packs all its protected
+    columns ``A_i[:, G[j]]`` (every layer, ``j < k_i``; ``r_i`` values each) into as few
+    ciphertexts as the public :class:`~shelora_core.methods.packing.PackedLayout` allows; the
+    server computes ``p_i s_i B_i A_i[:, G[j]]`` for all of them with masks, rotations and
+    plaintext diagonal products (:mod:`shelora_core.ckks.packed`; Galois keys of the ``packed``
+    parameter set), in output slots common to every rank (blocks of one width), so the clients'
+    products add slot-wise, and broadcasts the sums densely packed (``m`` values per block).
 
 Packing (delta): segments are ordered *position-major* (position 0 of G in every layer, then
 position 1, ...), so a client's protected values are a prefix of one flat vector: a client with a
@@ -49,13 +56,15 @@ import numpy as np
 from ..adapters import AdapterWeights, fit_rank
 from ..aggregation import LowRankUpdate, lora_scaling, lowrank_svd
 from ..ckks import ServerCrypto, check_fingerprint
+from ..ckks.errors import CKKSError
+from ..ckks.packed import BlockInput
 from ..column_aggregation import fuse, plain_part, protected_columns, reparameterize, split_columns
 from ..config import FederatedConfig
 from ..errors import ProtocolError
 from ..messages import Message, MessageError, require
 from .base import AggregateArgs, Method, ReceiveArgs, UploadArgs
 from .budget import encrypted_values
-from .packing import delta_layout
+from .packing import PackedLayout, delta_layout
 from .wire import (
     SEP,
     adapter_to_upload,
@@ -194,6 +203,11 @@ class SHELoRA(Method):
             blobs = self._encrypt_summed(
                 crypto, np.concatenate([flat, np.zeros(n_ct * crypto.slots - used)])
             )
+        elif k > 0 and self.mode == "packed":  # every protected A column, densely packed
+            layout = self._packed_layout(
+                {layer: b.shape[0] for layer, (b, _) in weights.factors.items()}, crypto.slots
+            )
+            blobs = self._encrypt(crypto, layout.pack(weights.rank, k, protected))
         elif k > 0:  # paper mode: one ciphertext per protected A column (r values)
             for j in range(k):
                 for layer in sorted(protected):
@@ -259,12 +273,27 @@ class SHELoRA(Method):
                 reason="mode",
             )
         slots = ctx.crypto.slots if ctx.crypto is not None else 1
+        expected = self._expected_ciphertexts(upload, slots)
         self._check_ciphertexts(
             upload,
             ctx,
-            self._expected_ciphertexts(upload, slots),
-            f"its budget {k} and layer shapes",
+            expected,
+            f"its budget {k}, rank and layer shapes"
+            if self.mode == "packed"
+            else f"its budget {k} and layer shapes",
         )
+        if self.mode == "packed" and expected:  # the products need fresh ciphertexts
+            evaluator = ctx.crypto.packed_evaluator()
+            for name in sorted(t for t in upload.tensors if t.startswith("enc" + SEP)):
+                try:
+                    evaluator.load(upload.tensors[name].tobytes())
+                except CKKSError as exc:
+                    raise ProtocolError(
+                        f"upload from client {cid}: ciphertext {name!r} cannot enter the packed "
+                        f"products ({exc})",
+                        client_id=cid,
+                        reason="ciphertext",
+                    ) from exc
 
     def _check_columns(self, upload: Message, geometry: dict, ctx: Any) -> None:
         cid = upload.header.get("client_id")
@@ -330,6 +359,8 @@ class SHELoRA(Method):
         k_max = self.cfg.max_budget
         if self.mode == "delta":
             summed = self._sum_prefixes(blobs, crypto)
+        elif self.mode == "packed":
+            summed = self._packed_products(blobs, weights, p, scalings, budgets, crypto)
         else:
             summed = self._paper_products(blobs, weights, p, scalings, budgets, crypto)
         attach_ciphertexts(tensors, summed)
@@ -385,12 +416,61 @@ class SHELoRA(Method):
         return self._broadcast(tensors, weights, p, headers, round_=round_, r_max=r_max, **header)
 
     def _expected_ciphertexts(self, upload: Message, slots: int) -> int:
-        """Ciphertexts an upload must carry, from public inputs: its budget and layer shapes."""
+        """Ciphertexts an upload must carry, from public inputs: its budget and layer shapes
+        (and, packed, its rank)."""
         k = int(upload.header["budget"])
-        rows = [v.shape[0] for name, v in upload.tensors.items() if name.endswith(f"{SEP}B")]
+        rows = {
+            name[: -len(SEP) - 1]: v.shape[0]
+            for name, v in upload.tensors.items()
+            if name.endswith(f"{SEP}B")
+        }
         if self.mode == "delta":
-            return -(-sum(rows) * k // slots)
+            return -(-sum(rows.values()) * k // slots)
+        if self.mode == "packed":  # the rank of the factors sent (validation: the client's)
+            ranks = {v.shape[1] for n, v in upload.tensors.items() if n.endswith(f"{SEP}B")}
+            if len(ranks) != 1:
+                raise MessageError(f"the upload's factors B have ranks {sorted(ranks)}, not one")
+            return self._packed_layout(rows, slots).inputs(ranks.pop(), k) if k else 0
         return k * len(rows)
+
+    def _packed_layout(self, rows: dict[str, int], slots: int) -> PackedLayout:
+        """The packed mode's public layout: layer heights, ``k_max`` and the federation's
+        largest rank (every client and the server build the same one)."""
+        return PackedLayout.build(rows, self.cfg.max_budget, max(self.cfg.client_ranks), slots)
+
+    def _packed_products(self, blobs, weights, p, scalings, budgets, crypto: ServerCrypto):
+        """The output ciphertexts of :class:`PackedLayout` up to the largest budget: per
+        block, ``sum_i p_i s_i B_i[rows] A_i[:, G[j]]`` over the clients with ``k_i > j``."""
+        rows = {layer: b.shape[0] for layer, (b, _) in weights[0].factors.items()}
+        layout = self._packed_layout(rows, crypto.slots)
+        evaluator = crypto.packed_evaluator()
+        pairs = [(w.rank, k) for w, k in zip(weights, budgets, strict=True)]
+        evaluator.check_steps(set().union(*layout.rotations(pairs)))
+        loaded = [[evaluator.load(b) for b in client] for client in blobs]
+        where = [{(ci, o): (ct, pos) for ci, o, ct, pos in layout.groups(*pr)} for pr in pairs]
+        out = []
+        for ci, c in enumerate(layout.classes):
+            for o in range(c.outputs(max(budgets, default=0))):
+                inputs = []
+                for i, w in enumerate(weights):
+                    if (ci, o) not in where[i]:
+                        continue
+                    ct, pos = where[i][ci, o]
+                    factor = p[i] * scalings[i]
+                    mats = [
+                        None
+                        if blk is None or blk.position >= budgets[i]
+                        else factor
+                        * w.factors[blk.layer][0][blk.row0 : blk.row0 + blk.rows].astype(np.float64)
+                        for blk in c.output_blocks(o)
+                    ]
+                    inputs.append(BlockInput(loaded[i][ct], pos, w.rank, mats))
+                out.append(
+                    evaluator.block_products(
+                        inputs, blocks=c.per_output, rows=c.height, baby=layout.baby
+                    )
+                )
+        return evaluator.serialize(out)
 
     @staticmethod
     def _sum_prefixes(blobs: list[list[bytes]], crypto: ServerCrypto) -> list[bytes]:
@@ -448,6 +528,21 @@ class SHELoRA(Method):
                 / float(h["total_examples"])
                 for layer in rows
             }
+        elif self.mode == "packed":
+            layout = self._packed_layout(rows, crypto.slots)
+            if layout.k_max != k_max:
+                raise MessageError(
+                    f"the broadcast protects {k_max} positions, this configuration {layout.k_max}"
+                )
+            k_eff = sum(1 for c in h["contributors"] if int(c) > 0)  # the largest budget
+            n = layout.outputs(k_eff)
+            if len(blobs) != n:
+                raise MessageError(
+                    f"the packed broadcast holds {len(blobs)} ciphertexts; its layout needs {n} "
+                    f"for the largest budget {k_eff}"
+                )
+            flat = crypto.decrypt(blobs, n * crypto.slots) if n else np.zeros(0)
+            d = layout.unpack(flat, k_eff, rows)
         else:
             order = sorted(rows)
             d = {layer: np.zeros((rows[layer], k_max)) for layer in rows}
