@@ -72,6 +72,7 @@ _LATE_FIELDS: dict[str, Any] = {
     "dp_delta": 1e-5,
     "dp_clip": 1.0,
     "dp_noise_multiplier": None,
+    "dp_target_epsilon": None,
     "first_layers": (0, 1),
     "first_layers_encrypt": "dw",
     "min_clients": 1,
@@ -163,7 +164,12 @@ class FederatedConfig:
         dp_clip: ``flexlora-dp``: L2 bound of a client's round update (all LoRA factors and the
             head together). Defaults to 1.0.
         dp_noise_multiplier: ``flexlora-dp``: noise std per unit of ``dp_clip``; overrides
-            ``dp_epsilon`` when set. Defaults to ``None``.
+            ``dp_epsilon`` and ``dp_target_epsilon`` when set. Defaults to ``None``.
+        dp_target_epsilon: DP methods: the epsilon the whole run may spend (at ``dp_delta``,
+            client-level, against the server: :mod:`shelora_core.accounting`); the clients'
+            noise multiplier is calibrated to it by the RDP accountant over ``rounds`` instead
+            of per round from ``dp_epsilon``. Exclusive with ``dp_noise_multiplier``. Defaults
+            to ``None`` (per-round calibration).
         first_layers: ``shelora+first-layers``: the transformer blocks whose LoRA update is sent
             only as ciphertexts. Defaults to ``(0, 1)`` (the two layers DAGER reads).
         first_layers_encrypt: ``shelora+first-layers``: ``"dw"`` (each client's weighted update
@@ -244,6 +250,7 @@ class FederatedConfig:
     dp_delta: float = 1e-5
     dp_clip: float = 1.0
     dp_noise_multiplier: float | None = None
+    dp_target_epsilon: float | None = None
     first_layers: tuple[int, ...] = (0, 1)
     first_layers_encrypt: str = "dw"
     min_clients: int = 1
@@ -403,12 +410,21 @@ class FederatedConfig:
         if (
             self.method == "flexlora-dp"
             and self.dp_noise_multiplier is None
+            and self.dp_target_epsilon is None
             and self.dp_epsilon is None
         ):
             _bad(
                 "dp_epsilon",
                 self.dp_epsilon,
-                "must be > 0 (10 is the authors' setting), or set dp_noise_multiplier",
+                "must be > 0 (10 is the authors' setting), or set dp_noise_multiplier or "
+                "dp_target_epsilon",
+            )
+        if self.dp_target_epsilon is not None and self.dp_noise_multiplier is not None:
+            _bad(
+                "dp_target_epsilon",
+                self.dp_target_epsilon,
+                f"it calibrates the noise multiplier, which dp_noise_multiplier = "
+                f"{self.dp_noise_multiplier!r} already fixes: set one of the two to None",
             )
         if (
             self.train_examples is not None
@@ -865,6 +881,15 @@ _FIELD_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "dp_clip": lambda n, v: _real(n, v, **_positive("must be > 0 (the update's L2 bound)")),
     "dp_noise_multiplier": lambda n, v: _real(
         n, v, optional=True, ok=lambda x: x >= 0, allowed="must be >= 0 or None"
+    ),
+    "dp_target_epsilon": lambda n, v: _real(
+        n,
+        v,
+        optional=True,
+        **_positive(
+            "must be > 0 (the epsilon the whole run may spend, e.g. 8) or None (per-round "
+            "calibration from dp_epsilon)"
+        ),
     ),
     "first_layers": _first_layers,
     "first_layers_encrypt": lambda n, v: _choice(n, v, FIRST_LAYERS_ENCRYPT),

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .accounting import run_privacy
 from .checkpoint import RunDirs, atomic_write
 from .ckks import ClientCrypto, KeyHolder, ServerCrypto
 from .client import (
@@ -157,6 +158,7 @@ class RunResult:
                     ]
                 )
             ),
+            **({"privacy": self.history[-1]["privacy"]} if "privacy" in self.history[-1] else {}),
             "config": cfg.to_dict(),
         }
 
@@ -539,6 +541,9 @@ class Federation:
                 "results_version": results_version(cfg.method),
                 **extra,
             }
+            privacy = run_privacy(cfg, rnd)  # DP methods: (epsilon, delta) spent so far
+            if privacy is not None:
+                rec["privacy"] = privacy
             if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
                 rec.update(self.evaluate(broadcast))
             rec["seconds"] = time.perf_counter() - t0

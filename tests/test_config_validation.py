@@ -165,6 +165,13 @@ BAD_VALUES: list[tuple[str, object, dict]] = [
     ("dp_noise_multiplier", -1.0, {}),
     ("dp_noise_multiplier", NAN, {}),
     ("dp_noise_multiplier", INF, {}),
+    ("dp_target_epsilon", 0.0, {}),
+    ("dp_target_epsilon", -1.0, {}),
+    ("dp_target_epsilon", NAN, {}),
+    ("dp_target_epsilon", INF, {}),
+    ("dp_target_epsilon", "8", {}),
+    ("dp_target_epsilon", True, {}),
+    ("dp_target_epsilon", 8.0, {"dp_noise_multiplier": 1.0}),  # both fix the noise
     ("first_layers", 0, {}),
     ("first_layers", "01", {}),
     ("first_layers", (0.5,), {}),
@@ -356,6 +363,21 @@ def test_min_clients_is_a_late_field():
     del old["min_clients"]  # a config saved before the field existed
     assert FederatedConfig.from_dict(old) == cfg
     assert FederatedConfig(num_clients=4, client_fraction=0.5, min_clients=2).min_clients == 2
+
+
+def test_dp_target_epsilon_is_a_late_field():
+    cfg = FederatedConfig(method="flexlora-dp")
+    assert cfg.dp_target_epsilon is None
+    assert cfg.replace(dp_target_epsilon=None).fingerprint() == cfg.fingerprint()
+    assert cfg.replace(dp_target_epsilon=8.0).fingerprint() != cfg.fingerprint()
+    old = cfg.to_dict()
+    del old["dp_target_epsilon"]
+    assert FederatedConfig.from_dict(old) == cfg
+    # a target alone is enough for flexlora-dp (no per-round epsilon needed)
+    assert (
+        FederatedConfig(method="flexlora-dp", dp_epsilon=None, dp_target_epsilon=8).dp_epsilon
+        is None
+    )
 
 
 # ---------------------------------------------------------------------- unknown field names
