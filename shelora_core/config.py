@@ -35,12 +35,13 @@ METHODS = (
     "flexlora-dp",
     "shelora",
     "shelora+first-layers",
+    "shelora-dp",
     "fedshield",
     "full_he",
     "maskcrypt",
 )
 #: methods that protect SHE-LoRA's ordered column list G (negotiated or public)
-SHELORA_FAMILY = ("shelora", "shelora+first-layers")
+SHELORA_FAMILY = ("shelora", "shelora+first-layers", "shelora-dp")
 #: methods whose encrypted share is set by ``he_budgets`` and ``cipher_mode``
 BUDGETED = (*SHELORA_FAMILY, "maskcrypt")
 CIPHER_MODES = ("delta", "paper")
@@ -92,7 +93,8 @@ class FederatedConfig:
         method: aggregation, one of :data:`METHODS`. Defaults to ``"flexlora"``. ``"maskcrypt"``
             is the MaskCrypt baseline (:mod:`shelora_core.methods.maskcrypt`): per-weight selective
             HE of the zero-padded LoRA factors, encrypting per client as many values as SHE-LoRA
-            does at the same ``he_budgets`` and ``cipher_mode``.
+            does at the same ``he_budgets`` and ``cipher_mode``. ``"shelora-dp"`` is SHE-LoRA
+            (delta mode) with local DP on its plaintext part (:mod:`shelora_core.methods.shelora_dp`).
         model: ``"minilm"`` (BERT encoder) or ``"smollm2"`` (LLaMA decoder).
         dataset: ``"rotten_tomatoes"`` (binary sentiment) or ``"bbc_news"`` (5 topics).
         num_clients: clients in the federation. Defaults to 10.
@@ -158,11 +160,12 @@ class FederatedConfig:
         renegotiate_every: SHE-LoRA with ``column_order="negotiated"``: re-run sensitivity ->
             OPE -> negotiation on the current global adapter before rounds 1, 1+K, 1+2K, ...
             (K = this value); ``None`` negotiates once, before round 1. Defaults to ``None``.
-        dp_epsilon: ``flexlora-dp``: epsilon of each client's per-round Gaussian release (used
-            when ``dp_noise_multiplier`` is ``None``). Defaults to 10 (the authors' setting).
+        dp_epsilon: DP methods (``flexlora-dp``, ``shelora-dp``): epsilon of each client's
+            per-round Gaussian release (used when ``dp_noise_multiplier`` and
+            ``dp_target_epsilon`` are ``None``). Defaults to 10 (the authors' setting).
         dp_delta: ``flexlora-dp``: delta of that release. Defaults to 1e-5.
         dp_clip: ``flexlora-dp``: L2 bound of a client's round update (all LoRA factors and the
-            head together). Defaults to 1.0.
+            head together; ``shelora-dp``: its plaintext part). Defaults to 1.0.
         dp_noise_multiplier: ``flexlora-dp``: noise std per unit of ``dp_clip``; overrides
             ``dp_epsilon`` and ``dp_target_epsilon`` when set. Defaults to ``None``.
         dp_target_epsilon: DP methods: the epsilon the whole run may spend (at ``dp_delta``,
@@ -407,8 +410,23 @@ class FederatedConfig:
                     "shelora+first-layers encrypts the protected layers: use 'encrypt' (the withhold "
                     "ablation is a setting of method 'shelora')",
                 )
+        if self.method == "shelora-dp":
+            if self.cipher_mode != "delta":
+                _bad(
+                    "cipher_mode",
+                    self.cipher_mode,
+                    "shelora-dp runs in 'delta' mode (paper mode would multiply the encrypted "
+                    "columns by the noised plaintext B)",
+                )
+            if self.shelora_protect != "encrypt":
+                _bad(
+                    "shelora_protect",
+                    self.shelora_protect,
+                    "shelora-dp encrypts the protected columns: use 'encrypt' (the withhold "
+                    "ablation is a setting of method 'shelora')",
+                )
         if (
-            self.method == "flexlora-dp"
+            self.method in ("flexlora-dp", "shelora-dp")
             and self.dp_noise_multiplier is None
             and self.dp_target_epsilon is None
             and self.dp_epsilon is None
@@ -476,7 +494,7 @@ class FederatedConfig:
             return "multiply" if self.cipher_mode == "paper" else "add"
         if self.method in ("fedshield", "full_he"):
             return "multiply"
-        return "add"  # shelora+first-layers (delta mode only)
+        return "add"  # shelora+first-layers and shelora-dp (delta mode only)
 
     def _check_ckks(self) -> None:
         """``ckks_params``: a named set that passes the security check and can run the method.

@@ -172,6 +172,9 @@ BAD_VALUES: list[tuple[str, object, dict]] = [
     ("dp_target_epsilon", "8", {}),
     ("dp_target_epsilon", True, {}),
     ("dp_target_epsilon", 8.0, {"dp_noise_multiplier": 1.0}),  # both fix the noise
+    ("dp_epsilon", None, {"method": "shelora-dp"}),  # and no multiplier, no target
+    ("cipher_mode", "paper", {"method": "shelora-dp"}),  # the noise would enter the products
+    ("shelora_protect", "withhold", {"method": "shelora-dp"}),
     ("first_layers", 0, {}),
     ("first_layers", "01", {}),
     ("first_layers", (0.5,), {}),
@@ -285,7 +288,8 @@ def test_validate_is_public_and_rechecks_the_stored_values():
 def _method_configs() -> list[FederatedConfig]:
     out = []
     for method in METHODS:
-        modes = ("delta",) if method == "shelora+first-layers" else ("delta", "paper")
+        delta_only = method in ("shelora+first-layers", "shelora-dp")
+        modes = ("delta",) if delta_only else ("delta", "paper")
         out += [FederatedConfig(method=method, cipher_mode=m) for m in modes]
     out.append(FederatedConfig(method="shelora", shelora_protect="withhold"))
     return out

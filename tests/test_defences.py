@@ -1,0 +1,143 @@
+"""Defended SHE-LoRA variants and key / protocol hygiene (issue 15): shelora-dp, the secret
+initial A, what a colluding client decrypts, rounding of decrypted aggregates, and a client's
+check of the negotiated column list."""
+
+import numpy as np
+import pytest
+
+from shelora_core.aggregation import lora_scaling
+from shelora_core.ckks import KeyHolder
+from shelora_core.client import upload
+from shelora_core.column_aggregation import protected_columns
+from shelora_core.config import FederatedConfig
+from shelora_core.he_cost import synthetic_adapter
+from shelora_core.messages import decode
+from shelora_core.methods.packing import delta_layout
+from shelora_core.methods.wire import SEP, split_ciphertexts
+from shelora_core.server import server_round
+
+LAYERS = {f"model.layers.{i}.self_attn.q_proj": (24, 16) for i in range(3)}
+COLUMNS = {k: [1, 5, 9, 2] for k in LAYERS}
+
+
+def _cfg(method: str = "shelora-dp", **kw) -> FederatedConfig:
+    base = dict(
+        method=method, model="smollm2", num_clients=3, ranks=(2, 4, 8), he_budgets=(1, 2, 4)
+    )
+    return FederatedConfig(**{**base, **kw})
+
+
+def _adapter(rank: int, seed: int):
+    rng = np.random.default_rng(seed)
+    return synthetic_adapter(LAYERS, rank, rng, head={"weight": np.zeros((2, 16), np.float32)})
+
+
+@pytest.fixture(scope="module")
+def keys():
+    return KeyHolder.generate("add_only")
+
+
+def _plain_norm(up, start, cid, cfg):
+    """L2 norm of the plaintext update an upload carries (B, visible A columns, head)."""
+    k = cfg.client_budget(cid)
+    sq = 0.0
+    for layer, (b0, a0) in start.factors.items():
+        hidden = COLUMNS[layer][:k]
+        vis = [c for c in range(a0.shape[1]) if c not in hidden]
+        sq += np.sum((up.tensors[f"{layer}{SEP}B"].astype(float) - b0) ** 2)
+        sq += np.sum((up.tensors[f"{layer}{SEP}A"].astype(float) - a0)[:, vis] ** 2)
+    sq += np.sum((up.tensors["head|weight"].astype(float) - start.head["weight"]) ** 2)
+    return float(np.sqrt(sq))
+
+
+# ---------------------------------------------------------------------- shelora-dp
+def test_shelora_dp_noises_the_plaintext_part_and_encrypts_exact_columns(keys):
+    cfg = _cfg(dp_noise_multiplier=0.0, dp_clip=0.5)  # noise 0: the clipping alone is visible
+    crypto = keys.client()
+    cid, n = 2, 30  # budget 4, rank 8
+    start, trained = _adapter(8, 0), _adapter(8, 1)
+
+    raw = upload(cfg, trained, round_=1, client_id=cid, num_examples=n, crypto=crypto,
+                 columns=COLUMNS, start=start)  # fmt: skip
+    msg = decode(raw, expect_kind="upload")
+    plain, blobs = split_ciphertexts(msg)
+
+    # the plaintext update is clipped to the bound, protected columns of A stay zero
+    assert _plain_norm(plain, start, cid, cfg) == pytest.approx(0.5, rel=1e-5)
+    for layer in LAYERS:
+        assert not np.any(plain.tensors[f"{layer}{SEP}A"][:, COLUMNS[layer][:4]])
+    # the ciphertexts hold the exact (unclipped, un-noised) protected dW columns
+    rows = {layer: m for layer, (m, _) in LAYERS.items()}
+    layout = delta_layout(rows, 4, crypto.slots)
+    flat = crypto.decrypt(blobs, len(blobs) * crypto.slots)[: layout.total]
+    parts = layout.unpack(np.concatenate([flat, np.zeros(layout.total - flat.size)]))
+    s = lora_scaling(trained.alpha, trained.rank)
+    for layer in LAYERS:
+        b, a = trained.factors[layer]
+        want = protected_columns(b, a, COLUMNS[layer][:4], n * s)
+        got = np.stack([parts[f"{layer}#{j}"] for j in range(4)], axis=1)
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_shelora_dp_noise_is_seeded_and_the_server_aggregates_it_as_shelora(keys):
+    cfg = _cfg(dp_noise_multiplier=0.3)
+    crypto, server = keys.client(), keys.server()
+    starts = [_adapter(r, 10 + i) for i, r in enumerate((2, 4, 8))]
+    trained = [_adapter(r, 20 + i) for i, r in enumerate((2, 4, 8))]
+
+    def ups(seed_shift=0):
+        return [upload(cfg, w, round_=1, client_id=i, num_examples=10 + i, crypto=crypto,
+                       columns=COLUMNS, start=w0, seed=7 + i + seed_shift)
+                for i, (w, w0) in enumerate(zip(trained, starts, strict=True))]  # fmt: skip
+
+    a, b, c = ups(), ups(), ups(100)
+    pa = [split_ciphertexts(decode(x))[0] for x in a]
+    pb = [split_ciphertexts(decode(x))[0] for x in b]
+    pc = [split_ciphertexts(decode(x))[0] for x in c]
+    key = f"{sorted(LAYERS)[0]}{SEP}B"
+    assert np.array_equal(pa[0].tensors[key], pb[0].tensors[key])
+    assert not np.array_equal(pa[0].tensors[key], pc[0].tensors[key])
+    # noise of std sigma * C on the plaintext coordinates
+    noise = pa[2].tensors[key].astype(float) - starts[2].factors[sorted(LAYERS)[0]][0]
+    assert 0.15 < float(np.std(noise)) < 0.45
+
+    out = server_round(cfg, a, round_=1, crypto=server, sampled=[0, 1, 2], senders=[0, 1, 2],
+                       layers=LAYERS, head={"weight": (2, 16)})  # fmt: skip
+    assert out.rejected == [] and out.clients == [0, 1, 2]
+    bc = decode(out.broadcast)
+    assert bc.header["method"] == "shelora-dp" and bc.header["ciphertexts"] > 0
+
+
+def test_shelora_dp_needs_the_start_adapter(keys):
+    with pytest.raises(ValueError, match="start="):
+        upload(_cfg(), _adapter(2, 0), round_=1, client_id=0, num_examples=10,
+               crypto=keys.client(), columns=COLUMNS)  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["shelora-dp", "flexlora-dp"])
+def test_dp_methods_train_one_round_and_record_the_accounted_privacy(
+    method, tiny_config, minilm_model, tmp_path
+):
+    from shelora_core.accounting import rdp_epsilon
+    from shelora_core.federation import Federation
+
+    cfg = tiny_config.replace(
+        method=method,
+        he_budgets=(1, 2),
+        column_order="random",
+        rounds=1,
+        local_steps=1,
+        eval_examples=16,
+        dp_target_epsilon=8.0,
+    )
+    fed = Federation(cfg, results_dir=tmp_path, model=minilm_model)
+    res = fed.run()
+    [rec] = res.history
+    assert rec["accuracy"] is not None and np.isfinite(rec["train_loss"])
+    p = rec["privacy"]
+    assert p["calibration"] == "target_epsilon" and p["rounds"] == 1
+    assert p["epsilon_server"] <= 8.0 and p["epsilon"] <= 8.0
+    assert p["epsilon"] == rdp_epsilon(p["noise_multiplier"], sample_rate=1.0, steps=1, delta=1e-5)
+    assert res.summary()["privacy"] == p
+    if method == "shelora-dp":
+        assert "plaintext part" in p["covers"] and rec["key_bytes_public"] > 0
