@@ -18,6 +18,7 @@ attack grid's victim and a remote driver all call these functions; none calls a 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Mapping
@@ -50,6 +51,7 @@ __all__ = [
     "negotiation_proposal",
     "propose_masks",
     "receive",
+    "secret_init_seed",
     "upload",
 ]
 
@@ -68,6 +70,26 @@ def client_seed(*parts: int) -> int:
     """A 31-bit seed from integers, e.g. ``(cfg.seed, round, client_id, purpose)``: purpose 0
     reparameterization, 1 local training, 2 MaskCrypt's calibration batch, 3 upload noise (DP)."""
     return int(np.random.default_rng(list(parts)).integers(2**31 - 1))
+
+
+def secret_init_seed(init_key: bytes) -> int:
+    """The seed of the initial adapter's A under ``secret_init``: a 64-bit integer derived
+    (SHA-256, domain-separated) from the clients' shared initialisation key
+    (:attr:`~shelora_core.checkpoint.KeyBundle.init_key`). Only clients hold the key; the same
+    key gives the same A on every client (a common initial model), another key another A.
+
+    Raises:
+        ProtocolError: a key of fewer than 16 bytes (not a key the key holder wrote).
+    """
+    key = bytes(init_key)
+    if len(key) < 16:
+        raise ProtocolError(
+            f"the shared initialisation key has {len(key)} bytes; the key holder writes 32 "
+            "(clients/<i>/init.key): restore it or start the run over",
+            reason="key",
+        )
+    digest = hashlib.sha256(b"shelora/secret-init/v1\0" + key).digest()
+    return int.from_bytes(digest[:8], "big")
 
 
 def log_label_prior(labels: torch.Tensor, num_labels: int) -> torch.Tensor:
@@ -376,6 +398,7 @@ def client_step(
     crypto: Any = None,
     columns: dict[str, list[int]] | None = None,
     state: dict[str, Any] | None = None,
+    init_seed: int | None = None,
 ) -> tuple[bytes, float, dict[str, float]]:
     """One client's training round: adapter from the broadcast, local training, upload bytes.
 
@@ -393,6 +416,8 @@ def client_step(
         crypto: the client's CKKS context (secret key) for encrypted methods.
         columns: SHE-LoRA: the negotiated ordered column list G per layer (client-side state).
         state: MaskCrypt: a dict the client keeps between its two steps of a round.
+        init_seed: ``secret_init``: the seed of the round-1 adapter's A, from the clients'
+            shared key (:func:`secret_init_seed`); ``None``: ``cfg.seed`` (public).
 
     Returns:
         ``(upload_bytes, mean_training_loss, seconds)`` with ``seconds`` split into
@@ -405,7 +430,12 @@ def client_step(
     rank = cfg.client_rank(client_id)
     t0 = time.perf_counter()
     if broadcast is None:
-        weights = model.init_weights(rank, seed=cfg.seed)
+        if cfg.secret_init and init_seed is None:
+            raise ValueError(
+                "secret_init: round 1 starts from A derived from the clients' shared key; pass "
+                "init_seed=secret_init_seed(<the client's init.key>)"
+            )
+        weights = model.init_weights(rank, seed=cfg.seed if init_seed is None else init_seed)
     else:
         weights = receive(
             cfg, broadcast, client_id=client_id, round_=round_, crypto=crypto, model=model

@@ -79,6 +79,7 @@ _LATE_FIELDS: dict[str, Any] = {
     "min_clients": 1,
     "seeded_uploads": False,
     "prune_schedule_rounds": None,
+    "secret_init": False,
 }
 
 #: torch.manual_seed takes seeds below 2**64 (numpy's generators take any non-negative integer)
@@ -185,6 +186,11 @@ class FederatedConfig:
             (:mod:`shelora_core.ckks.seeded`): about half the upload bytes per ciphertext, the
             same values up to CKKS noise; the server's results (broadcasts) keep their size.
             Methods that send no ciphertext ignore it. Defaults to ``False`` (TenSEAL's bytes).
+        secret_init: the round-1 adapter's A is derived from a key the clients share (written
+            with their keys by the key holder, :class:`~shelora_core.checkpoint.RunDirs`), not
+            from ``seed``: the server, which holds the public model and ``seed``, does not know
+            A before the first uploads (:func:`shelora_core.client.secret_init_seed`). The head
+            and ``B = 0`` stay as before. Defaults to ``False`` (A from ``seed``: public).
         extra: free-form notes (not compared, not hashed, not saved by :meth:`to_dict`).
 
     How fields are checked: every field is typed and range-checked when the config is built
@@ -259,6 +265,7 @@ class FederatedConfig:
     min_clients: int = 1
     seeded_uploads: bool = False
     prune_schedule_rounds: int | None = None
+    secret_init: bool = False
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -927,6 +934,7 @@ _FIELD_CHECKS: dict[str, Callable[[str, Any], Any]] = {
         "laid over, e.g. the run's rounds) or None (the paper's schedule: no pruning before "
         "round 40)",
     ),
+    "secret_init": _bool,
     "extra": _extra,
 }
 

@@ -195,6 +195,9 @@ BAD_VALUES: list[tuple[str, object, dict]] = [
     ("prune_schedule_rounds", 2.5, {}),
     ("prune_schedule_rounds", True, {}),
     ("prune_schedule_rounds", "20", {}),
+    ("secret_init", 1, {}),
+    ("secret_init", "yes", {}),
+    ("secret_init", None, {}),
     ("extra", [], {}),
     ("extra", None, {}),
 ]

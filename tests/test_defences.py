@@ -141,3 +141,89 @@ def test_dp_methods_train_one_round_and_record_the_accounted_privacy(
     assert res.summary()["privacy"] == p
     if method == "shelora-dp":
         assert "plaintext part" in p["covers"] and rec["key_bytes_public"] > 0
+
+
+# ---------------------------------------------------------------------- secret initial A
+def test_secret_init_seed_is_reproducible_per_key_and_differs_across_keys(minilm_model):
+    from shelora_core.client import secret_init_seed
+    from shelora_core.errors import ProtocolError
+
+    k1, k2 = bytes(range(32)), bytes(range(1, 33))
+    s1, s2 = secret_init_seed(k1), secret_init_seed(k2)
+    assert s1 == secret_init_seed(bytes(k1)) and s1 != s2 and 0 <= s1 < 2**64
+    a1 = minilm_model.init_weights(4, seed=s1)
+    a1b = minilm_model.init_weights(4, seed=secret_init_seed(k1))
+    a2 = minilm_model.init_weights(4, seed=s2)
+    public = minilm_model.init_weights(4, seed=0)
+    layer = sorted(a1.factors)[0]
+    assert np.array_equal(a1.factors[layer][1], a1b.factors[layer][1])
+    assert not np.allclose(a1.factors[layer][1], a2.factors[layer][1])
+    assert not np.allclose(a1.factors[layer][1], public.factors[layer][1])
+    assert not np.any(a1.factors[layer][0])  # B = 0 as before
+    with pytest.raises(ProtocolError, match="init.key"):
+        secret_init_seed(b"short")
+
+
+def test_secret_init_key_lives_with_the_clients_and_round_one_hides_a(
+    tiny_config, minilm_model, tmp_path
+):
+    from shelora_core.client import client_step
+    from shelora_core.federation import Federation
+    from shelora_core.methods.shelora import public_columns
+
+    cfg = tiny_config.replace(
+        method="shelora",
+        he_budgets=(1, 2),
+        rounds=1,
+        local_steps=1,
+        calibration_examples=8,
+        eval_examples=16,
+        secret_init=True,
+    )
+    fed = Federation(cfg, results_dir=tmp_path / "a", model=minilm_model)
+    res = fed.run()
+    assert res.history[0]["accuracy"] is not None
+    key = (fed.role_dir("client", 0) / "init.key").read_bytes()
+    assert len(key) == 32 and (fed.role_dir("client", 1) / "init.key").read_bytes() == key
+    # the server's directory (public context, checkpoint) holds neither the key nor the seed
+    seed_bytes = fed.init_seed.to_bytes(8, "big")
+    for f in fed.role_dir("server").rglob("*"):
+        if f.is_file():
+            data = f.read_bytes()
+            assert (
+                key not in data
+                and seed_bytes not in data
+                and str(fed.init_seed).encode() not in data
+            )
+    assert not any(p.name == "init.key" for p in fed.role_dir("server").rglob("*"))
+    assert not any(p.name == "init.key" for p in fed.role_dir("evaluator").rglob("*"))
+    # resuming reads the same key; a new run directory draws another
+    again = Federation(cfg, results_dir=tmp_path / "a", model=minilm_model)
+    other = Federation(cfg, results_dir=tmp_path / "b", model=minilm_model)
+    assert again.init_seed == fed.init_seed != other.init_seed
+
+    # round 1: the visible columns of the uploaded A follow the clients' secret A, not the
+    # public one the server could compute from the config's seed
+    cols = public_columns(cfg.replace(column_order="random"), minilm_model.base_weights())
+
+    def a_upload(init_seed):
+        up, _, _ = client_step(cfg, minilm_model, fed.clients[1], client_id=1, round_=1,
+                               broadcast=None, crypto=fed.client_crypto, columns=cols,
+                               init_seed=init_seed)  # fmt: skip
+        msg = decode(up)
+        return {k: v for k, v in msg.tensors.items() if k.endswith(f"{SEP}A")}
+
+    mine, same, theirs = a_upload(fed.init_seed), a_upload(fed.init_seed), a_upload(other.init_seed)
+    public = minilm_model.init_weights(cfg.client_rank(1), seed=cfg.seed)
+    for name, a in mine.items():
+        np.testing.assert_array_equal(a, same[name])
+        assert not np.allclose(a, theirs[name])
+        layer = name[: -len(f"{SEP}A")]
+        vis = a != 0
+        err_public = np.abs(a - public.factors[layer][1])[vis].mean()
+        secret = minilm_model.init_weights(cfg.client_rank(1), seed=fed.init_seed).factors[layer][1]
+        err_secret = np.abs(a - secret)[vis].mean()
+        assert err_secret < 0.2 * err_public
+    with pytest.raises(ValueError, match="init_seed"):
+        client_step(cfg, minilm_model, fed.clients[1], client_id=1, round_=1, broadcast=None,
+                    crypto=fed.client_crypto, columns=cols)  # fmt: skip
