@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .adapters import AdapterWeights
+from .ckks.roles import DECRYPT_PRECISION, ClientCrypto
 from .config import FederatedConfig
 from .data import ClientData
 from .errors import ProtocolError, SheloraError
@@ -212,6 +213,10 @@ def receive(
 ) -> AdapterWeights:
     """The client's adapter from the server's broadcast: decrypt, fuse, truncate to its rank.
 
+    Every value decrypted here is rounded to :data:`~shelora_core.ckks.roles.DECRYPT_PRECISION`
+    (``crypto.with_precision``) before the method uses it, unless ``crypto`` already sets a
+    precision.
+
     Args:
         cfg: the run's public configuration.
         broadcast: the broadcast bytes.
@@ -236,6 +241,9 @@ def receive(
     seed = 0 if client_id is None or round_ is None else client_seed(cfg.seed, round_, client_id, 0)
     msg = decode(broadcast, expect_kind="broadcast")
     check_broadcast(cfg, msg, round_=round_, crypto=crypto)
+    if isinstance(crypto, ClientCrypto) and crypto.precision is None:
+        # decrypted aggregates leave the decryption rounded (CKKS noise reveals the key)
+        crypto = crypto.with_precision(DECRYPT_PRECISION)
     weights = get_method(cfg.method, cfg).client_weights(
         msg,
         rank=rank,

@@ -227,3 +227,104 @@ def test_secret_init_key_lives_with_the_clients_and_round_one_hides_a(
     with pytest.raises(ValueError, match="init_seed"):
         client_step(cfg, minilm_model, fed.clients[1], client_id=1, round_=1, broadcast=None,
                     crypto=fed.client_crypto, columns=cols)  # fmt: skip
+
+
+# ---------------------------------------------------------------------- a client colluding
+def test_one_colluding_client_decrypts_every_other_clients_upload(keys, tmp_path):
+    """Documents the threat model: one CKKS key pair is shared by every client, so a client that
+    colludes with the server decrypts any upload the server hands it and, with the plaintext
+    B, recovers the other client's protected columns of A."""
+    from shelora_core.checkpoint import RunDirs
+    from shelora_core.ckks import ClientCrypto
+
+    # every client's directory holds the same secret context
+    bundle = RunDirs(tmp_path, 3).keys(ckks=lambda: KeyHolder.generate("add_only"))
+    secrets = {(tmp_path / "clients" / str(i) / "secret.ctx").read_bytes() for i in range(3)}
+    assert secrets == {bundle.client_secret}
+
+    cfg = _cfg("shelora")
+    victim_crypto = ClientCrypto(keys.secret_bytes())  # client 2's context
+    colluder = ClientCrypto(keys.secret_bytes())  # client 0's: the same key
+    w, n = _adapter(8, 5), 40
+    raw = upload(cfg, w, round_=1, client_id=2, num_examples=n, crypto=victim_crypto,
+                 columns=COLUMNS)  # fmt: skip
+    plain, blobs = split_ciphertexts(decode(raw))  # what the server holds and hands over
+
+    flat = colluder.decrypt(blobs, len(blobs) * colluder.slots)
+    layout = delta_layout({k: m for k, (m, _) in LAYERS.items()}, 4, colluder.slots)
+    parts = layout.unpack(np.concatenate([flat[: layout.total],
+                                          np.zeros(max(0, layout.total - flat.size))]))  # fmt: skip
+    s = lora_scaling(w.alpha, w.rank)
+    for layer in LAYERS:
+        b_plain = plain.tensors[f"{layer}{SEP}B"].astype(float)  # the server reads B anyway
+        dw_cols = np.stack([parts[f"{layer}#{j}"] for j in range(4)], axis=1)
+        a_cols = np.linalg.lstsq(b_plain, dw_cols / (n * s), rcond=None)[0]
+        np.testing.assert_allclose(a_cols, w.factors[layer][1][:, COLUMNS[layer][:4]], atol=1e-4)
+
+
+# ---------------------------------------------------------------------- rounded decryption
+def test_decrypted_values_are_rounded_to_the_stated_grid(keys):
+    from shelora_core.ckks import CKKSError
+    from shelora_core.ckks.roles import DECRYPT_PRECISION, round_to_grid
+
+    client = keys.client()
+    x = np.random.default_rng(3).normal(0, 0.05, 300)
+    blobs = keys.server().add([client.encrypt(x), client.encrypt(2 * x)])
+    exact = client.decrypt(blobs, 300)
+    rounded = client.with_precision().decrypt(blobs, 300)
+
+    assert DECRYPT_PRECISION == 2.0**-20 and client.precision is None  # the view is a copy
+    steps = rounded / DECRYPT_PRECISION
+    np.testing.assert_array_equal(steps, np.round(steps))  # on the grid
+    assert not np.array_equal(exact / DECRYPT_PRECISION, np.round(exact / DECRYPT_PRECISION))
+    assert np.max(np.abs(rounded - 3 * x)) <= DECRYPT_PRECISION / 2 + 1e-7
+    # the grid is far above the CKKS error: rounding the exact sum gives the same values
+    assert np.mean(rounded == round_to_grid(3 * x, DECRYPT_PRECISION)) > 0.95
+    with pytest.raises(CKKSError, match="precision"):
+        client.with_precision(0.0)
+
+
+@pytest.mark.parametrize("method", ["shelora", "fedshield", "maskcrypt"])
+def test_every_decryption_in_the_receive_path_is_rounded(method, keys, monkeypatch):
+    from shelora_core.ckks import ClientCrypto
+    from shelora_core.ckks.roles import DECRYPT_PRECISION
+    from shelora_core.client import propose_masks, receive
+    from shelora_core.methods import ckks_params_for, get_method
+    from shelora_core.server import server_consensus, server_step
+
+    cfg = _cfg(method)
+    kh = keys if ckks_params_for(cfg) == "add_only" else KeyHolder.generate(ckks_params_for(cfg))
+    crypto = kh.client()
+    ws, starts = [_adapter(r, 30 + r) for r in (2, 4, 8)], [_adapter(r, 40 + r) for r in (2, 4, 8)]
+    consensus = None
+    if method == "maskcrypt":
+        props = [propose_masks(cfg, w, w0, w.factors, round_=1, client_id=i)
+                 for i, (w, w0) in enumerate(zip(ws, starts, strict=True))]  # fmt: skip
+        consensus = server_consensus(cfg, props, round_=1)
+    ups = [upload(cfg, w, round_=1, client_id=i, num_examples=10 + i, crypto=crypto,
+                  columns=COLUMNS, consensus=consensus, start=w0)
+           for i, (w, w0) in enumerate(zip(ws, starts, strict=True))]  # fmt: skip
+    bc = server_step(cfg, ups, round_=1, crypto=kh.server(), consensus=consensus)
+
+    seen, real = [], ClientCrypto.decrypt
+
+    def spy(self, blobs, length):
+        out = real(self, blobs, length)
+        seen.append((self.precision, out))
+        return out
+
+    monkeypatch.setattr(ClientCrypto, "decrypt", spy)
+    got = receive(cfg, bc, rank=8, crypto=crypto)
+    monkeypatch.undo()
+    # the method read directly (not through the client's receive step): exact decryption
+    exact = get_method(method, cfg).client_weights(decode(bc), rank=8, alpha=cfg.lora_alpha,
+                                                   crypto=crypto)  # fmt: skip
+
+    assert seen and all(p == DECRYPT_PRECISION for p, _ in seen)
+    for _, out in seen:
+        steps = out / DECRYPT_PRECISION
+        np.testing.assert_array_equal(steps, np.round(steps))
+    for layer in LAYERS:  # the rounded aggregate is the exact one up to the grid
+        g, e = got.factors[layer], exact.factors[layer]
+        np.testing.assert_allclose(g[0] @ g[1], e[0] @ e[1], atol=1e-5)
+        assert not np.array_equal(g[0] @ g[1], e[0] @ e[1])  # and it was rounded
