@@ -200,7 +200,8 @@ def dp_noise_multiplier(cfg: Any) -> float:
 
 def run_privacy(cfg: Any, rounds_run: int) -> dict[str, Any] | None:
     """What a DP run has spent after ``rounds_run`` rounds (``None`` for other methods): the
-    record every round and the summary of a DP run carry (see the module docstring)."""
+    record every round and the summary of a DP run carry (see the module docstring). The
+    epsilons are ``None`` when the noise multiplier is 0 (no guarantee; JSON has no infinity)."""
     if cfg.method not in DP_METHODS:
         return None
     sigma = dp_noise_multiplier(cfg)
@@ -213,6 +214,8 @@ def run_privacy(cfg: Any, rounds_run: int) -> dict[str, Any] | None:
         calibration = "target_epsilon"
     else:
         calibration = "per_round_analytic"
+    eps = rdp_epsilon(sigma, sample_rate=q, steps=int(rounds_run), delta=delta)
+    eps_server = rdp_epsilon(sigma, sample_rate=1.0, steps=taken, delta=delta)
     return {
         "unit": "client-level: a client's whole clipped round update (add/remove adjacency)",
         "covers": (
@@ -227,7 +230,7 @@ def run_privacy(cfg: Any, rounds_run: int) -> dict[str, Any] | None:
         "delta": delta,
         "rounds": int(rounds_run),
         "sample_rate": q,
-        "epsilon": rdp_epsilon(sigma, sample_rate=q, steps=int(rounds_run), delta=delta),
+        "epsilon": eps if math.isfinite(eps) else None,  # None: no noise, no guarantee
         "participations": taken,
-        "epsilon_server": rdp_epsilon(sigma, sample_rate=1.0, steps=taken, delta=delta),
+        "epsilon_server": eps_server if math.isfinite(eps_server) else None,
     }

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "batch_loss",
     "check_broadcast",
+    "check_negotiated_columns",
     "client_seed",
     "client_step",
     "client_upload",
@@ -388,11 +389,47 @@ def negotiation_proposal(
     return encode(client_proposal(cfg, model, data, client_id=client_id, ope=ope, weights=weights))
 
 
-def negotiated_columns(broadcast: bytes, ope: Any) -> dict[str, list[int]]:
-    """SHE-LoRA: decrypt the negotiation's broadcast with the OPE key: layer -> ordered G."""
+def negotiated_columns(
+    broadcast: bytes,
+    ope: Any,
+    *,
+    proposal: bytes | None = None,
+    cfg: FederatedConfig | None = None,
+) -> dict[str, list[int]]:
+    """SHE-LoRA: decrypt the negotiation's broadcast with the OPE key: layer -> ordered G.
+
+    With ``proposal`` (the client's own proposal bytes) and ``cfg``, the client also checks that
+    G covers its own most sensitive columns (:func:`check_negotiated_columns`).
+
+    Raises:
+        NegotiationError: a list that covers too little of the client's own proposal.
+    """
     from .methods.shelora_negotiation import client_columns
 
-    return client_columns(decode(broadcast, expect_kind="negotiation"), ope)
+    columns = client_columns(decode(broadcast, expect_kind="negotiation"), ope)
+    if proposal is not None:
+        if cfg is None:
+            raise ValueError("checking the negotiated list against a proposal needs cfg")
+        check_negotiated_columns(cfg, columns, proposal, ope)
+    return columns
+
+
+def check_negotiated_columns(
+    cfg: FederatedConfig, columns: Mapping[str, list[int]], proposal: bytes, ope: Any
+) -> float:
+    """SHE-LoRA: a client's check of the decrypted list G against its own proposal bytes: G's
+    prefix ``G[:k_i]`` must cover at least ``cfg.min_column_coverage`` of its own top-k_i
+    columns (:func:`shelora_core.methods.shelora_negotiation.check_coverage`). Returns the
+    client's coverage.
+
+    Raises:
+        NegotiationError: naming the coverage, the worst layer and the fix (a server steering
+            the negotiation).
+    """
+    from .methods.shelora_negotiation import check_coverage
+
+    own = decode(proposal, expect_kind="proposal")
+    return check_coverage(cfg, dict(columns), own, ope)
 
 
 def client_step(

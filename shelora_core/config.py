@@ -26,7 +26,7 @@ from .data import DATASETS as _DATASET_LOADERS
 from .errors import ConfigError
 from .partitions import PARTITION_SCHEMES as PARTITIONS
 
-__all__ = ["BUDGETED", "METHODS", "SHELORA_FAMILY", "FederatedConfig"]
+__all__ = ["BUDGETED", "METHODS", "MIN_COLUMN_COVERAGE", "SHELORA_FAMILY", "FederatedConfig"]
 
 #: aggregation methods the federation loop knows
 METHODS = (
@@ -61,6 +61,11 @@ LAYER_SHAPES: dict[str, dict[str, tuple[int, int]]] = {
 }
 _DEFAULT_TARGETS = {k: spec.default_targets for k, spec in MODELS.items()}
 
+#: the default of ``min_column_coverage``: the share of a client's own top-k_i columns (pooled
+#: over layers) the negotiated prefix G[:k_i] must cover before the client uses it
+#: (:func:`shelora_core.methods.shelora_negotiation.check_coverage`)
+MIN_COLUMN_COVERAGE = 0.5
+
 #: fields added after runs were first recorded, with their defaults: they enter
 #: :meth:`FederatedConfig.fingerprint` only when set to another value, so the runs (names,
 #: checkpoints, results) of every configuration that does not use them keep their identity
@@ -80,6 +85,7 @@ _LATE_FIELDS: dict[str, Any] = {
     "seeded_uploads": False,
     "prune_schedule_rounds": None,
     "secret_init": False,
+    "min_column_coverage": MIN_COLUMN_COVERAGE,
 }
 
 #: torch.manual_seed takes seeds below 2**64 (numpy's generators take any non-negative integer)
@@ -191,6 +197,11 @@ class FederatedConfig:
             from ``seed``: the server, which holds the public model and ``seed``, does not know
             A before the first uploads (:func:`shelora_core.client.secret_init_seed`). The head
             and ``B = 0`` stay as before. Defaults to ``False`` (A from ``seed``: public).
+        min_column_coverage: SHE-LoRA with ``column_order="negotiated"``: each client refuses a
+            negotiated list whose prefix ``G[:k_i]`` covers less than this share of its own
+            top-k_i columns, pooled over the layers (a server steering the negotiation;
+            :func:`~shelora_core.methods.shelora_negotiation.check_coverage`). In [0, 1]; 0
+            accepts any list. Defaults to :data:`MIN_COLUMN_COVERAGE` (0.5).
         extra: free-form notes (not compared, not hashed, not saved by :meth:`to_dict`).
 
     How fields are checked: every field is typed and range-checked when the config is built
@@ -266,6 +277,7 @@ class FederatedConfig:
     seeded_uploads: bool = False
     prune_schedule_rounds: int | None = None
     secret_init: bool = False
+    min_column_coverage: float = MIN_COLUMN_COVERAGE
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -935,6 +947,13 @@ _FIELD_CHECKS: dict[str, Callable[[str, Any], Any]] = {
         "round 40)",
     ),
     "secret_init": _bool,
+    "min_column_coverage": lambda n, v: _real(
+        n,
+        v,
+        ok=lambda x: 0 <= x <= 1,
+        allowed="must be in [0, 1] (the share of a client's own top-k_i columns the negotiated "
+        "prefix must cover; 0 accepts any list)",
+    ),
     "extra": _extra,
 }
 

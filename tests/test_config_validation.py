@@ -198,6 +198,11 @@ BAD_VALUES: list[tuple[str, object, dict]] = [
     ("secret_init", 1, {}),
     ("secret_init", "yes", {}),
     ("secret_init", None, {}),
+    ("min_column_coverage", -0.1, {}),
+    ("min_column_coverage", 1.5, {}),
+    ("min_column_coverage", NAN, {}),
+    ("min_column_coverage", "0.5", {}),
+    ("min_column_coverage", None, {}),
     ("extra", [], {}),
     ("extra", None, {}),
 ]

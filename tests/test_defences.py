@@ -328,3 +328,98 @@ def test_every_decryption_in_the_receive_path_is_rounded(method, keys, monkeypat
         g, e = got.factors[layer], exact.factors[layer]
         np.testing.assert_allclose(g[0] @ g[1], e[0] @ e[1], atol=1e-5)
         assert not np.array_equal(g[0] @ g[1], e[0] @ e[1])  # and it was rounded
+
+
+# ---------------------------------------------------------------------- a steering server
+def _proposals(cfg, ope):
+    """Every client's real proposal bytes: columns 0, 1, 2, 3 are the most sensitive for all
+    (in that order), so client i's top-k_i is columns 0 .. k_i - 1 in every layer."""
+    from shelora_core.messages import Message, encode
+
+    out = []
+    for cid in range(cfg.num_clients):
+        k = cfg.client_budget(cid)
+        tensors = {}
+        for layer in LAYERS:
+            items = ope.encrypt_proposal(list(range(k)), [10.0 - j + 0.01 * cid for j in range(k)])
+            tensors[layer] = np.asarray(items, dtype=np.int64).reshape(-1, 2)
+        header = {"client_id": cid, "rank": cfg.client_rank(cid), "budget": k}
+        out.append(encode(Message("proposal", header, tensors)))
+    return out
+
+
+def _steered(proposals):
+    """A server that steers the negotiation: per layer, the proposed columns with the LOWEST
+    score ciphertexts first (it can compare OPE ciphertexts, it cannot make new ones)."""
+    from shelora_core.messages import Message, encode
+
+    msgs = [decode(p, expect_kind="proposal") for p in proposals]
+    k_max = max(int(m.header["budget"]) for m in msgs)
+    tensors = {}
+    for layer in LAYERS:
+        best = {}
+        for m in msgs:
+            for idx, score in m.tensors[layer]:
+                best[int(idx)] = max(best.get(int(idx), score), int(score))
+        order = sorted(best, key=lambda i: best[i])[:k_max]
+        tensors[layer] = np.asarray(order, dtype=np.int64)
+    return encode(Message("negotiation", {"layers": sorted(tensors)}, tensors))
+
+
+def test_clients_refuse_a_negotiation_steered_to_the_least_sensitive_columns():
+    from shelora_core.client import negotiated_columns
+    from shelora_core.negotiation import NegotiationError
+    from shelora_core.ope import ColumnOPE, OPEKey
+    from shelora_core.server import server_negotiate
+
+    cfg = _cfg("shelora")
+    assert cfg.min_column_coverage == 0.5
+    ope = ColumnOPE(OPEKey.generate())
+    props = _proposals(cfg, ope)
+
+    honest, _ = server_negotiate(cfg, props)
+    for p in props:  # every client accepts the honest list: it covers its whole top-k_i
+        g = negotiated_columns(honest, ope, proposal=p, cfg=cfg)
+        assert all(sorted(cols) == [0, 1, 2, 3] for cols in g.values())
+
+    steered = _steered(props)
+    assert negotiated_columns(steered, ope)[sorted(LAYERS)[0]] == [3, 2, 1, 0]
+    for cid in (0, 1):  # budgets 1 and 2: their prefixes [3] and [3, 2] miss every own column
+        with pytest.raises(NegotiationError) as err:
+            negotiated_columns(steered, ope, proposal=props[cid], cfg=cfg)
+        msg = str(err.value)
+        assert f"client {cid}" in msg and "covers 0.00" in msg
+        assert "min_column_coverage = 0.5" in msg and "steers the negotiation" in msg
+    # client 2 (budget 4) encrypts all four anyway; a client that sets 0 accepts any list
+    negotiated_columns(steered, ope, proposal=props[2], cfg=cfg)
+    lax = cfg.replace(min_column_coverage=0.0)
+    negotiated_columns(steered, ope, proposal=props[0], cfg=lax)
+
+
+def test_the_negotiation_step_refuses_a_steering_server(tiny_config, minilm_model, tmp_path,
+                                                       monkeypatch):  # fmt: skip
+    from shelora_core import engine
+    from shelora_core.federation import Federation
+    from shelora_core.negotiation import NegotiationError
+    from shelora_core.ope import ColumnOPE, OPEKey
+
+    cfg = tiny_config.replace(method="shelora", he_budgets=(1, 2), calibration_examples=8)
+    fed = Federation(cfg, results_dir=tmp_path, model=minilm_model)
+    ope = ColumnOPE(OPEKey.from_bytes(fed.keys.ope_key))
+
+    trace = engine.run_negotiation(cfg, minilm_model, fed.clients, ope=ope)  # honest: accepted
+    assert len(trace.seconds["coverage"]) == 2
+
+    def steering(cfg_, proposals):
+        bc, result = engine_server_negotiate(cfg_, proposals)
+        msg = decode(bc, expect_kind="negotiation")
+        for layer, arr in msg.tensors.items():  # reversed: client 0's G[:1] misses its column
+            msg.tensors[layer] = arr[::-1].copy()
+        from shelora_core.messages import encode
+
+        return encode(msg), result
+
+    engine_server_negotiate = engine.server_negotiate
+    monkeypatch.setattr(engine, "server_negotiate", steering)
+    with pytest.raises(NegotiationError, match="client 0: .* covers 0.00.*min_column_coverage"):
+        engine.run_negotiation(cfg, minilm_model, fed.clients, ope=ope)

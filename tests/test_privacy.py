@@ -197,3 +197,12 @@ def test_dp_noise_multiplier_rules_and_run_privacy_views():
     assert rec["epsilon"] == rdp_epsilon(sigma, sample_rate=0.3, steps=20, delta=1e-5)
     assert run_privacy(target, 1)["epsilon"] < rec["epsilon"]
     assert run_privacy(cfg.replace(method="flexlora"), 3) is None
+
+
+def test_run_privacy_without_noise_states_no_guarantee():
+    from shelora_core.accounting import run_privacy
+    from shelora_core.config import FederatedConfig
+
+    rec = run_privacy(FederatedConfig(method="shelora-dp", dp_noise_multiplier=0.0), 3)
+    assert rec["epsilon"] is None and rec["epsilon_server"] is None
+    assert rec["noise_multiplier"] == 0.0 and rec["calibration"] == "noise_multiplier"
