@@ -273,13 +273,13 @@ def test_decrypted_values_are_rounded_to_the_stated_grid(keys):
     exact = client.decrypt(blobs, 300)
     rounded = client.with_precision().decrypt(blobs, 300)
 
-    assert DECRYPT_PRECISION == 2.0**-20 and client.precision is None  # the view is a copy
+    assert DECRYPT_PRECISION == 2.0**-22 and client.precision is None  # the view is a copy
     steps = rounded / DECRYPT_PRECISION
     np.testing.assert_array_equal(steps, np.round(steps))  # on the grid
     assert not np.array_equal(exact / DECRYPT_PRECISION, np.round(exact / DECRYPT_PRECISION))
     assert np.max(np.abs(rounded - 3 * x)) <= DECRYPT_PRECISION / 2 + 1e-7
     # the grid is far above the CKKS error: rounding the exact sum gives the same values
-    assert np.mean(rounded == round_to_grid(3 * x, DECRYPT_PRECISION)) > 0.95
+    assert np.mean(rounded == round_to_grid(3 * x, DECRYPT_PRECISION)) > 0.9
     with pytest.raises(CKKSError, match="precision"):
         client.with_precision(0.0)
 

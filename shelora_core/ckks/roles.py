@@ -26,15 +26,24 @@ the secret key: whoever holds a ciphertext *and* its exact decryption can recove
 Micciancio, "On the Security of Homomorphic Encryption on Approximate Numbers", EUROCRYPT 2021).
 In the protocol every client decrypts the server's aggregates and what it does with them (its
 next upload, the released model) leaves it, so the protocol rounds every decrypted value to a
-grid of :data:`DECRYPT_PRECISION` (``2^-20``, about 9.5e-7, absolute) before it leaves the
+grid of :data:`DECRYPT_PRECISION` (``2^-22``, about 2.4e-7, absolute) before it leaves the
 decryption: :meth:`ClientCrypto.with_precision` gives the rounding view that
-:func:`shelora_core.client.receive` (every method's receive path) decrypts with. The grid is
-~25x above the largest decryption error measured for the parameter sets in use (at scale 2^40:
-fresh ciphertexts 3-7e-9, sums of 10-32 ciphertexts 1-3e-8, ``weighted_sum`` 3.6e-8, paper
-mode's ``mm`` 5e-9), so a decrypted value rounds to the grid point of its exact value except
-within the noise of a grid boundary: the noise bits below the grid are removed, not flooded (a
-value that lands near a boundary still shows on which side its noise fell). Plain
-:meth:`ClientCrypto.decrypt` (no precision) stays exact, for measuring CKKS precision.
+:func:`shelora_core.client.receive` (every method's receive path) decrypts with.
+
+The grid is a trade-off. CKKS noise is absolute, so the grid must be too, and above the noise:
+the largest decryption errors measured for the parameter sets in use (scale 2^40) are 3-7e-9 for
+fresh ciphertexts, 1-3e-8 for sums of 10-32 ciphertexts, 3.6e-8 after ``weighted_sum`` and 5e-9
+for paper mode's ``mm``; ``2^-22`` is ~7x the largest and 10-50x the typical. A decrypted value
+then rounds to the grid point of its exact value except within the noise of a grid boundary
+(a few percent of the values at these errors; the fraction halves with every doubling of the
+grid): the noise bits below the grid are removed, not flooded (such a value still shows on which
+side its noise fell). The cost is a rounding error of up to 1.2e-7 absolute on every decrypted
+value: negligible for the pre-weighted sums of the ``delta`` modes (divided by the total sample
+count afterwards); in notebook 04's protocol check (paper mode decrypts dW columns directly) the
+worst error relative to max |dW| was 1.7e-7 unrounded and 8.1e-6 with a grid of ``2^-20``, too
+close to that notebook's 1e-5 bar; ``2^-22`` scales it to about 2e-6 (within the 1.5 orders of
+magnitude its pinned value allows). Plain :meth:`ClientCrypto.decrypt` (no precision) stays exact, for
+measuring CKKS precision.
 """
 
 from __future__ import annotations
@@ -56,7 +65,7 @@ __all__ = ["DECRYPT_PRECISION", "ClientCrypto", "KeyHolder", "ServerCrypto", "ro
 
 #: the grid (absolute) decrypted aggregates are rounded to before they leave a client's
 #: decryption (module docstring, "Rounding of decrypted aggregates")
-DECRYPT_PRECISION = 2.0**-20
+DECRYPT_PRECISION = 2.0**-22
 
 
 def round_to_grid(values: np.ndarray, precision: float) -> np.ndarray:
