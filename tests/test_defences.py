@@ -227,6 +227,12 @@ def test_secret_init_key_lives_with_the_clients_and_round_one_hides_a(
     with pytest.raises(ValueError, match="init_seed"):
         client_step(cfg, minilm_model, fed.clients[1], client_id=1, round_=1, broadcast=None,
                     crypto=fed.client_crypto, columns=cols)  # fmt: skip
+    from shelora_core.client import negotiation_proposal
+    from shelora_core.ope import ColumnOPE, OPEKey
+
+    ope = ColumnOPE(OPEKey.from_bytes(fed.keys.ope_key))
+    with pytest.raises(ValueError, match="secret_init"):  # never the public A by accident
+        negotiation_proposal(cfg, minilm_model, fed.clients[0], client_id=0, ope=ope)
 
 
 # ---------------------------------------------------------------------- a client colluding

@@ -64,6 +64,11 @@ def client_proposal(
 
     rank, budget = cfg.client_rank(client_id), cfg.client_budget(client_id)
     if weights is None:
+        if cfg.secret_init:  # the public seed would score another A than the clients train
+            raise ValueError(
+                "secret_init: score the client's initial adapter derived from the shared key; "
+                "pass weights=model.init_weights(rank, seed=client.secret_init_seed(init_key))"
+            )
         weights = model.init_weights(rank, seed=cfg.seed)
     elif weights.rank != rank:
         raise ValueError(f"client {client_id} has rank {rank}, the adapter has {weights.rank}")
