@@ -4,7 +4,7 @@ Layout of ``<results_dir>/checkpoints/<run>/``::
 
     keyholder/   secret.ctx  public.ctx  manifest.json   (written last: the keys are complete)
     server/      public.ctx  checkpoint.bin              (no secret context, no OPE key)
-    clients/<i>/ secret.ctx  [ope.key]  [columns*.json]  (client i's own keys and column lists)
+    clients/<i>/ secret.ctx  [ope.key]  [init.key]  [columns*.json]  (client i's keys and lists)
     evaluator/   secret.ctx                              (reads the global model)
 
 * **Keys are generated once, all together.** Every role's files are written into a staging
@@ -76,6 +76,9 @@ class KeyBundle:
         server_public: the server's public context.
         evaluator_secret: the evaluator's secret context.
         ope_key: the clients' shared OPE key (``None``: no negotiation).
+        init_key: the clients' shared secret from which the initial adapter's A is derived
+            (``secret_init``; ``None``: the public seeded initialisation). The server never
+            holds it.
         fingerprint: the CKKS key's fingerprint (from the manifest).
     """
 
@@ -83,6 +86,7 @@ class KeyBundle:
     server_public: bytes | None = None
     evaluator_secret: bytes | None = None
     ope_key: bytes | None = None
+    init_key: bytes | None = None
     fingerprint: str | None = None
 
 
@@ -127,13 +131,16 @@ class RunDirs:
             )
 
     # ---------------------------------------------------------------- keys
-    def keys(self, *, ckks: Any = None, ope: bool = False) -> KeyBundle:
+    def keys(self, *, ckks: Any = None, ope: bool = False, init: bool = False) -> KeyBundle:
         """The run's keys: read them when the manifest says they are complete, else generate.
 
         Args:
             ckks: a :class:`~shelora_core.ckks.KeyHolder` factory (called with no argument) for
                 methods that encrypt, or ``None``.
             ope: whether the clients need an OPE key (SHE-LoRA's negotiation).
+            init: whether the clients need a shared initialisation key (``secret_init``:
+                32 random bytes from the operating system, written only to the clients' and
+                the key holder's directories).
 
         Raises:
             CheckpointError: a key file of a complete setup is missing or altered, or the keys
@@ -141,8 +148,8 @@ class RunDirs:
         """
         self._check_legacy()
         if self.manifest.exists():
-            return self._read_keys(ckks=ckks is not None, ope=ope)
-        if ckks is None and not ope:  # nothing to keep secret
+            return self._read_keys(ckks=ckks is not None, ope=ope, init=init)
+        if ckks is None and not ope and not init:  # nothing to keep secret
             return KeyBundle()
         if self.checkpoint.exists():
             raise CheckpointError(
@@ -151,7 +158,7 @@ class RunDirs:
                 f"it. Restore {self.keyholder} or delete {self.root} to start over"
             )
         self._discard_interrupted_setup()
-        return self._generate(ckks, ope)
+        return self._generate(ckks, ope, init)
 
     def _discard_interrupted_setup(self) -> None:
         """Remove what an interrupted key setup left (no manifest, no checkpoint: never used)."""
@@ -163,7 +170,7 @@ class RunDirs:
             if p.exists():
                 p.unlink()
 
-    def _generate(self, ckks: Any, ope: bool) -> KeyBundle:
+    def _generate(self, ckks: Any, ope: bool, init: bool = False) -> KeyBundle:
         from .ope import OPEKey
 
         stage = self.root / ".setup"
@@ -182,6 +189,11 @@ class RunDirs:
             bundle.ope_key = OPEKey.generate().to_bytes()
             for i in range(self.num_clients):
                 files[f"clients/{i}/ope.key"] = bundle.ope_key
+        if init:  # the clients' shared secret for the initial A: never in the server's directory
+            bundle.init_key = os.urandom(32)
+            files["keyholder/init.key"] = bundle.init_key
+            for i in range(self.num_clients):
+                files[f"clients/{i}/init.key"] = bundle.init_key
         for rel, data in files.items():
             atomic_write(stage / rel, data)
         manifest = {
@@ -189,6 +201,7 @@ class RunDirs:
             "fingerprint": bundle.fingerprint,
             "ckks": ckks is not None,
             "ope": ope,
+            "init": init,
             "num_clients": self.num_clients,
             "files": {rel: hashlib.sha256(d).hexdigest() for rel, d in sorted(files.items())},
         }
@@ -202,7 +215,7 @@ class RunDirs:
         shutil.rmtree(stage, ignore_errors=True)
         return bundle
 
-    def _read_keys(self, *, ckks: bool, ope: bool) -> KeyBundle:
+    def _read_keys(self, *, ckks: bool, ope: bool, init: bool = False) -> KeyBundle:
         try:
             manifest = json.loads(self.manifest.read_text())
             files = dict(manifest["files"])
@@ -210,10 +223,11 @@ class RunDirs:
             raise CheckpointError(
                 f"{self.manifest} is damaged ({exc}); restore it or delete {self.root}"
             ) from None
-        if bool(manifest.get("ckks")) != ckks or bool(manifest.get("ope")) != ope:
+        made = (bool(manifest.get("ckks")), bool(manifest.get("ope")), bool(manifest.get("init")))
+        if made != (ckks, ope, init):
             raise CheckpointError(
-                f"the keys in {self.root} were made for ckks={manifest.get('ckks')}, "
-                f"ope={manifest.get('ope')}; this run needs ckks={ckks}, ope={ope}. Delete "
+                f"the keys in {self.root} were made for ckks={made[0]}, ope={made[1]}, "
+                f"init={made[2]}; this run needs ckks={ckks}, ope={ope}, init={init}. Delete "
                 f"{self.root} to start this configuration over"
             )
 
@@ -238,6 +252,8 @@ class RunDirs:
                 bundle.client_secret = read(f"clients/{i}/secret.ctx")
             if ope:
                 bundle.ope_key = read(f"clients/{i}/ope.key")
+            if init:
+                bundle.init_key = read(f"clients/{i}/init.key")
         if ckks:
             bundle.server_public = read("server/public.ctx")
             bundle.evaluator_secret = read("evaluator/secret.ctx")

@@ -18,6 +18,7 @@ attack grid's victim and a remote driver all call these functions; none calls a 
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from .adapters import AdapterWeights
+from .ckks.roles import DECRYPT_PRECISION, ClientCrypto
 from .config import FederatedConfig, learning_rate
 from .data import ClientData
 from .errors import ProtocolError, SheloraError
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "batch_loss",
     "check_broadcast",
+    "check_negotiated_columns",
     "client_seed",
     "client_step",
     "client_upload",
@@ -49,6 +52,7 @@ __all__ = [
     "negotiation_proposal",
     "propose_masks",
     "receive",
+    "secret_init_seed",
     "upload",
 ]
 
@@ -58,6 +62,26 @@ def client_seed(*parts: int) -> int:
     """A 31-bit seed from integers, e.g. ``(cfg.seed, round, client_id, purpose)``: purpose 0
     reparameterization, 1 local training, 2 MaskCrypt's calibration batch, 3 upload noise (DP)."""
     return int(np.random.default_rng(list(parts)).integers(2**31 - 1))
+
+
+def secret_init_seed(init_key: bytes) -> int:
+    """The seed of the initial adapter's A under ``secret_init``: a 64-bit integer derived
+    (SHA-256, domain-separated) from the clients' shared initialisation key
+    (:attr:`~shelora_core.checkpoint.KeyBundle.init_key`). Only clients hold the key; the same
+    key gives the same A on every client (a common initial model), another key another A.
+
+    Raises:
+        ProtocolError: a key of fewer than 16 bytes (not a key the key holder wrote).
+    """
+    key = bytes(init_key)
+    if len(key) < 16:
+        raise ProtocolError(
+            f"the shared initialisation key has {len(key)} bytes; the key holder writes 32 "
+            "(clients/<i>/init.key): restore it or start the run over",
+            reason="key",
+        )
+    digest = hashlib.sha256(b"shelora/secret-init/v1\0" + key).digest()
+    return int.from_bytes(digest[:8], "big")
 
 
 def log_label_prior(labels: torch.Tensor, num_labels: int) -> torch.Tensor:
@@ -180,6 +204,10 @@ def receive(
 ) -> AdapterWeights:
     """The client's adapter from the server's broadcast: decrypt, fuse, truncate to its rank.
 
+    Every value decrypted here is rounded to :data:`~shelora_core.ckks.roles.DECRYPT_PRECISION`
+    (``crypto.with_precision``) before the method uses it, unless ``crypto`` already sets a
+    precision.
+
     Args:
         cfg: the run's public configuration.
         broadcast: the broadcast bytes.
@@ -204,6 +232,9 @@ def receive(
     seed = 0 if client_id is None or round_ is None else client_seed(cfg.seed, round_, client_id, 0)
     msg = decode(broadcast, expect_kind="broadcast")
     check_broadcast(cfg, msg, round_=round_, crypto=crypto)
+    if isinstance(crypto, ClientCrypto) and crypto.precision is None:
+        # decrypted aggregates leave the decryption rounded (CKKS noise reveals the key)
+        crypto = crypto.with_precision(DECRYPT_PRECISION)
     weights = get_method(cfg.method, cfg).client_weights(
         msg,
         rank=rank,
@@ -348,11 +379,47 @@ def negotiation_proposal(
     return encode(client_proposal(cfg, model, data, client_id=client_id, ope=ope, weights=weights))
 
 
-def negotiated_columns(broadcast: bytes, ope: Any) -> dict[str, list[int]]:
-    """SHE-LoRA: decrypt the negotiation's broadcast with the OPE key: layer -> ordered G."""
+def negotiated_columns(
+    broadcast: bytes,
+    ope: Any,
+    *,
+    proposal: bytes | None = None,
+    cfg: FederatedConfig | None = None,
+) -> dict[str, list[int]]:
+    """SHE-LoRA: decrypt the negotiation's broadcast with the OPE key: layer -> ordered G.
+
+    With ``proposal`` (the client's own proposal bytes) and ``cfg``, the client also checks that
+    G covers its own most sensitive columns (:func:`check_negotiated_columns`).
+
+    Raises:
+        NegotiationError: a list that covers too little of the client's own proposal.
+    """
     from .methods.shelora_negotiation import client_columns
 
-    return client_columns(decode(broadcast, expect_kind="negotiation"), ope)
+    columns = client_columns(decode(broadcast, expect_kind="negotiation"), ope)
+    if proposal is not None:
+        if cfg is None:
+            raise ValueError("checking the negotiated list against a proposal needs cfg")
+        check_negotiated_columns(cfg, columns, proposal, ope)
+    return columns
+
+
+def check_negotiated_columns(
+    cfg: FederatedConfig, columns: Mapping[str, list[int]], proposal: bytes, ope: Any
+) -> float:
+    """SHE-LoRA: a client's check of the decrypted list G against its own proposal bytes: G's
+    prefix ``G[:k_i]`` must cover at least ``cfg.min_column_coverage`` of its own top-k_i
+    columns (:func:`shelora_core.methods.shelora_negotiation.check_coverage`). Returns the
+    client's coverage.
+
+    Raises:
+        NegotiationError: naming the coverage, the worst layer and the fix (a server steering
+            the negotiation).
+    """
+    from .methods.shelora_negotiation import check_coverage
+
+    own = decode(proposal, expect_kind="proposal")
+    return check_coverage(cfg, dict(columns), own, ope)
 
 
 def client_step(
@@ -366,6 +433,7 @@ def client_step(
     crypto: Any = None,
     columns: dict[str, list[int]] | None = None,
     state: dict[str, Any] | None = None,
+    init_seed: int | None = None,
 ) -> tuple[bytes, float, dict[str, float]]:
     """One client's training round: adapter from the broadcast, local training, upload bytes.
 
@@ -383,6 +451,8 @@ def client_step(
         crypto: the client's CKKS context (secret key) for encrypted methods.
         columns: SHE-LoRA: the negotiated ordered column list G per layer (client-side state).
         state: MaskCrypt: a dict the client keeps between its two steps of a round.
+        init_seed: ``secret_init``: the seed of the round-1 adapter's A, from the clients'
+            shared key (:func:`secret_init_seed`); ``None``: ``cfg.seed`` (public).
 
     Returns:
         ``(upload_bytes, mean_training_loss, seconds)`` with ``seconds`` split into
@@ -395,7 +465,12 @@ def client_step(
     rank = cfg.client_rank(client_id)
     t0 = time.perf_counter()
     if broadcast is None:
-        weights = model.init_weights(rank, seed=cfg.seed)
+        if cfg.secret_init and init_seed is None:
+            raise ValueError(
+                "secret_init: round 1 starts from A derived from the clients' shared key; pass "
+                "init_seed=secret_init_seed(<the client's init.key>)"
+            )
+        weights = model.init_weights(rank, seed=cfg.seed if init_seed is None else init_seed)
     else:
         weights = receive(
             cfg, broadcast, client_id=client_id, round_=round_, crypto=crypto, model=model

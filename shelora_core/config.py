@@ -26,7 +26,14 @@ from .data import DATASETS as _DATASET_LOADERS
 from .errors import ConfigError
 from .partitions import PARTITION_SCHEMES as PARTITIONS
 
-__all__ = ["BUDGETED", "METHODS", "SHELORA_FAMILY", "FederatedConfig", "learning_rate"]
+__all__ = [
+    "BUDGETED",
+    "METHODS",
+    "MIN_COLUMN_COVERAGE",
+    "SHELORA_FAMILY",
+    "FederatedConfig",
+    "learning_rate",
+]
 
 #: aggregation methods the federation loop knows
 METHODS = (
@@ -35,12 +42,13 @@ METHODS = (
     "flexlora-dp",
     "shelora",
     "shelora+first-layers",
+    "shelora-dp",
     "fedshield",
     "full_he",
     "maskcrypt",
 )
 #: methods that protect SHE-LoRA's ordered column list G (negotiated or public)
-SHELORA_FAMILY = ("shelora", "shelora+first-layers")
+SHELORA_FAMILY = ("shelora", "shelora+first-layers", "shelora-dp")
 #: methods whose encrypted share is set by ``he_budgets`` and ``cipher_mode``
 BUDGETED = (*SHELORA_FAMILY, "maskcrypt")
 CIPHER_MODES = ("delta", "paper", "packed")
@@ -60,6 +68,11 @@ LAYER_SHAPES: dict[str, dict[str, tuple[int, int]]] = {
 }
 _DEFAULT_TARGETS = {k: spec.default_targets for k, spec in MODELS.items()}
 
+#: the default of ``min_column_coverage``: the share of a client's own top-k_i columns (pooled
+#: over layers) the negotiated prefix G[:k_i] must cover before the client uses it
+#: (:func:`shelora_core.methods.shelora_negotiation.check_coverage`)
+MIN_COLUMN_COVERAGE = 0.5
+
 #: fields added after runs were first recorded, with their defaults: they enter
 #: :meth:`FederatedConfig.fingerprint` only when set to another value, so the runs (names,
 #: checkpoints, results) of every configuration that does not use them keep their identity
@@ -72,11 +85,14 @@ _LATE_FIELDS: dict[str, Any] = {
     "dp_delta": 1e-5,
     "dp_clip": 1.0,
     "dp_noise_multiplier": None,
+    "dp_target_epsilon": None,
     "first_layers": (0, 1),
     "first_layers_encrypt": "dw",
     "min_clients": 1,
     "seeded_uploads": False,
     "prune_schedule_rounds": None,
+    "secret_init": False,
+    "min_column_coverage": MIN_COLUMN_COVERAGE,
 }
 
 #: torch.manual_seed takes seeds below 2**64 (numpy's generators take any non-negative integer)
@@ -91,7 +107,8 @@ class FederatedConfig:
         method: aggregation, one of :data:`METHODS`. Defaults to ``"flexlora"``. ``"maskcrypt"``
             is the MaskCrypt baseline (:mod:`shelora_core.methods.maskcrypt`): per-weight selective
             HE of the zero-padded LoRA factors, encrypting per client as many values as SHE-LoRA
-            does at the same ``he_budgets`` and ``cipher_mode``.
+            does at the same ``he_budgets`` and ``cipher_mode``. ``"shelora-dp"`` is SHE-LoRA
+            (delta mode) with local DP on its plaintext part (:mod:`shelora_core.methods.shelora_dp`).
         model: ``"minilm"`` (BERT encoder) or ``"smollm2"`` (LLaMA decoder).
         dataset: ``"rotten_tomatoes"`` (binary sentiment) or ``"bbc_news"`` (5 topics).
         num_clients: clients in the federation. Defaults to 10.
@@ -159,13 +176,19 @@ class FederatedConfig:
         renegotiate_every: SHE-LoRA with ``column_order="negotiated"``: re-run sensitivity ->
             OPE -> negotiation on the current global adapter before rounds 1, 1+K, 1+2K, ...
             (K = this value); ``None`` negotiates once, before round 1. Defaults to ``None``.
-        dp_epsilon: ``flexlora-dp``: epsilon of each client's per-round Gaussian release (used
-            when ``dp_noise_multiplier`` is ``None``). Defaults to 10 (the authors' setting).
+        dp_epsilon: DP methods (``flexlora-dp``, ``shelora-dp``): epsilon of each client's
+            per-round Gaussian release (used when ``dp_noise_multiplier`` and
+            ``dp_target_epsilon`` are ``None``). Defaults to 10 (the authors' setting).
         dp_delta: ``flexlora-dp``: delta of that release. Defaults to 1e-5.
         dp_clip: ``flexlora-dp``: L2 bound of a client's round update (all LoRA factors and the
-            head together). Defaults to 1.0.
+            head together; ``shelora-dp``: its plaintext part). Defaults to 1.0.
         dp_noise_multiplier: ``flexlora-dp``: noise std per unit of ``dp_clip``; overrides
-            ``dp_epsilon`` when set. Defaults to ``None``.
+            ``dp_epsilon`` and ``dp_target_epsilon`` when set. Defaults to ``None``.
+        dp_target_epsilon: DP methods: the epsilon the whole run may spend (at ``dp_delta``,
+            client-level, against the server: :mod:`shelora_core.accounting`); the clients'
+            noise multiplier is calibrated to it by the RDP accountant over ``rounds`` instead
+            of per round from ``dp_epsilon``. Exclusive with ``dp_noise_multiplier``. Defaults
+            to ``None`` (per-round calibration).
         first_layers: ``shelora+first-layers``: the transformer blocks whose LoRA update is sent
             only as ciphertexts. Defaults to ``(0, 1)`` (the two layers DAGER reads).
         first_layers_encrypt: ``shelora+first-layers``: ``"dw"`` (each client's weighted update
@@ -178,6 +201,16 @@ class FederatedConfig:
             (:mod:`shelora_core.ckks.seeded`): about half the upload bytes per ciphertext, the
             same values up to CKKS noise; the server's results (broadcasts) keep their size.
             Methods that send no ciphertext ignore it. Defaults to ``False`` (TenSEAL's bytes).
+        secret_init: the round-1 adapter's A is derived from a key the clients share (written
+            with their keys by the key holder, :class:`~shelora_core.checkpoint.RunDirs`), not
+            from ``seed``: the server, which holds the public model and ``seed``, does not know
+            A before the first uploads (:func:`shelora_core.client.secret_init_seed`). The head
+            and ``B = 0`` stay as before. Defaults to ``False`` (A from ``seed``: public).
+        min_column_coverage: SHE-LoRA with ``column_order="negotiated"``: each client refuses a
+            negotiated list whose prefix ``G[:k_i]`` covers less than this share of its own
+            top-k_i columns, pooled over the layers (a server steering the negotiation;
+            :func:`~shelora_core.methods.shelora_negotiation.check_coverage`). In [0, 1]; 0
+            accepts any list. Defaults to :data:`MIN_COLUMN_COVERAGE` (0.5).
         extra: free-form notes (not compared, not hashed, not saved by :meth:`to_dict`).
 
     How fields are checked: every field is typed and range-checked when the config is built
@@ -246,11 +279,14 @@ class FederatedConfig:
     dp_delta: float = 1e-5
     dp_clip: float = 1.0
     dp_noise_multiplier: float | None = None
+    dp_target_epsilon: float | None = None
     first_layers: tuple[int, ...] = (0, 1)
     first_layers_encrypt: str = "dw"
     min_clients: int = 1
     seeded_uploads: bool = False
     prune_schedule_rounds: int | None = None
+    secret_init: bool = False
+    min_column_coverage: float = MIN_COLUMN_COVERAGE
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -409,15 +445,39 @@ class FederatedConfig:
                     "shelora+first-layers encrypts the protected layers: use 'encrypt' (the withhold "
                     "ablation is a setting of method 'shelora')",
                 )
+        if self.method == "shelora-dp":
+            if self.cipher_mode != "delta":
+                _bad(
+                    "cipher_mode",
+                    self.cipher_mode,
+                    "shelora-dp runs in 'delta' mode (paper mode would multiply the encrypted "
+                    "columns by the noised plaintext B)",
+                )
+            if self.shelora_protect != "encrypt":
+                _bad(
+                    "shelora_protect",
+                    self.shelora_protect,
+                    "shelora-dp encrypts the protected columns: use 'encrypt' (the withhold "
+                    "ablation is a setting of method 'shelora')",
+                )
         if (
-            self.method == "flexlora-dp"
+            self.method in ("flexlora-dp", "shelora-dp")
             and self.dp_noise_multiplier is None
+            and self.dp_target_epsilon is None
             and self.dp_epsilon is None
         ):
             _bad(
                 "dp_epsilon",
                 self.dp_epsilon,
-                "must be > 0 (10 is the authors' setting), or set dp_noise_multiplier",
+                "must be > 0 (10 is the authors' setting), or set dp_noise_multiplier or "
+                "dp_target_epsilon",
+            )
+        if self.dp_target_epsilon is not None and self.dp_noise_multiplier is not None:
+            _bad(
+                "dp_target_epsilon",
+                self.dp_target_epsilon,
+                f"it calibrates the noise multiplier, which dp_noise_multiplier = "
+                f"{self.dp_noise_multiplier!r} already fixes: set one of the two to None",
             )
         if (
             self.train_examples is not None
@@ -469,7 +529,7 @@ class FederatedConfig:
             return "multiply" if self.cipher_mode == "paper" else "add"
         if self.method in ("fedshield", "full_he"):
             return "multiply"
-        return "add"  # shelora+first-layers (delta mode only)
+        return "add"  # shelora+first-layers and shelora-dp (delta mode only)
 
     def _check_ckks(self) -> None:
         """``ckks_params``: a named set that passes the security check and can run the method.
@@ -876,6 +936,15 @@ _FIELD_CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "dp_noise_multiplier": lambda n, v: _real(
         n, v, optional=True, ok=lambda x: x >= 0, allowed="must be >= 0 or None"
     ),
+    "dp_target_epsilon": lambda n, v: _real(
+        n,
+        v,
+        optional=True,
+        **_positive(
+            "must be > 0 (the epsilon the whole run may spend, e.g. 8) or None (per-round "
+            "calibration from dp_epsilon)"
+        ),
+    ),
     "first_layers": _first_layers,
     "first_layers_encrypt": lambda n, v: _choice(n, v, FIRST_LAYERS_ENCRYPT),
     "min_clients": lambda n, v: _int(
@@ -893,6 +962,14 @@ _FIELD_CHECKS: dict[str, Callable[[str, Any], Any]] = {
         allowed="must be an integer >= 1 (the rounds the paper's 200-round pruning schedule is "
         "laid over, e.g. the run's rounds) or None (the paper's schedule: no pruning before "
         "round 40)",
+    ),
+    "secret_init": _bool,
+    "min_column_coverage": lambda n, v: _real(
+        n,
+        v,
+        ok=lambda x: 0 <= x <= 1,
+        allowed="must be in [0, 1] (the share of a client's own top-k_i columns the negotiated "
+        "prefix must cover; 0 accepts any list)",
     ),
     "extra": _extra,
 }

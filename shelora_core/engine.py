@@ -22,7 +22,14 @@ from typing import Any
 import numpy as np
 
 from .adapters import AdapterWeights
-from .client import negotiated_columns, negotiation_proposal, propose_masks, receive, upload
+from .client import (
+    check_negotiated_columns,
+    negotiated_columns,
+    negotiation_proposal,
+    propose_masks,
+    receive,
+    upload,
+)
 from .config import FederatedConfig
 from .messages import Message, decode
 from .methods import get_method
@@ -175,7 +182,8 @@ class NegotiationTrace:
         proposals: each client's OPE-encrypted proposal bytes.
         broadcast: the server's negotiation bytes.
         result: the server's own record (Coverage, Risk, the chosen (a, b) per tier).
-        seconds: ``proposal`` (per client), ``server`` and ``decrypt`` (one client).
+        seconds: ``proposal`` (per client), ``server``, ``decrypt`` (one client) and
+            ``coverage`` (per client: its check of G against its own proposal).
     """
 
     columns: dict[str, list[int]]
@@ -194,7 +202,11 @@ def run_negotiation(
     weights: Sequence[AdapterWeights | None] | None = None,
 ) -> NegotiationTrace:
     """Every client proposes (sensitivity on its own data, OPE), the server negotiates on the
-    ciphertexts, a client decrypts G: the steps the federation loop and the attack grid share.
+    ciphertexts, a client decrypts G and every client checks that G covers its own proposal
+    (``cfg.min_column_coverage``): the steps the federation loop and the attack grid share.
+
+    Raises:
+        NegotiationError: a client refuses the list (too little of its proposal covered).
 
     Args:
         cfg: the run's public configuration (ranks, budgets, calibration size).
@@ -213,5 +225,11 @@ def run_negotiation(
     broadcast, result = server_negotiate(cfg, proposals)
     t1 = time.perf_counter()
     columns = negotiated_columns(broadcast, ope)
-    seconds = {"proposal": t_prop, "server": t1 - t0, "decrypt": time.perf_counter() - t1}
+    t2 = time.perf_counter()
+    t_check = []
+    for p in proposals:  # every client checks G against its own proposal (a steering server)
+        t3 = time.perf_counter()
+        check_negotiated_columns(cfg, columns, p, ope)
+        t_check.append(time.perf_counter() - t3)
+    seconds = {"proposal": t_prop, "server": t1 - t0, "decrypt": t2 - t1, "coverage": t_check}
     return NegotiationTrace(columns, proposals, broadcast, result, seconds)

@@ -51,6 +51,7 @@ from .client import (
     client_step,
     client_upload,
     receive,
+    secret_init_seed,
 )
 from .config import FederatedConfig
 from .data import ClientData, TextDataset, encode_dataset, load_dataset
@@ -228,8 +229,12 @@ class Federation:
             params = ckks_params_for(config)
             ckks = lambda: KeyHolder.generate(params, seed=config.seed)  # noqa: E731
         self.keys = self.dirs.keys(
-            ckks=ckks, ope=config.uses_columns and config.column_order == "negotiated"
+            ckks=ckks,
+            ope=config.uses_columns and config.column_order == "negotiated",
+            init=config.secret_init,
         )
+        # secret_init: the clients' seed of the initial A (client-side; the server never has it)
+        self.init_seed = secret_init_seed(self.keys.init_key) if config.secret_init else None
         if ckks is not None:
             secret, public = self.keys.client_secret, self.keys.server_public
             self.client_crypto = ClientCrypto(secret)  # what every client loads
@@ -294,6 +299,11 @@ class Federation:
             OPEKey.from_bytes(self.keys.ope_key)
         )  # the clients' key, never the server's
         weights = None  # before round 1: every client's initial adapter
+        if self.init_seed is not None and broadcast is None:  # secret_init: from the shared key
+            weights = [
+                self.model.init_weights(cfg.client_rank(i), seed=self.init_seed)
+                for i in range(cfg.num_clients)
+            ]
         if broadcast is not None:  # a re-negotiation: the current global adapter at each rank
             weights = [
                 receive(cfg, broadcast, client_id=i, round_=round_, crypto=self.client_crypto)
@@ -436,6 +446,7 @@ class Federation:
                         crypto=self.client_crypto,
                         columns=self.columns,
                         state=state,
+                        init_seed=self.init_seed,
                     )
                 except SheloraError as exc:  # this client drops out; the round goes on
                     failed.append(_failure(cid, exc))

@@ -11,8 +11,9 @@ coordinate before uploading. ``sigma`` comes from the Gaussian mechanism for one
 * ``"classic"``: ``sqrt(2 ln(1.25 / delta)) / epsilon`` (Dwork & Roth 2014, Thm A.1; proved only for
   epsilon < 1, larger than the analytic value).
 
-This is per-release (per round) privacy of one client's update; composition over rounds is not
-accounted here.
+This is per-release (per round) privacy of one client's update; the composition over the rounds
+of a run (and a noise multiplier for a target epsilon over the run) is
+:mod:`shelora_core.accounting`'s.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from .accounting import run_privacy
 from .config import BUDGETED, FederatedConfig, learning_rate
 
 __all__ = [
@@ -105,6 +106,7 @@ class RunResult:
                     ]
                 )
             ),
+            **({"privacy": self.history[-1]["privacy"]} if "privacy" in self.history[-1] else {}),
             "config": cfg.to_dict(),
         }
 
@@ -181,9 +183,11 @@ def round_record(
         extra: method-specific fields (negotiation, consensus, ``rejected``), appended last.
 
     ``accuracy`` and ``macro_f1`` are ``None`` until the caller evaluates; ``seconds`` (the
-    round's wall clock) is the caller's to add.
+    round's wall clock) is the caller's to add. A DP method's record also carries ``privacy``:
+    the (epsilon, delta) spent after this round (:func:`shelora_core.accounting.run_privacy`;
+    computing it imports Opacus, and with it torch, in the process that writes the record).
     """
-    return {
+    rec = {
         "round": round_,
         "clients": clients,
         "lr": learning_rate(config, round_),
@@ -201,3 +205,7 @@ def round_record(
         "results_version": results_version(config.method),
         **extra,
     }
+    privacy = run_privacy(config, round_)  # DP methods: the (epsilon, delta) spent so far
+    if privacy is not None:
+        rec["privacy"] = privacy
+    return rec

@@ -168,6 +168,16 @@ BAD_VALUES: list[tuple[str, object, dict]] = [
     ("dp_noise_multiplier", -1.0, {}),
     ("dp_noise_multiplier", NAN, {}),
     ("dp_noise_multiplier", INF, {}),
+    ("dp_target_epsilon", 0.0, {}),
+    ("dp_target_epsilon", -1.0, {}),
+    ("dp_target_epsilon", NAN, {}),
+    ("dp_target_epsilon", INF, {}),
+    ("dp_target_epsilon", "8", {}),
+    ("dp_target_epsilon", True, {}),
+    ("dp_target_epsilon", 8.0, {"dp_noise_multiplier": 1.0}),  # both fix the noise
+    ("dp_epsilon", None, {"method": "shelora-dp"}),  # and no multiplier, no target
+    ("cipher_mode", "paper", {"method": "shelora-dp"}),  # the noise would enter the products
+    ("shelora_protect", "withhold", {"method": "shelora-dp"}),
     ("first_layers", 0, {}),
     ("first_layers", "01", {}),
     ("first_layers", (0.5,), {}),
@@ -188,6 +198,14 @@ BAD_VALUES: list[tuple[str, object, dict]] = [
     ("prune_schedule_rounds", 2.5, {}),
     ("prune_schedule_rounds", True, {}),
     ("prune_schedule_rounds", "20", {}),
+    ("secret_init", 1, {}),
+    ("secret_init", "yes", {}),
+    ("secret_init", None, {}),
+    ("min_column_coverage", -0.1, {}),
+    ("min_column_coverage", 1.5, {}),
+    ("min_column_coverage", NAN, {}),
+    ("min_column_coverage", "0.5", {}),
+    ("min_column_coverage", None, {}),
     ("extra", [], {}),
     ("extra", None, {}),
 ]
@@ -281,7 +299,8 @@ def test_validate_is_public_and_rechecks_the_stored_values():
 def _method_configs() -> list[FederatedConfig]:
     out = []
     for method in METHODS:
-        modes = ("delta",) if method == "shelora+first-layers" else ("delta", "paper")
+        delta_only = method in ("shelora+first-layers", "shelora-dp")
+        modes = ("delta",) if delta_only else ("delta", "paper")
         modes += ("packed",) if method == "shelora" else ()
         out += [FederatedConfig(method=method, cipher_mode=m) for m in modes]
     out.append(FederatedConfig(method="shelora", shelora_protect="withhold"))
@@ -371,6 +390,21 @@ def test_min_clients_is_a_late_field():
     del old["min_clients"]  # a config saved before the field existed
     assert FederatedConfig.from_dict(old) == cfg
     assert FederatedConfig(num_clients=4, client_fraction=0.5, min_clients=2).min_clients == 2
+
+
+def test_dp_target_epsilon_is_a_late_field():
+    cfg = FederatedConfig(method="flexlora-dp")
+    assert cfg.dp_target_epsilon is None
+    assert cfg.replace(dp_target_epsilon=None).fingerprint() == cfg.fingerprint()
+    assert cfg.replace(dp_target_epsilon=8.0).fingerprint() != cfg.fingerprint()
+    old = cfg.to_dict()
+    del old["dp_target_epsilon"]
+    assert FederatedConfig.from_dict(old) == cfg
+    # a target alone is enough for flexlora-dp (no per-round epsilon needed)
+    assert (
+        FederatedConfig(method="flexlora-dp", dp_epsilon=None, dp_target_epsilon=8).dp_epsilon
+        is None
+    )
 
 
 # ---------------------------------------------------------------------- unknown field names

@@ -18,10 +18,37 @@ Notes
 
 The roles exchange only bytes, and each exposes the key's ``fingerprint``
 (:func:`~shelora_core.ckks.context_fingerprint`) for receivers to check.
+
+Rounding of decrypted aggregates
+--------------------------------
+A CKKS decryption returns the message plus the ciphertext's noise, and the noise is a function of
+the secret key: whoever holds a ciphertext *and* its exact decryption can recover the key (Li and
+Micciancio, "On the Security of Homomorphic Encryption on Approximate Numbers", EUROCRYPT 2021).
+In the protocol every client decrypts the server's aggregates and what it does with them (its
+next upload, the released model) leaves it, so the protocol rounds every decrypted value to a
+grid of :data:`DECRYPT_PRECISION` (``2^-22``, about 2.4e-7, absolute) before it leaves the
+decryption: :meth:`ClientCrypto.with_precision` gives the rounding view that
+:func:`shelora_core.client.receive` (every method's receive path) decrypts with.
+
+The grid is a trade-off. CKKS noise is absolute, so the grid must be too, and above the noise:
+the largest decryption errors measured for the parameter sets in use (scale 2^40) are 3-7e-9 for
+fresh ciphertexts, 1-3e-8 for sums of 10-32 ciphertexts, 3.6e-8 after ``weighted_sum`` and 5e-9
+for paper mode's ``mm``; ``2^-22`` is ~7x the largest and 10-50x the typical. A decrypted value
+then rounds to the grid point of its exact value except within the noise of a grid boundary
+(a few percent of the values at these errors; the fraction halves with every doubling of the
+grid): the noise bits below the grid are removed, not flooded (such a value still shows on which
+side its noise fell). The cost is a rounding error of up to 1.2e-7 absolute on every decrypted
+value: negligible for the pre-weighted sums of the ``delta`` modes (divided by the total sample
+count afterwards); in notebook 04's protocol check (paper mode decrypts dW columns directly) the
+worst error relative to max |dW| was 1.7e-7 unrounded and 8.1e-6 with a grid of ``2^-20``, too
+close to that notebook's 1e-5 bar; ``2^-22`` scales it to about 2e-6 (within the 1.5 orders of
+magnitude its pinned value allows). Plain :meth:`ClientCrypto.decrypt` (no precision) stays exact, for
+measuring CKKS precision.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import tempfile
@@ -38,7 +65,26 @@ from .errors import CKKSError
 from .params import CKKSParams, check_security
 from .seeded import SeededEncryptor, load_ciphertext
 
-__all__ = ["ClientCrypto", "KeyHolder", "ServerCrypto"]
+__all__ = ["DECRYPT_PRECISION", "ClientCrypto", "KeyHolder", "ServerCrypto", "round_to_grid"]
+
+#: the grid (absolute) decrypted aggregates are rounded to before they leave a client's
+#: decryption (module docstring, "Rounding of decrypted aggregates")
+DECRYPT_PRECISION = 2.0**-22
+
+
+def round_to_grid(values: np.ndarray, precision: float) -> np.ndarray:
+    """``values`` rounded to the nearest multiple of ``precision`` (half to even).
+
+    Raises:
+        CKKSError: a precision that is not a finite number > 0.
+    """
+    if not (isinstance(precision, (int, float)) and math.isfinite(precision) and precision > 0):
+        raise CKKSError(
+            f"decryption precision {precision!r} must be a finite number > 0, e.g. "
+            f"DECRYPT_PRECISION = {DECRYPT_PRECISION:.3g}"
+        )
+    x = np.asarray(values, np.float64)
+    return np.round(x / precision) * precision
 
 
 def _new_context(p: CKKSParams) -> ts.Context:
@@ -293,6 +339,9 @@ class ClientCrypto:
     Args:
         secret_context: bytes from :meth:`KeyHolder.secret_bytes`.
         seeded: the default of :meth:`encrypt`'s ``seeded`` (``False``: TenSEAL's own bytes).
+        precision: :meth:`decrypt` rounds every value to this grid (``None``: exact decryption;
+            the protocol's receive path uses :data:`DECRYPT_PRECISION` through
+            :meth:`with_precision`).
 
     Raises:
         CKKSError: the bytes are not a context, its parameters fail
@@ -300,11 +349,25 @@ class ClientCrypto:
             the modulus chain), or the context holds no secret key.
     """
 
-    def __init__(self, secret_context: bytes, *, seeded: bool = False) -> None:
+    def __init__(
+        self, secret_context: bytes, *, seeded: bool = False, precision: float | None = None
+    ) -> None:
         self.context, self.info, self.fingerprint = _role_context(secret_context, private=True)
         self._max_abs = 2.0 ** (self.info.level_bits[-1] - self.info.global_scale_bits - 1)
         self.seeded = bool(seeded)
         self._seeded: SeededEncryptor | None = None  # built on first use
+        if precision is not None:
+            round_to_grid(np.zeros(0), precision)  # refuses a bad precision by name
+        self.precision = precision
+
+    def with_precision(self, precision: float | None = DECRYPT_PRECISION) -> ClientCrypto:
+        """This client's context (shared, not copied) whose :meth:`decrypt` rounds every value
+        to ``precision`` (``None``: exact)."""
+        if precision is not None:
+            round_to_grid(np.zeros(0), precision)
+        view = copy.copy(self)
+        view.precision = precision
+        return view
 
     @property
     def slots(self) -> int:
@@ -362,7 +425,7 @@ class ClientCrypto:
             length: the number of values they hold in total (the plaintext length).
 
         Returns:
-            float64 array of ``length`` values.
+            float64 array of ``length`` values, rounded to :attr:`precision` when it is set.
 
         Raises:
             CKKSError: corrupted bytes, a seeded ciphertext of another key, or the ciphertexts
@@ -374,7 +437,8 @@ class ClientCrypto:
             raise CKKSError(
                 f"the {len(blobs)} ciphertexts hold {flat.size} values, expected length {length}"
             )
-        return flat.astype(np.float64, copy=False)
+        flat = flat.astype(np.float64, copy=False)
+        return flat if self.precision is None else round_to_grid(flat, self.precision)
 
     def _load(self, blob: bytes) -> ts.CKKSVector:
         return load_ciphertext(

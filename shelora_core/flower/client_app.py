@@ -33,6 +33,7 @@ app = ClientApp()
 
 #: the key of MaskCrypt's client-side state in a SuperNode's context state
 _STATE = "shelora-maskcrypt-state"
+_PROPOSAL = "shelora-proposal"  # this client's last negotiation proposal (its coverage check)
 
 
 @dataclass
@@ -98,6 +99,15 @@ class ClientEnv:
         if not get_method(self.cfg.method, self.cfg).needs_crypto:
             return None
         return ClientCrypto(self._read(self.node.evaluator_dir, "secret.ctx"))
+
+    @cached_property
+    def init_seed(self) -> int | None:
+        """``secret_init``: the seed of the initial A, from the clients' shared ``init.key``."""
+        if not self.cfg.secret_init:
+            return None
+        from ..client import secret_init_seed
+
+        return secret_init_seed(self._read(self.node.client_dir, "init.key"))
 
     @cached_property
     def ope(self) -> Any:
@@ -206,11 +216,16 @@ def propose(msg: Message, context: Context) -> Message:
                 round_=int(meta["round"]),
                 crypto=env.crypto,
             )
+        elif env.init_seed is not None:  # secret_init: the first list scores the secret A
+            weights = env.model.init_weights(env.cfg.client_rank(cid), seed=env.init_seed)
         t1 = time.perf_counter()
         proposal = negotiation_proposal(
             env.cfg, env.model, env.data, client_id=cid, ope=env.ope, weights=weights
         )
         t2 = time.perf_counter()
+        # kept by this SuperNode (never sent again): the list the server returns is checked
+        # against it before this client trains on it
+        context.state[_PROPOSAL] = ArrayRecord({"proposal": wire.blob_array(proposal)})
         return wire.content(
             {"proposal": proposal}, metrics={"seconds": t2 - t1, "load_seconds": t1 - t0}
         )
@@ -222,7 +237,7 @@ def propose(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """One client step (:func:`shelora_core.client.client_step`): upload bytes (MaskCrypt: the
     mask proposal, the trained adapter kept in the context state for ``train.upload``)."""
-    from ..client import client_step, negotiated_columns
+    from ..client import check_negotiated_columns, client_step, negotiated_columns
     from ..methods import get_method
     from ..methods.wire import adapter_to_upload
 
@@ -236,6 +251,9 @@ def train(msg: Message, context: Context) -> Message:
         columns = None
         if "negotiation" in blobs:  # SHE-LoRA: the list G in force, decrypted with the OPE key
             columns = negotiated_columns(blobs["negotiation"], env.ope)
+            if _PROPOSAL in context.state.array_records:  # a server steering the negotiation
+                kept = wire.read_blob(context.state.array_records[_PROPOSAL]["proposal"])
+                check_negotiated_columns(cfg, columns, kept, env.ope)
         model, data, crypto = env.model, env.data, env.crypto
         load = time.perf_counter() - t0
         needs_state = get_method(cfg.method, cfg).needs_consensus
@@ -251,6 +269,7 @@ def train(msg: Message, context: Context) -> Message:
             crypto=crypto,
             columns=columns,
             state=state,
+            init_seed=env.init_seed,
         )
         seconds = time.perf_counter() - tc
         if state is not None:  # client-side only: kept by this SuperNode, never sent

@@ -12,6 +12,7 @@ from .he_avg import FedShield, FullHE
 from .maskcrypt import MaskCrypt
 from .plaintext import FedAvg, FlexLoRA
 from .shelora import SHELoRA
+from .shelora_dp import SHELoRADP
 
 __all__ = [
     "FedAvg",
@@ -23,6 +24,7 @@ __all__ = [
     "MaskCrypt",
     "Method",
     "SHELoRA",
+    "SHELoRADP",
     "ckks_params_for",
     "get_method",
 ]
@@ -33,6 +35,7 @@ _REGISTRY: dict[str, type[Method]] = {
     "flexlora-dp": FlexLoRADP,
     "shelora": SHELoRA,
     "shelora+first-layers": FirstLayersSHELoRA,
+    "shelora-dp": SHELoRADP,
     "fedshield": FedShield,
     "full_he": FullHE,
     "maskcrypt": MaskCrypt,
@@ -42,6 +45,7 @@ _REGISTRY: dict[str, type[Method]] = {
 DEFAULT_CKKS = {
     "shelora": {"delta": "add_only", "paper": "paper_mm", "packed": "packed"},
     "shelora+first-layers": {"delta": "add_only"},
+    "shelora-dp": {"delta": "add_only"},
     "fedshield": "fedshield",
     "full_he": "fedshield",
     # delta: clients pre-weight, the server only adds; paper: the server multiplies by p_i

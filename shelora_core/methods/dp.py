@@ -4,10 +4,13 @@ Each client privatizes its round update before uploading: the difference between
 adapter and the adapter it started the round from (every LoRA factor and the head, as one vector)
 is clipped to L2 norm ``C = cfg.dp_clip`` and ``N(0, (sigma C)^2)`` is added to every coordinate
 (:func:`shelora_core.privacy.privatize`); the upload is ``start + noisy update``, aggregated by the
-server exactly as FlexLoRA. ``sigma`` is ``cfg.dp_noise_multiplier``, or the analytic Gaussian
-mechanism's multiplier for one ``(cfg.dp_epsilon, cfg.dp_delta)`` release (10, 1e-5 in the
-authors' configuration). The privacy stated is per round and per client; composition over rounds
-is not accounted here.
+server exactly as FlexLoRA. ``sigma`` (:func:`shelora_core.accounting.dp_noise_multiplier`) is
+``cfg.dp_noise_multiplier``; or calibrated by the RDP accountant so that the whole run spends at
+most ``cfg.dp_target_epsilon``; or the analytic Gaussian mechanism's multiplier for one
+``(cfg.dp_epsilon, cfg.dp_delta)`` release per round (10, 1e-5 in the authors' configuration).
+Whichever rule sets it, every round record and the summary of the run state the (epsilon, delta)
+the accountant gives for the rounds run (:func:`shelora_core.accounting.run_privacy`: client-level,
+the unit is a client's whole round update).
 
 To the server a DP upload is a FlexLoRA upload (the header says ``flexlora``): the noise is the
 client's own choice and changes nothing on the wire.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..accounting import dp_noise_multiplier
 from ..adapters import AdapterWeights
 from ..messages import Message
 from ..privacy import privatize
@@ -95,9 +99,7 @@ class FlexLoRADP(FlexLoRA):
             weights,
             start,
             clip=cfg.dp_clip,
-            noise_multiplier=cfg.dp_noise_multiplier,
-            epsilon=None if cfg.dp_noise_multiplier is not None else cfg.dp_epsilon,
-            delta=cfg.dp_delta,
+            noise_multiplier=dp_noise_multiplier(cfg),
             seed=seed,
         )
         return adapter_to_upload(
