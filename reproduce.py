@@ -425,6 +425,36 @@ def cost_notes(data: dict) -> list[str]:
             f"{_span([delta[m]['server_seconds_per_round'] for m in both], '{:.2f}')} s in delta "
             "mode. Delta mode is the default."
         )
+    dseed, packed, pseed = (
+        pick("shelora-delta-seeded"),
+        pick("shelora-packed"),
+        pick("shelora-packed-seeded"),
+    )
+    if dseed:
+        out.append(
+            "- **Seeded uploads** (clients encrypt with the secret key and send the seed of the "
+            "second polynomial): delta mode uploads "
+            f"{_span([r['upload_vs_flexlora_x'] for r in dseed.values()], '{:.2f}')}x FlexLoRA "
+            f"on {', '.join(dseed)}; sums and broadcasts are full size."
+        )
+    if packed:
+        best = pseed or packed
+        out.append(
+            "- **The packed paper mode** (a client's protected A columns packed densely, the "
+            "server's products with rotations): "
+            f"{_span([r['upload_vs_flexlora_x'] for r in packed.values()], '{:.2f}')}x FlexLoRA's "
+            "upload"
+            + (
+                f", {_span([r['upload_vs_flexlora_x'] for r in pseed.values()], '{:.3f}')}x "
+                "with seeded uploads"
+                if pseed
+                else ""
+            )
+            + f", {_span([r['server_seconds_per_round'] for r in best.values()], '{:.1f}')} s "
+            f"of server time per round, a public context with Galois keys of "
+            f"{_span([r['key_bytes_server'] / 1e6 for r in best.values()], '{:.1f}')} MB "
+            f"(on {', '.join(best)})."
+        )
     ref = claims_mod.PAPER_CLAIMS["seconds_full_he"]
     model = "OpenLLaMA-3B"
     if model in full:

@@ -120,12 +120,15 @@ def measure_method(
     layers: int | None = None,
     seed: int = 0,
     keys: dict[str, KeyHolder] | None = None,
+    seeded: bool = False,
 ) -> dict[str, Any]:
     """One round of ``method`` for len(ranks) clients; per-client-round means.
 
     Args:
         layers: measure on this many layers (``None`` = all) and scale to the model.
         keys: reuse key holders by parameter-set name (key generation is reported separately).
+        seeded: clients upload seed-compressed ciphertexts (``seeded_uploads``); the row's
+            method name ends in ``-seeded``.
     """
     cfg = FederatedConfig(
         method=method,
@@ -134,6 +137,7 @@ def measure_method(
         ranks=tuple(ranks),
         he_budgets=tuple(budgets),
         seed=seed,
+        seeded_uploads=seeded,
     )
     shapes = shape.layer_shapes(layers)
     n_meas = len(shapes) // len(shape.modules)
@@ -178,7 +182,9 @@ def measure_method(
     err, rel = _max_error(cfg, adapters, sizes, trace.received[-1], ranks[-1])
     ups, bc = trace.uploads, trace.broadcast
     row = {
-        "method": f"{method}-{cipher_mode}" if method in ("shelora", "maskcrypt") else method,
+        "method": (f"{method}-{cipher_mode}" if method in ("shelora", "maskcrypt") else method)
+        + ("-seeded" if seeded else ""),
+        "seeded_uploads": seeded,
         "model": shape.name,
         "layers": shape.layers,
         "modules": list(shape.modules),
@@ -259,8 +265,14 @@ def run_plan(profile: str, *, progress: bool = True) -> dict[str, Any]:
             ("maskcrypt", "delta", None),
             ("maskcrypt", "paper", None),
             ("full_he", "delta", sub_layers),
+            # issue 16: seed-compressed uploads, and the packed paper mode on every layer (one
+            # layer of a big model fills a ciphertext poorly: scaling it would overstate bytes)
+            ("shelora", "delta", None, True),
+            ("shelora", "packed", None),
+            ("shelora", "packed", None, True),
         ]
-        for method, mode, layers in cases:
+        for method, mode, layers, *flags in cases:
+            seeded = bool(flags and flags[0])
             if method == "shelora" and mode == "paper" and shape.d > 4096:
                 # ciphertext x matrix products need d <= slots (4096 at N=8192)
                 rows.append(
@@ -273,7 +285,9 @@ def run_plan(profile: str, *, progress: bool = True) -> dict[str, Any]:
                 )
                 continue
             t0 = time.perf_counter()
-            row = measure_method(method, shape, cipher_mode=mode, layers=layers, keys=keys)
+            row = measure_method(
+                method, shape, cipher_mode=mode, layers=layers, keys=keys, seeded=seeded
+            )
             rows.append(row)
             if progress:
                 print(

@@ -43,3 +43,32 @@ def test_every_measured_row_names_the_full_he_layout(keys):
         for m in ("flexlora", "fedshield")
     ]
     assert {r["full_he_layout"] for r in rows} == {"own-rank"}
+
+
+def test_seeded_and_packed_rows_are_measured_and_named():
+    # Arrange: two 64 x 64 layers, ranks 2/4, budgets 1/2; each parameter set's keys once
+    shape = ModelShape("tiny", layers=2, modules=("q",), d=64)
+    keys = {}
+    kw = dict(ranks=(2, 4), budgets=(1, 2), keys=keys)
+
+    # Act
+    delta = measure_method("shelora", shape, cipher_mode="delta", **kw)
+    delta_seeded = measure_method("shelora", shape, cipher_mode="delta", seeded=True, **kw)
+    packed = measure_method("shelora", shape, cipher_mode="packed", **kw)
+    packed_seeded = measure_method("shelora", shape, cipher_mode="packed", seeded=True, **kw)
+
+    # Assert: the names say what was measured; seeded uploads are smaller, the rest equal;
+    # every mode reproduces the plaintext aggregate
+    assert [r["method"] for r in (delta, delta_seeded, packed, packed_seeded)] == [
+        "shelora-delta",
+        "shelora-delta-seeded",
+        "shelora-packed",
+        "shelora-packed-seeded",
+    ]
+    assert delta_seeded["seeded_uploads"] and not delta["seeded_uploads"]
+    for plain, seeded in ((delta, delta_seeded), (packed, packed_seeded)):
+        assert seeded["upload_bytes"] < plain["upload_bytes"]
+        assert seeded["encrypted_values_per_client"] == plain["encrypted_values_per_client"]
+    assert packed["ckks_params"] == "packed"
+    for row in (delta, delta_seeded, packed, packed_seeded):
+        assert row["max_rel_error_vs_plaintext"] < 1e-4
