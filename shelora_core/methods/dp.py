@@ -28,7 +28,22 @@ from .base import UploadArgs
 from .plaintext import FlexLoRA
 from .wire import SEP, adapter_to_upload
 
-__all__ = ["FlexLoRADP", "privatize_update"]
+__all__ = ["FlexLoRADP", "check_same_adapter", "privatize_update"]
+
+
+def check_same_adapter(trained: AdapterWeights, start: AdapterWeights) -> None:
+    """Refuse a trained adapter whose rank or layers differ from the round's start adapter (a
+    DP release clips and noises their difference).
+
+    Raises:
+        ValueError: naming both ranks and up to three layers only one of them has.
+    """
+    if set(trained.factors) != set(start.factors) or trained.rank != start.rank:
+        raise ValueError(
+            f"the trained adapter (rank {trained.rank}) and the start adapter (rank {start.rank}) "
+            f"differ in rank or layers (only in one: "
+            f"{sorted(set(trained.factors) ^ set(start.factors))[:3]})"
+        )
 
 
 def privatize_update(
@@ -52,12 +67,7 @@ def privatize_update(
             "local DP needs exactly one of noise_multiplier (sigma) and epsilon; got "
             f"noise_multiplier={noise_multiplier!r}, epsilon={epsilon!r}"
         )
-    if set(trained.factors) != set(start.factors) or trained.rank != start.rank:
-        raise ValueError(
-            f"the trained adapter (rank {trained.rank}) and the start adapter (rank {start.rank}) "
-            f"differ in rank or layers (only in one: "
-            f"{sorted(set(trained.factors) ^ set(start.factors))[:3]})"
-        )
+    check_same_adapter(trained, start)
     layers = list(trained.factors)
     upd = {f"{k}{SEP}B": trained.factors[k][0] - start.factors[k][0] for k in layers}
     upd |= {f"{k}{SEP}A": trained.factors[k][1] - start.factors[k][1] for k in layers}

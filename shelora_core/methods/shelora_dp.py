@@ -55,6 +55,7 @@ from ..errors import ConfigError
 from ..messages import Message
 from ..privacy import privatize
 from .base import UploadArgs
+from .dp import check_same_adapter
 from .shelora import SHELoRA
 from .wire import SEP
 
@@ -78,12 +79,7 @@ def privatize_plain_part(
     ``numpy.random.default_rng([seed, 0xD9, 1])``. The protected columns of the returned ``A``
     are zero (they travel encrypted).
     """
-    if set(trained.factors) != set(start.factors) or trained.rank != start.rank:
-        raise ValueError(
-            f"the trained adapter (rank {trained.rank}) and the start adapter (rank {start.rank}) "
-            f"differ in rank or layers (only in one: "
-            f"{sorted(set(trained.factors) ^ set(start.factors))[:3]})"
-        )
+    check_same_adapter(trained, start)
     layers = list(trained.factors)
     visible = {}
     for k in layers:
