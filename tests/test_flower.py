@@ -2,6 +2,7 @@
 in-process run, a SuperNode killed mid-round, keys where they belong, nothing left running."""
 
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -59,8 +60,11 @@ def _global_adapter(cfg, broadcast, secret):
 
 
 def test_three_supernodes_two_rounds_of_shelora_equal_the_in_process_run(tmp_path):
-    # Prepare: the same configuration and seed, once on Flower and once in-process
-    cfg = FederatedConfig(**TINY).validate()
+    # Prepare: the same configuration and seed, once on Flower and once in-process. With a secret
+    # initial A (issue 15): each ClientApp reads the clients' shared init.key, scores and trains
+    # from the A it derives, and checks the negotiated list's coverage of its own proposal; a
+    # ClientApp that started from the public A would give a different global adapter below
+    cfg = FederatedConfig(**{**TINY, "secret_init": True}).validate()
 
     def in_process():
         fed = Federation(cfg, results_dir=tmp_path / "inproc")
@@ -69,7 +73,11 @@ def test_three_supernodes_two_rounds_of_shelora_equal_the_in_process_run(tmp_pat
     # Execute: the in-process reference runs in a thread while this process waits for Flower.
     # The key holder publishes first: building the public model's geometry seeds torch's global
     # generator, which the reference's local training (dropout) draws from in the other thread
+    # (the init key is 32 random bytes: the in-process run reads the same key holder's files)
     publish_keys(cfg, tmp_path / "flower" / "keys")
+    shutil.copytree(
+        tmp_path / "flower" / "keys", tmp_path / "inproc" / "checkpoints" / cfg.run_name
+    )
     with ThreadPoolExecutor(1) as pool:
         reference = pool.submit(in_process)
         run = run_deployed(cfg, tmp_path / "flower", round_timeout=600, torch_threads=THREADS)
@@ -109,9 +117,11 @@ def test_three_supernodes_two_rounds_of_shelora_equal_the_in_process_run(tmp_pat
     secret_dirs = [str(run.roles.evaluator), str(run.roles.root / "keyholder")]
     secret_dirs += [str(d) for d in run.roles.clients]
     for path in audit["opened"]:
-        assert not path.endswith(("secret.ctx", "ope.key")), path
+        assert not path.endswith(("secret.ctx", "ope.key", "init.key")), path
         assert not path.startswith(tuple(secret_dirs)), path
     assert audit["contexts"] >= 1 and audit["private_contexts"] == 0
+    assert not list(run.roles.server.glob("init.key")), "the server's directory holds the init key"
+    assert all((d / "init.key").is_file() for d in run.roles.clients)
     # the records carry notebook 05's schema (same keys as the in-process records, plus
     # the deployment's own)
     assert set(ref[0]) <= set(got[0])

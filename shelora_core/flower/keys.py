@@ -63,7 +63,11 @@ def publish_keys(cfg: FederatedConfig, root: str | Path) -> RoleDirs:
         def ckks() -> KeyHolder:
             return KeyHolder.generate(params, seed=cfg.seed)
 
-    dirs.keys(ckks=ckks, ope=cfg.uses_columns and cfg.column_order == "negotiated")
+    dirs.keys(
+        ckks=ckks,
+        ope=cfg.uses_columns and cfg.column_order == "negotiated",
+        init=cfg.secret_init,  # the clients' shared init.key: client directories only
+    )
     clients = tuple(dirs.client(i) for i in range(cfg.num_clients))
     for d in (dirs.server, dirs.evaluator, *clients):
         d.mkdir(parents=True, exist_ok=True)
