@@ -78,3 +78,25 @@ def test_server_holds_no_secret_key(rounds):
         vec.decrypt()
     with pytest.raises(ValueError, match="secret key"):
         AuthorsServer(keys.secret)
+
+
+def test_cost_notes_bullet_is_computed_from_the_rows(rounds):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    try:
+        from reproduce import cost_notes
+    finally:
+        sys.path.pop(0)
+    r24, r40 = rounds[24][2], rounds[40][2]
+    ours = {"method": "shelora-paper", "model": "tiny", "upload_bytes": 3 * r40["upload_bytes"],
+            "client_upload_seconds": 2 * r40["client_upload_seconds"],
+            "server_seconds_per_round": r40["server_seconds_per_round"] / 4}  # fmt: skip
+
+    notes = "\n".join(cost_notes({"rows": [ours, r24, r40]}))
+
+    assert "**The authors' packing** (4 A columns per ciphertext, N = 8192, [60, 40, 60]" in notes
+    assert "our paper mode / theirs: 3.0x" in notes and "theirs / ours: 4.0x" in notes
+    assert f"{r24['max_rel_error_vs_plaintext']:.1e} at scale 2^24" in notes
+    assert "At 2^24 the products are lost" in notes
