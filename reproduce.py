@@ -364,6 +364,64 @@ def _span(values, fmt: str) -> str:
     return lo if lo == hi else f"{lo} to {hi}"
 
 
+def _authors_note(rows: list[dict], paper: dict, packed: dict) -> list[str]:
+    """One bullet on the authors' packing rows (``shelora-authors-2^<bits>``) against our paper
+    and packed modes, computed from he_cost.json (empty without those rows)."""
+    by_bits: dict[int, dict[str, dict]] = {}
+    for r in rows:
+        if r["method"].startswith("shelora-authors-"):
+            by_bits.setdefault(int(r["global_scale_bits"]), {})[r["model"]] = r
+    if not by_bits:
+        return []
+    hi = by_bits[max(by_bits)]  # the precise scale: its costs (the bytes and times of both match)
+    first = next(iter(hi.values()))
+    chain = ", ".join(map(str, first["coeff_mod_bit_sizes"]))
+    text = (
+        f"- **The authors' packing** ({first['columns_per_ciphertext']} A columns per ciphertext, "
+        f"N = {first['poly_modulus_degree']}, [{chain}]; on {', '.join(hi)}): "
+    )
+    both = [m for m in hi if m in paper]
+    if both:
+        text += (
+            "upload, our paper mode / theirs: "
+            f"{_span([paper[m]['upload_bytes'] / hi[m]['upload_bytes'] for m in both], '{:.1f}')}x; "
+            "client encryption, ours / theirs: "
+            f"{_span([paper[m]['client_upload_seconds'] / hi[m]['client_upload_seconds'] for m in both], '{:.1f}')}x; "
+            "server time, theirs / ours: "
+            f"{_span([hi[m]['server_seconds_per_round'] / paper[m]['server_seconds_per_round'] for m in both], '{:.1f}')}x "
+            f"({_span([hi[m]['server_seconds_per_round'] for m in both], '{:.0f}')} s per round). "
+        )
+    dense = [m for m in hi if m in packed]
+    if dense:
+        text += (
+            "Our packed mode uploads "
+            f"{_span([packed[m]['upload_bytes'] / hi[m]['upload_bytes'] for m in dense], '{:.2f}')}x "
+            "theirs. "
+        )
+    text += (
+        "Max relative error of the decrypted columns: "
+        + "; ".join(
+            f"{_span([r['max_rel_error_vs_plaintext'] for r in by_bits[b].values()], '{:.1e}')} "
+            f"at scale 2^{b}"
+            for b in sorted(by_bits)
+        )
+        + "."
+    )
+    low = min(by_bits)
+    inner = first["coeff_mod_bit_sizes"][1:-1]
+    if any(r["max_rel_error_vs_plaintext"] > 0.1 for r in by_bits[low].values()) and inner:
+        text += (
+            f" At 2^{low} the products are lost: TenSEAL rescales them by the {inner[0]}-bit "
+            f"prime and records the scale as 2^{low}"
+            + (
+                " (the package's parameter check refuses it)."
+                if all(r.get("package_check") for r in by_bits[low].values())
+                else "."
+            )
+        )
+    return [text]
+
+
 def cost_notes(data: dict) -> list[str]:
     """What the HE cost table says, as bullets computed from he_cost.json (no typed number)."""
     rows = [r for r in data.get("rows", []) if "skipped" not in r]
@@ -455,6 +513,7 @@ def cost_notes(data: dict) -> list[str]:
             f"{_span([r['key_bytes_server'] / 1e6 for r in best.values()], '{:.1f}')} MB "
             f"(on {', '.join(best)})."
         )
+    out += _authors_note(rows, paper, packed)
     ref = claims_mod.PAPER_CLAIMS["seconds_full_he"]
     model = "OpenLLaMA-3B"
     if model in full:

@@ -24,6 +24,12 @@ proposal), ``mask_download_bytes`` (the consensus), ``client_mask_seconds`` (sco
 proposing; its gradient comes from a synthetic array here, so the backward pass a real client
 runs is not included) and ``consensus_server_seconds``. MaskCrypt encrypts per client exactly as
 many values as SHE-LoRA at the same budgets and cipher mode (``encrypted_values_per_client``).
+
+``shelora-authors-2^24`` and ``shelora-authors-2^40`` rows measure the SHE-LoRA authors' own
+packing and parameters (four A columns per ciphertext, N = 8192, [60, 40, 60]) at their shipped
+scale and at 2^40, on the same adapters and columns (:mod:`shelora_core.he_authors`, which says
+what is reproduced and what was chosen); their error is that of the decrypted columns
+(``error_of``), and they are measured on :data:`AUTHORS_LAYERS` layers and scaled.
 """
 
 from __future__ import annotations
@@ -44,7 +50,14 @@ from .methods import ckks_params_for, get_method
 from .methods.budget import encrypted_values
 from .methods.shelora import public_column_order
 
-__all__ = ["FULL_HE_LAYOUT", "SHAPES", "ModelShape", "measure_method", "measure_packed"]
+__all__ = [
+    "AUTHORS_LAYERS",
+    "FULL_HE_LAYOUT",
+    "SHAPES",
+    "ModelShape",
+    "measure_method",
+    "measure_packed",
+]
 
 #: what the ``full_he`` (and ``fedshield``) uploads measured here encrypt: each client's factors
 #: at its own rank (``"padded"``: zero-padded to the federation's largest rank, before results
@@ -250,6 +263,15 @@ PLAN = {
     "paper": [("smollm2-135m", None), ("openllama-3b", 2), ("llama2-7b", 1), ("llama2-13b", 1)],
 }
 
+#: layers the authors' packing (:mod:`shelora_core.he_authors`) is measured on per model, scaled
+#: to the model: its server runs one TenSEAL ``mm`` per protected column over four columns' slots,
+#: about 10 CPU seconds per SmolLM2 layer and 20 per OpenLLaMA-3B layer (q and v) at ranks
+#: 8/16/32 and budgets 2/4/8, at each of its two scales; bytes scale exactly (identical layers)
+AUTHORS_LAYERS = {
+    "quick": {"smollm2-135m": 1, "openllama-3b": 1},
+    "paper": {"smollm2-135m": 1, "openllama-3b": 1, "llama2-7b": 1, "llama2-13b": 1},
+}
+
 
 def run_plan(profile: str, *, progress: bool = True) -> dict[str, Any]:
     """Measure every method on every model of ``profile``; add the reductions vs full HE."""
@@ -296,6 +318,7 @@ def run_plan(profile: str, *, progress: bool = True) -> dict[str, Any]:
                     f"{row['server_seconds_per_round']:7.2f} s  ({time.perf_counter() - t0:.0f} s)",
                     flush=True,
                 )
+        rows += _authors_rows(shape, AUTHORS_LAYERS[profile].get(model_key), progress=progress)
     for row in rows:
         if "skipped" in row:
             continue
@@ -307,6 +330,38 @@ def run_plan(profile: str, *, progress: bool = True) -> dict[str, Any]:
         flex = next(r for r in rows if r.get("model") == row["model"] and r["method"] == "flexlora")
         row["upload_vs_flexlora_x"] = row["upload_bytes"] / flex["upload_bytes"]
     return {"rows": rows, "paper": PAPER}
+
+
+def _authors_rows(shape: ModelShape, layers: int | None, *, progress: bool) -> list[dict]:
+    """The authors' packing at each of its scales on ``shape`` (:mod:`shelora_core.he_authors`);
+    a skipped row where a layer's outputs exceed the slots of their ``N = 8192``."""
+    from .he_authors import AUTHORS_POLY_DEGREE, AUTHORS_SCALE_BITS, measure_authors
+
+    rows: list[dict] = []
+    for bits in AUTHORS_SCALE_BITS:
+        if shape.d > AUTHORS_POLY_DEGREE // 2:
+            rows.append(
+                {
+                    "method": f"shelora-authors-2^{bits}",
+                    "model": shape.name,
+                    "skipped": f"d={shape.d} exceeds {AUTHORS_POLY_DEGREE // 2} slots at "
+                    f"N={AUTHORS_POLY_DEGREE} (the authors use N=16384 there)",
+                    "full_he_layout": FULL_HE_LAYOUT,
+                }
+            )
+            continue
+        t0 = time.perf_counter()
+        row = measure_authors(shape, scale_bits=bits, layers=layers)
+        rows.append(row)
+        if progress:
+            print(
+                f"  {shape.name:14s} {row['method']:14s} upload {row['upload_bytes'] / 1e6:9.2f} MB"
+                f"  encrypt {row['client_upload_seconds']:8.3f} s  server "
+                f"{row['server_seconds_per_round']:7.2f} s  max rel. error "
+                f"{row['max_rel_error_vs_plaintext']:.1e}  ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
+    return rows
 
 
 def measure_packed(
