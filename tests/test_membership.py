@@ -236,6 +236,9 @@ def test_equivalence_checks_flag_a_released_model_that_differs():
     assert checks["shelora-delta"]["agree"] and checks["shelora-delta"]["plaintext"] == "flexlora"
     assert checks["shelora-delta"]["max_abs_loss_difference"] < 1e-5
     assert not checks["fedshield"]["agree"]
+    said = mia.statement(list(checks.values()))
+    assert said.startswith("encrypted and plaintext released models DIFFER") and "fedshield" in said
+    assert mia.statement([checks["shelora-delta"]]).startswith("Encryption of the updates does not")
 
 
 def test_table_and_figure_from_a_record(tmp_path):

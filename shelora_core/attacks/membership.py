@@ -76,10 +76,12 @@ __all__ = [
     "membership_methods",
     "membership_settings",
     "membership_split",
+    "released_weights",
     "roc_auc",
     "roc_curve",
     "roc_figure",
     "run_membership",
+    "statement",
     "summary_table",
     "tpr_at_fpr",
     "trained_examples",
@@ -655,7 +657,7 @@ def run_membership(
             fed = _reference_federation(
                 ref_cfg,
                 pool,
-                results_dir=work / f"reference-{setting.name}-{i}",
+                results_dir=work / f"reference-{setting.name}-{i}-v{MEMBERSHIP_VERSION}",
                 model=model,
                 tok=tok,
             )
@@ -737,26 +739,43 @@ def run_membership(
                 fh.write(json.dumps(row) + "\n")
             rows.append(row)
         bar.close()
+    checks = equivalence_checks(rows)
     record = {
         "profile": profile,
-        "statement": STATEMENT,
+        "statement": statement(checks),
         "attacks": ATTACKS,
         "settings": record_settings,
         "rows": rows,
-        "checks": equivalence_checks(rows),
+        "checks": checks,
         "meta": {**run_meta(), "seconds": time.perf_counter() - t_start},
     }
     return record
 
 
-#: what the record says about the threat (a statement of design, not a measurement; the numbers
-#: that support it are the rows and ``checks``)
-STATEMENT = (
-    "Encryption of the updates (SHE-LoRA, FedShield-LLM) does not protect the released model: "
-    "the clients decrypt the aggregate, and the global model they release is the same as "
-    "plaintext FlexLoRA's (FedAvg's) up to CKKS noise, so a membership-inference attack on it "
-    "succeeds exactly as well (see 'checks'). Only noise in training (the DP methods) changes it."
-)
+def statement(checks: Sequence[Mapping[str, Any]]) -> str:
+    """What the record says about encryption and the released model: the plain statement when
+    every equivalence check agrees (the measurement that supports it), else what disagreed."""
+    bad = [c for c in checks if not c["agree"]]
+    if not checks:
+        return "no encrypted method was run beside its plaintext twin: nothing to compare"
+    if bad:
+        return "encrypted and plaintext released models DIFFER: " + "; ".join(
+            f"{c['setting']}: {c['encrypted']} vs {c['plaintext']}" for c in bad
+        )
+    return (
+        "Encryption of the updates does not protect the released model: the clients decrypt the "
+        "aggregate, and the global model they release is plaintext FlexLoRA's (FedAvg's) up to "
+        "CKKS noise, so membership inference on it succeeds exactly as well (every check in "
+        "'checks' agrees: "
+        + ", ".join(
+            f"{c['encrypted']} = {c['plaintext']} in {c['setting']}, largest loss difference "
+            f"{c['max_abs_loss_difference']:.0e}"
+            for c in checks
+        )
+        + "). Only noise in training (the DP methods) changes it."
+    )
+
+
 ATTACKS = {
     "loss": "loss threshold (Yeom et al. 2018): score = -cross-entropy of the true label",
     "reference": (
@@ -820,8 +839,8 @@ def summary_table(record: Mapping[str, Any]) -> str:
     n and seconds."""
     lines = [
         "| setting | method | accuracy | loss AUC [95% CI] | ref AUC [95% CI] | TPR@1%FPR loss / ref "
-        "| n (members = non-members) | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| n (members = non-members) | DP epsilon (run) | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def auc(m: Mapping[str, Any] | None) -> str:
@@ -834,12 +853,16 @@ def summary_table(record: Mapping[str, Any]) -> str:
         v = None if m is None else m["tpr_at_fpr"].get("0.01")
         return "-" if v is None else f"{v:.3f}"
 
+    def eps(r: Mapping[str, Any]) -> str:
+        p = r.get("privacy")
+        return "-" if not p or p.get("epsilon") is None else f"{p['epsilon']:.1f}"
+
     for r in record["rows"]:
         la, ra = r["loss_attack"], r["reference_attack"]
         acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
         lines.append(
             f"| {r['setting']} | {r['method']} | {acc} | {auc(la)} | {auc(ra)} | "
-            f"{tpr(la)} / {tpr(ra)} | {la['n_members']} | {r['seconds']:.0f} |"
+            f"{tpr(la)} / {tpr(ra)} | {la['n_members']} | {eps(r)} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines)
 
