@@ -1076,7 +1076,59 @@ def protection_notes(results_root: Path) -> str:
             "for every method attacked; AdamW's per-coordinate scaling breaks the span property "
             "DAGER relies on."
         )
+    out += membership_notes(results_root)
     return "\n".join(out)
+
+
+def membership_notes(results_root: Path) -> list[str]:
+    """One bullet from the first profile's ``membership.json`` (membership inference on the
+    released model, notebook 06 section 7); none when no profile has one."""
+    for profile in PROFILES:
+        path = results_root / profile / "membership.json"
+        if not path.exists():
+            continue
+        rec = json.loads(path.read_text())
+        rows = rec["rows"]
+
+        def auc(setting, method, rows=rows):
+            return next(
+                (r["loss_attack"]["auc"] for r in rows
+                 if r["setting"] == setting and r["method"] == method),
+                None,
+            )  # fmt: skip
+
+        parts = []
+        for setting in dict.fromkeys(r["setting"] for r in rows):
+            sel = [r for r in rows if r["setting"] == setting]
+            flex, she = auc(setting, "flexlora"), auc(setting, "shelora-delta")
+            dp = [r for r in sel if r["method"].endswith("-dp")]
+            text = f"{setting} setting: loss-threshold AUC {flex:.2f} against FlexLoRA"
+            if she is not None:
+                text += f", {she:.2f} against SHE-LoRA"
+            if dp:
+                text += ", " + ", ".join(
+                    f"{r['loss_attack']['auc']:.2f} against {r['method']} (accuracy "
+                    f"{r['accuracy']:.2f})"
+                    for r in dp
+                )
+            parts.append(text)
+        agree = bool(rec["checks"]) and all(c["agree"] for c in rec["checks"])
+        return [
+            "- **Membership inference on the released model** (loss threshold and a reference "
+            f"model, `{_rel(path)}`, notebook 06 section 7, commit "
+            f"{str(rec['meta'].get('git_commit'))[:12]}): "
+            + "; ".join(parts)
+            + ". "
+            + (
+                "SHE-LoRA's and FedShield-LLM's released models score exactly as FlexLoRA's and "
+                "FedAvg's: encrypting the updates does not protect the released model; only noise "
+                "in training moves the attack, at a cost in accuracy."
+                if agree
+                else "The encrypted methods' released models do NOT match their plaintext "
+                "counterparts here (see the record's checks)."
+            )
+        ]
+    return []
 
 
 def _replace_block(text: str, start: str, end: str, body: str) -> str:
