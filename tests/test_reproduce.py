@@ -424,3 +424,33 @@ def test_progress_relay_prints_only_marked_lines_prefixed_with_the_notebook(monk
     )
     relay.write("\n")  # the line completes
     assert out.getvalue().splitlines()[-1].endswith("half a line")
+
+
+def _membership_row(setting, method, auc, accuracy=0.7):
+    return {"setting": setting, "method": method, "accuracy": accuracy,
+            "loss_attack": {"auc": auc}}  # fmt: skip
+
+
+@pytest.mark.parametrize("agree", [True, False])
+def test_the_protection_section_reads_membership_inference_from_its_record(tmp_path, agree):
+    sys.path.insert(0, str(ROOT))
+    try:
+        from reproduce import membership_notes
+    finally:
+        sys.path.pop(0)
+    assert membership_notes(tmp_path) == []  # no record: no bullet
+    rows = [
+        _membership_row("overfit", "flexlora", 0.7123),
+        _membership_row("overfit", "shelora-delta", 0.7123 if agree else 0.5),
+        _membership_row("overfit", "flexlora-dp", 0.5123, accuracy=0.55),
+    ]
+    rec = {"rows": rows, "meta": {"git_commit": "abc123"},
+           "checks": [{"agree": agree}]}  # fmt: skip
+    (tmp_path / "quick").mkdir()
+    (tmp_path / "quick" / "membership.json").write_text(json.dumps(rec))
+    (line,) = membership_notes(tmp_path)
+    assert (
+        "AUC 0.71 against FlexLoRA" in line and "0.51 against flexlora-dp (accuracy 0.55)" in line
+    )
+    assert ("does not protect the released model" in line) == agree
+    assert ("do NOT match" in line) == (not agree)
