@@ -78,6 +78,7 @@ __all__ = [
     "RunResult",
     "build_model",
     "client_datasets",
+    "client_parts",
     "encode_examples",
     "evaluate_global",
     "negotiation_record",
@@ -122,15 +123,20 @@ def split_data(config: FederatedConfig) -> tuple[TextDataset, TextDataset, list[
             len(test), config.eval_examples, replace=False
         )
         test = test.subset(np.sort(pick))
-    parts = partition(
-        train.labels,
+    return train, test, client_parts(config, train.labels)
+
+
+def client_parts(config: FederatedConfig, labels: np.ndarray) -> list[np.ndarray]:
+    """Each client's indices into examples with ``labels``, as ``config`` partitions them
+    (scheme, Dirichlet concentration, seed, minimum size)."""
+    return partition(
+        labels,
         config.num_clients,
         scheme=config.partition,
         alpha=config.dirichlet_alpha,
         seed=config.seed,
         min_size=config.min_client_examples,
     )
-    return train, test, parts
 
 
 def build_model(config: FederatedConfig, num_labels: int) -> LoraModel:

@@ -517,18 +517,11 @@ def _reference_federation(
 ) -> Any:
     """A :class:`~shelora_core.federation.Federation` of ``cfg`` whose clients hold ``train``
     (partitioned as ``cfg`` partitions its own data) instead of the run's data."""
-    from ..federation import Federation, client_datasets
-    from ..partitions import partition, partition_stats
+    from ..federation import Federation, client_datasets, client_parts
+    from ..partitions import partition_stats
 
     fed = Federation(cfg, results_dir=results_dir, model=model, progress=False)
-    parts = partition(
-        train.labels,
-        cfg.num_clients,
-        scheme=cfg.partition,
-        alpha=cfg.dirichlet_alpha,
-        seed=cfg.seed,
-        min_size=cfg.min_client_examples,
-    )
+    parts = client_parts(cfg, train.labels)
     fed.train, fed.parts = train, parts
     fed.partition_counts = partition_stats(train.labels, parts, train.num_labels)
     fed.clients = client_datasets(cfg, train, parts, tok)
