@@ -38,7 +38,16 @@ PAPER_ROUGE1: dict[str, dict[int, float]] = {
 
 @dataclass(frozen=True)
 class Cell:
-    """One row of the attack table (averaged over ``n_batches`` batches)."""
+    """One row of the attack table (averaged over ``n_batches`` batches).
+
+    ``update``: ``"round1"`` / ``"later"`` (one SGD step from the round-1 / a later broadcast),
+    ``"round1-secret-a"``, ``"multistep"`` (the training loop's AdamW steps) or
+    ``"multistep-sgd"`` (``steps`` plain-SGD steps at ``lr`` from a later broadcast; the attacker
+    divides the weight difference by ``steps * lr``). ``attacker``: one of
+    :data:`~shelora_core.attacks.threat.THREAT_ATTACKERS`. ``span_tol``: DAGER's relative
+    distance threshold (``None``: the attack's default, 1e-3); an attacker facing several local
+    steps loosens it, since the second layer's inputs drift between the steps.
+    """
 
     method: str
     attacker: str
@@ -49,25 +58,52 @@ class Cell:
     dp_sigma: float | None = None
     dp_epsilon: float | None = None
     lr: float = 1e3
+    steps: int | None = None
+    span_tol: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.update == "multistep-sgd") != (self.steps is not None):
+            raise ValueError(
+                f"a 'multistep-sgd' cell needs steps >= 1 and no other update takes steps (got "
+                f"update={self.update!r}, steps={self.steps!r})"
+            )
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1 (got {self.steps})")
+        if self.span_tol is not None and not self.span_tol > 0:
+            raise ValueError(f"span_tol must be > 0 or None (got {self.span_tol})")
 
     @property
     def key(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        fields = asdict(self)
+        for name in ("steps", "span_tol"):  # the key of every cell from before these fields
+            if fields[name] is None:
+                del fields[name]
+        return json.dumps(fields, sort_keys=True)
 
     @property
-    def group(self) -> tuple[int, str, int, float]:
+    def group(self) -> tuple[int, str, int, float, int | None]:
         """Cells sharing one local training per batch."""
-        return (self.rank, self.update, self.batch_size, self.lr)
+        return (self.rank, self.update, self.batch_size, self.lr, self.steps)
+
+    @property
+    def step_lr(self) -> float | None:
+        """What the attacker divides the weight difference by (``None``: the plan's AdamW lr)."""
+        if self.update == "multistep":
+            return None
+        return self.lr * (self.steps or 1)
 
 
 def attack_plan(profile: str) -> dict[str, Any]:
     """The grid of a profile: its cells and data settings.
 
     ``quick``: short sentences at rank 128, batch 1 and 2 in round 1 and batch 1 in a later round,
-    every method, budget 4: well under a minute at one thread. ``paper``: batch 1/2/4/8, ranks 256
-    (where the unprotected attack works), 64/128 (FlexLoRA only) and 8/16/32 (training ranks),
-    round 1 / later / multi-step, budgets 1/2/4/8/16, DP at epsilon 10 plus a noise sweep, a secret
-    round-1 ``A``, the learning-rate (float32) sweep: ~45 minutes at one thread.
+    every method, budget 4, plus one cell each of multi-step SGD, the B channel and SHE-LoRA-DP:
+    well under a minute at one thread. ``paper``: batch 1/2/4/8, ranks 256 (where the unprotected
+    attack works), 64/128 (FlexLoRA only) and 8/16/32 (training ranks), round 1 / later /
+    multi-step AdamW, budgets 1/2/4/8/16, DP at epsilon 10 plus a noise sweep, a secret round-1
+    ``A``, the learning-rate (float32) sweep; multi-step plain SGD (2/5/10 steps, lr 1e2 and 1e3,
+    DAGER's threshold and a loosened one), the B-channel attacker and SHE-LoRA-DP at epsilon 10:
+    about two hours at one thread.
     """
     if profile == "quick":
         settings = dict(
@@ -86,6 +122,11 @@ def attack_plan(profile: str) -> dict[str, Any]:
         cells += _cells(
             batch_sizes=(1,), ranks=(128,), updates=("later",), budgets=(4,), dp_sigmas=()
         )
+        cells += [
+            Cell("flexlora", "oblivious", 1, 128, "multistep-sgd", steps=5),
+            Cell("shelora", "b-channel", 1, 128, "later", budget=4),
+            Cell("shelora-dp", "adaptive", 1, 128, "later", budget=4, dp_epsilon=10.0),
+        ]
     elif profile == "paper":
         settings = dict(
             n_batches=3,
@@ -144,9 +185,50 @@ def attack_plan(profile: str) -> dict[str, Any]:
             for bs in (1, 4)
             for lr in (1.0, 10.0, 100.0)
         ]
+        # DAGER's FedAvg setting: several plain-SGD steps on the batch, beside AdamW's multistep;
+        # DAGER as written, and with its threshold loosened to 1e-2 for the drift of the steps
+        cells += [
+            Cell(m, a, bs, r, "multistep-sgd", budget=k, lr=lr, steps=steps, span_tol=tol)
+            for r in (256, 32)
+            for bs in (1, 4)
+            for lr in (1e2, 1e3)
+            for steps in (2, 5, 10)
+            for m, a, k, tol in _MULTISTEP_SGD
+        ]
+        # the B channel: recovery from the update of B alone (SHE-LoRA never encrypts B)
+        cells += [
+            Cell(m, "b-channel", bs, r, upd, budget=k)
+            for r, budgets in ((256, (4, 8, 16)), (32, (8,)))
+            for upd in ("round1", "later")
+            for bs in (1, 2, 4, 8)
+            for m, k in (("flexlora", None), *(("shelora", k) for k in budgets))
+        ]
+        # SHE-LoRA with local DP on its plaintext part, at the authors' epsilon
+        cells += _cells(
+            batch_sizes=(1, 2, 4, 8),
+            ranks=(256,),
+            updates=("round1", "later"),
+            budgets=(4,),
+            dp_sigmas=(),
+            methods=("shelora-dp",),
+        )
     else:
         raise ValueError(f"unknown profile {profile!r}; choose 'quick' or 'paper'")
     return {"profile": profile, "cells": cells, **settings}
+
+
+#: (method, attacker, budget, span_tol) of the multi-step SGD cells: FlexLoRA and SHE-LoRA at
+#: budget 4, DAGER's threshold and a loosened one (not for the oblivious SHE-LoRA attacker, whose
+#: view misses the hidden columns whatever the threshold)
+_MULTISTEP_SGD = (
+    ("flexlora", "oblivious", None, None),
+    ("flexlora", "oblivious", None, 1e-2),
+    ("shelora", "oblivious", 4, None),
+    ("shelora", "adaptive", 4, None),
+    ("shelora", "adaptive", 4, 1e-2),
+)
+#: methods of the main blocks of the plans (SHE-LoRA-DP has its own cells)
+_GRID_METHODS = tuple(m for m in METHODS if m != "shelora-dp")
 
 
 def _cells(
@@ -156,7 +238,7 @@ def _cells(
     updates: Sequence[str],
     budgets: Sequence[int],
     dp_sigmas: Sequence[float],
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] = _GRID_METHODS,
 ) -> list[Cell]:
     out: list[Cell] = []
     for r in ranks:
@@ -168,6 +250,12 @@ def _cells(
                     elif m == "flexlora-dp":
                         out.append(Cell(m, "oblivious", bs, r, upd, dp_epsilon=10.0))
                         out += [Cell(m, "oblivious", bs, r, upd, dp_sigma=s) for s in dp_sigmas]
+                    elif m == "shelora-dp":
+                        out += [
+                            Cell(m, a, bs, r, upd, budget=k, dp_epsilon=10.0)
+                            for k in budgets
+                            for a in ("oblivious", "adaptive")
+                        ]
                     elif m == "shelora+first-layers":
                         out += [
                             Cell(m, a, bs, r, upd, budget=max(budgets))
@@ -266,7 +354,7 @@ def run_grid(
         for c, b in todo:
             groups.setdefault((*c.group, b), []).append((c, b))
         with path.open("a") as fh:
-            for (rank, update, bs, lr, b), items in groups.items():
+            for (rank, update, bs, lr, steps, b), items in groups.items():
                 texts = pool[b * bs : (b + 1) * bs]
                 y = labels[b * bs : (b + 1) * bs]
                 batch = victim.batch(texts, max_length=int(plan["max_tokens"]) + 1)
@@ -278,11 +366,11 @@ def run_grid(
                     update=update,
                     lr=lr,
                     head_lr=float(plan.get("head_lr", 1e-3)),
-                    local_steps=int(plan.get("local_steps", 5)),
+                    local_steps=int(steps or plan.get("local_steps", 5)),
                     local_lr=float(plan.get("local_lr", 1e-3)),
                     seed=seed,
                 )
-                step_lr = float(plan.get("local_lr", 1e-3)) if update == "multistep" else lr
+                step_lr = items[0][0].step_lr or float(plan.get("local_lr", 1e-3))
                 uploads: dict[tuple, tuple[bytes, bytes | None, float]] = {}
                 for cell, _ in items:
                     rec = _measure(
@@ -370,6 +458,7 @@ def _measure(
         server_crypto=server_crypto,
         attacker=cell.attacker,
         max_length=int(batch["input_ids"].shape[1]) + 1,
+        **({} if cell.span_tol is None else {"span_tol": cell.span_tol}),
     )
     tok = victim.tokenizer
     refs = list(texts)
@@ -447,6 +536,8 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "lr",
             )
         }
+        row["steps"] = r0.get("steps")
+        row["span_tol"] = r0.get("span_tol")
         for k in ("rouge1", "rouge2", "rougeL", "token_precision", "token_recall"):
             row[k] = float(np.mean([r[k] for r in recs]))
         row["n_batches"] = len(recs)
@@ -464,7 +555,13 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 #: plan settings a notebook override may replace, and the cell fields it may filter on
 _SETTINGS = ("n_batches", "max_tokens", "negotiation_clients", "calibration_examples")
-_FILTERS = {"batch_sizes": "batch_size", "ranks": "rank", "updates": "update", "methods": "method"}
+_FILTERS = {
+    "batch_sizes": "batch_size",
+    "ranks": "rank",
+    "updates": "update",
+    "methods": "method",
+    "attackers": "attacker",
+}
 
 
 def apply_overrides(
@@ -473,8 +570,8 @@ def apply_overrides(
     """``plan`` with ``overrides`` applied, and the override keys it does not know.
 
     Settings (``n_batches``, ``max_tokens``, ``negotiation_clients``, ``calibration_examples``) are
-    replaced; ``batch_sizes``, ``ranks``, ``updates`` and ``methods`` keep only the matching
-    cells (e.g. ``{"batch_sizes": [1]}`` for a smoke test).
+    replaced; ``batch_sizes``, ``ranks``, ``updates``, ``methods`` and ``attackers`` keep only the
+    matching cells (e.g. ``{"batch_sizes": [1]}`` for a smoke test).
     """
     out = dict(plan)
     ignored = []
