@@ -227,6 +227,30 @@ def test_dager_recovers_the_sentence_from_a_two_step_sgd_update_as_from_one_step
     assert texts[2][1] > texts[1][1]  # two sets of layer-2 inputs: a wider span
 
 
+def test_grid_flags_a_diverged_local_sgd_and_records_the_refused_shelora_upload(
+    tmp_path, victim, public_model, columns
+):
+    plan = {
+        "cells": [
+            Cell("flexlora", "oblivious", 1, RANK, "multistep-sgd", lr=1e5, steps=2),
+            Cell("shelora", "adaptive", 1, RANK, "multistep-sgd", budget=4, lr=1e5, steps=2),
+        ],
+        "n_batches": 1,
+        "max_tokens": 12,
+        "negotiation_clients": 1,
+        "calibration_examples": 2,
+    }
+
+    flex, she = run_grid(plan, checkpoint=tmp_path / "records.jsonl", victim=victim,
+                         public_model=public_model, progress=False)  # fmt: skip
+
+    assert flex["loss_end"] > flex["loss_start"] and flex["diverged"] and she["diverged"]
+    assert flex["upload_bytes"] > 0 and flex["rank_layer1"] is not None  # attacked anyway
+    assert she["upload_bytes"] == 0 and she["note"].startswith("nothing uploaded")
+    assert "exceeds" in she["note"] and she["rouge1"] == 0.0
+    assert summarize([flex])[0]["diverged_batches"] == 1
+
+
 def test_b_channel_attacker_reads_only_b_and_recovers_the_sentence(victim, public_model, columns):
     out = {}
     for method, update in (("flexlora", "later"), ("shelora", "round1")):

@@ -10,6 +10,7 @@ resumes, and :func:`summarize` averages them into the table rows.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from ..adapters import AdapterWeights, layer_index
+from ..ckks.errors import CKKSError
 from .dager import match_sentences, score_reconstruction
 from .dager import token_set_scores as _token_scores
 from .threat import METHODS, attack_upload, observed_update, server_knowledge, try_decrypt
@@ -373,6 +375,9 @@ def run_grid(
                     seed=seed,
                 )
                 step_lr = items[0][0].step_lr or float(plan.get("local_lr", 1e-3))
+                losses = None
+                if update == "multistep-sgd":  # did the local SGD diverge on its own batch?
+                    losses = (victim.loss(start, batch, y), victim.loss(after, batch, y))
                 uploads: dict[tuple, tuple[bytes, bytes | None, float]] = {}
                 for cell, _ in items:
                     rec = _measure(
@@ -389,6 +394,7 @@ def run_grid(
                         columns=_columns_for(cell, victim, calib, k_max),
                         uploads=uploads,
                         seed=seed,
+                        losses=losses,
                     )
                     line = json.dumps(rec)
                     fh.write(line + "\n")
@@ -420,25 +426,32 @@ def _measure(
     columns: Mapping[str, Sequence[int]] | None,
     uploads: dict,
     seed: int,
+    losses: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
-    """Upload (cached per method variant and batch), server view, attack, scores: one record."""
+    """Upload (cached per method variant and batch), server view, attack, scores: one record.
+
+    ``losses``: the batch's training loss before and after the local steps (multi-step SGD).
+    A local SGD that raised it has diverged: the record says so (``diverged``), and a SHE-LoRA
+    upload that then refuses its out-of-range values is recorded as nothing uploaded (ROUGE 0,
+    ``note`` says why) instead of stopping the grid.
+    """
     t0 = time.perf_counter()
+    diverged = losses is not None and not (math.isfinite(losses[1]) and losses[1] <= losses[0])
     ukey = (cell.method, cell.budget, cell.dp_sigma, cell.dp_epsilon)
     if ukey not in uploads:
-        uploads[ukey] = client_upload(
-            cell.method,
-            victim,
-            after,
-            start,
-            batch=batch,
-            labels=labels,
-            budget=cell.budget or 0,
-            columns=columns,
-            dp_sigma=cell.dp_sigma,
-            dp_epsilon=cell.dp_epsilon,
-            lr=step_lr,
-            seed=seed + b,
-        )
+        try:
+            uploads[ukey] = _upload(
+                cell, b, victim, after, start, batch, labels, columns, step_lr, seed
+            )
+        except CKKSError as exc:
+            if not diverged:
+                raise
+            uploads[ukey] = exc
+    rec: dict[str, Any] = {"key": cell.key, "batch": b, **asdict(cell)}
+    if losses is not None:
+        rec.update(loss_start=losses[0], loss_end=losses[1], diverged=diverged)
+    if isinstance(uploads[ukey], CKKSError):
+        return _refused(rec, uploads[ukey], texts, t0)
     data, consensus, client_s = uploads[ukey]
     knowledge = server_knowledge(
         cell.method,
@@ -466,7 +479,6 @@ def _measure(
     refs = list(texts)
     ids = batch["input_ids"][batch["attention_mask"].bool()].tolist()
     true_tokens = set(ids) - {tok.bos_token_id}
-    rec: dict[str, Any] = {"key": cell.key, "batch": b, **asdict(cell)}
     hidden: dict[int, int] = {}
     rec["note"] = view.note
     rec["decrypt_error"] = (
@@ -516,6 +528,49 @@ def _measure(
     return rec
 
 
+def _upload(cell, b, victim, after, start, batch, labels, columns, step_lr, seed):
+    """The victim's upload for ``cell`` (:func:`~shelora_core.attacks.victim.client_upload`)."""
+    return client_upload(
+        cell.method,
+        victim,
+        after,
+        start,
+        batch=batch,
+        labels=labels,
+        budget=cell.budget or 0,
+        columns=columns,
+        dp_sigma=cell.dp_sigma,
+        dp_epsilon=cell.dp_epsilon,
+        lr=step_lr,
+        seed=seed + b,
+    )
+
+
+def _refused(
+    rec: dict[str, Any], exc: Exception, texts: Sequence[str], t0: float
+) -> dict[str, Any]:
+    """The record of a diverged local update whose upload the method refused: nothing to attack."""
+    rec.update(
+        note=f"nothing uploaded: the local SGD diverged and the upload refused it ({exc})",
+        decrypt_error=None,
+        rouge1=0.0,
+        rouge2=0.0,
+        rougeL=0.0,
+        token_precision=0.0,
+        token_recall=0.0,
+        rank_layer1=None,
+        rank_layer2=None,
+        hidden_columns={},
+        upload_bytes=0,
+        ciphertexts=0,
+        client_seconds=0.0,
+        distinct_tokens=None,
+        examples=[{"reference": r, "reconstruction": ""} for r in texts],
+        seconds=time.perf_counter() - t0,
+    )
+    return rec
+
+
 def summarize(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Average per-batch records into table rows (one per cell), in first-seen order."""
     by: dict[str, list[Mapping[str, Any]]] = {}
@@ -540,6 +595,8 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         }
         row["steps"] = r0.get("steps")
         row["span_tol"] = r0.get("span_tol")
+        if "diverged" in r0:  # multi-step SGD: batches whose local SGD raised its own loss
+            row["diverged_batches"] = sum(bool(r["diverged"]) for r in recs)
         for k in ("rouge1", "rouge2", "rougeL", "token_precision", "token_recall"):
             row[k] = float(np.mean([r[k] for r in recs]))
         row["n_batches"] = len(recs)

@@ -171,6 +171,23 @@ class Victim:
                     p.grad = None
         return m.read()
 
+    @torch.no_grad()
+    def loss(
+        self, weights: AdapterWeights, batch: Mapping[str, torch.Tensor], labels: Sequence[int]
+    ) -> float:
+        """The training loss (mean cross-entropy) of ``weights`` on ``batch``, in eval mode.
+
+        The attack grid compares it before and after the local steps: a local SGD that raised
+        the loss on the very batch it trained on has diverged.
+        """
+        from ..client import batch_loss
+
+        self.model.load(weights)
+        self.model.model.eval()
+        y = torch.as_tensor(list(labels), dtype=torch.long)
+        logits = self.model.logits(batch["input_ids"], batch["attention_mask"])
+        return float(batch_loss(logits, y))
+
     def columns(self, rank: int, k_max: int, calibration: Sequence[Sequence[str]]) -> dict:
         """SHE-LoRA's column list G, negotiated over the wire (OPE) by the given clients' data.
 
