@@ -248,6 +248,7 @@ def test_grid_flags_a_diverged_local_sgd_and_records_the_refused_shelora_upload(
     assert flex["upload_bytes"] > 0 and flex["rank_layer1"] is not None  # attacked anyway
     assert she["upload_bytes"] == 0 and she["note"].startswith("nothing uploaded")
     assert "exceeds" in she["note"] and she["rouge1"] == 0.0
+    assert she["refused"] and not flex["refused"]
     assert summarize([flex])[0]["diverged_batches"] == 1
 
 

@@ -431,9 +431,11 @@ def _measure(
     """Upload (cached per method variant and batch), server view, attack, scores: one record.
 
     ``losses``: the batch's training loss before and after the local steps (multi-step SGD).
-    A local SGD that raised it has diverged: the record says so (``diverged``), and a SHE-LoRA
-    upload that then refuses its out-of-range values is recorded as nothing uploaded (ROUGE 0,
-    ``note`` says why) instead of stopping the grid.
+    A local SGD that raised it has diverged: the record says so (``diverged``). A multi-step
+    SGD can also blow the adapter's weights up while the loss still falls; a SHE-LoRA upload
+    refuses values outside its CKKS range either way, and that is recorded as nothing uploaded
+    (``refused``, ROUGE 0, ``note`` says why) instead of stopping the grid. Outside multi-step
+    SGD a refused upload is an error.
     """
     t0 = time.perf_counter()
     diverged = losses is not None and not (math.isfinite(losses[1]) and losses[1] <= losses[0])
@@ -444,12 +446,17 @@ def _measure(
                 cell, b, victim, after, start, batch, labels, columns, step_lr, seed
             )
         except CKKSError as exc:
-            if not diverged:
+            if losses is None:
                 raise
             uploads[ukey] = exc
     rec: dict[str, Any] = {"key": cell.key, "batch": b, **asdict(cell)}
     if losses is not None:
-        rec.update(loss_start=losses[0], loss_end=losses[1], diverged=diverged)
+        rec.update(
+            loss_start=losses[0],
+            loss_end=losses[1],
+            diverged=diverged,
+            refused=isinstance(uploads[ukey], CKKSError),
+        )
     if isinstance(uploads[ukey], CKKSError):
         return _refused(rec, uploads[ukey], texts, t0)
     data, consensus, client_s = uploads[ukey]
@@ -549,9 +556,9 @@ def _upload(cell, b, victim, after, start, batch, labels, columns, step_lr, seed
 def _refused(
     rec: dict[str, Any], exc: Exception, texts: Sequence[str], t0: float
 ) -> dict[str, Any]:
-    """The record of a diverged local update whose upload the method refused: nothing to attack."""
+    """The record of a local update whose upload the method refused: nothing to attack."""
     rec.update(
-        note=f"nothing uploaded: the local SGD diverged and the upload refused it ({exc})",
+        note=f"nothing uploaded: the method refused the local update ({exc})",
         decrypt_error=None,
         rouge1=0.0,
         rouge2=0.0,
@@ -595,8 +602,10 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         }
         row["steps"] = r0.get("steps")
         row["span_tol"] = r0.get("span_tol")
-        if "diverged" in r0:  # multi-step SGD: batches whose local SGD raised its own loss
+        if "diverged" in r0:  # multi-step SGD: batches whose local SGD raised its own loss,
+            # and whose upload the method refused (out of its CKKS range)
             row["diverged_batches"] = sum(bool(r["diverged"]) for r in recs)
+            row["refused_batches"] = sum(bool(r.get("refused")) for r in recs)
         for k in ("rouge1", "rouge2", "rougeL", "token_precision", "token_recall"):
             row[k] = float(np.mean([r[k] for r in recs]))
         row["n_batches"] = len(recs)
