@@ -125,8 +125,8 @@ def attack_plan(profile: str) -> dict[str, Any]:
             batch_sizes=(1,), ranks=(128,), updates=("later",), budgets=(4,), dp_sigmas=()
         )
         cells += [
-            Cell("flexlora", "oblivious", 1, 128, "multistep-sgd", steps=5),
-            Cell("shelora", "b-channel", 1, 128, "later", budget=4),
+            Cell("flexlora", "oblivious", 1, 128, "multistep-sgd", steps=2),
+            Cell("flexlora", "b-channel", 1, 128, "later"),
             Cell("shelora-dp", "adaptive", 1, 128, "later", budget=4, dp_epsilon=10.0),
         ]
     elif profile == "paper":
