@@ -933,11 +933,12 @@ def protection_notes(results_root: Path) -> str:
     rank = max(e["rank"] for e in rows)
 
     def rouge(method, attacker=None, update="later", budget=None):
+        # attacker None: DAGER's two attackers (the B-channel one reads a different channel)
         return [
             e["rouge1"]
             for e in rows
             if e["method"] == method
-            and (attacker is None or e["attacker"] == attacker)
+            and (e["attacker"] == attacker if attacker else e["attacker"] != "b-channel")
             and e["update"] == update
             and (budget is None or e.get("budget") == budget)
         ]

@@ -1051,7 +1051,15 @@ def documented_attack_rows(entries: Sequence[Mapping[str, Any]]) -> list[Mapping
             continue
         if e["method"] == "flexlora-dp" and e.get("dp_epsilon") is None:
             continue
-        key = (e["method"], e.get("budget"), e["attacker"], e["update"], e["batch_size"])
+        key = (
+            e["method"],
+            e.get("budget"),
+            e["attacker"],
+            e["update"],
+            e["batch_size"],
+            e.get("steps"),
+            e.get("span_tol"),
+        )
         keep[key] = e
     return list(keep.values())
 

@@ -205,6 +205,113 @@ def test_dp_noise_at_the_authors_epsilon_drops_recovery_and_tiny_noise_does_not(
     assert texts["eps10"][0] == [] and texts["eps10"][1] == RANK  # noise fills every direction
 
 
+def test_dager_recovers_the_sentence_from_a_two_step_sgd_update_as_from_one_step(
+    victim, public_model
+):
+    # the steps drift the second layer's inputs: true ones sit at ~1e-3 of the span, wrong ones
+    # beyond 1e-2, so the attacker widens DAGER's threshold to 1e-2 (both updates alike)
+    texts = {}
+    for update, steps in (("later", 1), ("multistep-sgd", 2)):
+        batch = victim.batch([SENTENCE], max_length=24)
+        start = victim.start(RANK, update)
+        after = victim.train(start, batch, [1], update=update, lr=LR, local_steps=steps)
+        upload, _, _ = client_upload("flexlora", victim, after, start, batch=batch, labels=[1])
+        knowledge = server_knowledge(
+            "flexlora", start, update=update, lr=LR * steps, bos_id=1, batch_size=1
+        )
+        res, _ = attack_upload(upload, method="flexlora", knowledge=knowledge,
+                               public_model=public_model, max_length=24, span_tol=1e-2)  # fmt: skip
+        texts[steps] = (_text(victim, res), res.rank_layer2)
+
+    assert texts[1][0] == texts[2][0] == [SENTENCE]
+    assert texts[2][1] > texts[1][1]  # two sets of layer-2 inputs: a wider span
+
+
+def test_grid_flags_a_diverged_local_sgd_and_records_the_refused_shelora_upload(
+    tmp_path, victim, public_model, columns
+):
+    plan = {
+        "cells": [
+            Cell("flexlora", "oblivious", 1, RANK, "multistep-sgd", lr=1e5, steps=2),
+            Cell("shelora", "adaptive", 1, RANK, "multistep-sgd", budget=4, lr=1e5, steps=2),
+        ],
+        "n_batches": 1,
+        "max_tokens": 12,
+        "negotiation_clients": 1,
+        "calibration_examples": 2,
+    }
+
+    flex, she = run_grid(plan, checkpoint=tmp_path / "records.jsonl", victim=victim,
+                         public_model=public_model, progress=False)  # fmt: skip
+
+    assert flex["loss_end"] > flex["loss_start"] and flex["diverged"] and she["diverged"]
+    assert flex["upload_bytes"] > 0 and flex["rank_layer1"] is not None  # attacked anyway
+    assert she["upload_bytes"] == 0 and she["note"].startswith("nothing uploaded")
+    assert "exceeds" in she["note"] and she["rouge1"] == 0.0
+    assert she["refused"] and not flex["refused"]
+    assert summarize([flex])[0]["diverged_batches"] == 1
+
+
+def test_b_channel_attacker_reads_only_b_and_recovers_the_sentence(victim, public_model, columns):
+    out = {}
+    for method, update in (("flexlora", "later"), ("shelora", "round1")):
+        batch, start, after = _step(victim, update)
+        upload, _, _ = client_upload(
+            method, victim, after, start, batch=batch, labels=[1], budget=4, columns=columns
+        )
+        res, view = _attack(victim, public_model, method, upload, start, update,
+                            attacker="b-channel", columns=columns, budget=4)  # fmt: skip
+        knowledge = server_knowledge(method, start, update=update, lr=LR, bos_id=1, batch_size=1,
+                                     columns=columns, budget=4)  # fmt: skip
+        seen = observed_update(view, knowledge, attacker="b-channel")
+        assert all(not lu.grad_a.any() and lu.grad_b.any() for lu in seen.layers.values())
+        out[method] = (_text(victim, res), res.route)
+
+    # later round: B != 0, DAGER would read grad A; this attacker reads grad B only
+    assert out["flexlora"] == ([SENTENCE], "grad_b")
+    # round 1: the initial A is public and B is never encrypted
+    assert out["shelora"] == ([SENTENCE], "grad_b")
+    batch, start, after = _step(victim, "round1")
+    upload, _, _ = client_upload("full_he", victim, after, start, batch=batch, labels=[1])
+    res, view = _attack(victim, public_model, "full_he", upload, start, "round1",
+                        attacker="b-channel")  # fmt: skip
+    assert res is None and view.after is None
+    plain, _, _ = client_upload("flexlora", victim, after, start, batch=batch, labels=[1])
+    knowledge = server_knowledge("flexlora", start, update="round1", lr=LR, bos_id=1, batch_size=1)
+    with pytest.raises(ValueError, match="reads only grad B"):
+        attack_upload(plain, method="flexlora", knowledge=knowledge, public_model=public_model,
+                      attacker="b-channel", route="grad_a")  # fmt: skip
+
+
+def test_shelora_dp_noises_the_plaintext_part_only_and_stops_the_adaptive_attacker(
+    victim, public_model, columns
+):
+    batch, start, after = _step(victim, "later")
+    kw = dict(batch=batch, labels=[1], budget=4, columns=columns, lr=LR)
+    plain, _, _ = client_upload("shelora", victim, after, start, **kw)
+    noisy, _, _ = client_upload("shelora-dp", victim, after, start, dp_epsilon=10.0, **kw)
+    server = victim.server_crypto("shelora-dp")
+    v_plain = server_view(plain, method="shelora", server_crypto=server)
+    v_noisy = server_view(noisy, method="shelora-dp", server_crypto=server)
+
+    for name, (b, a) in v_plain.after.factors.items():
+        b_dp, a_dp = v_noisy.after.factors[name]
+        hidden = v_noisy.unknown_a[name][0]
+        assert hidden.sum() == 4 and np.array_equal(hidden, v_plain.unknown_a[name][0])
+        assert np.all(a_dp[:, hidden] == 0) and np.all(a[:, hidden] == 0)  # encrypted columns
+        assert np.all(b_dp != b) and np.all(a_dp[:, ~hidden] != a[:, ~hidden])  # noise elsewhere
+    # the encrypted columns are SHE-LoRA's exact ones
+    client = victim.client_crypto("shelora-dp")
+    assert len(v_plain.ciphertexts) == len(v_noisy.ciphertexts) > 0
+    for c_plain, c_noisy in zip(v_plain.ciphertexts, v_noisy.ciphertexts, strict=True):
+        x, y = (client.decrypt([c], client.slots) for c in (c_plain, c_noisy))
+        np.testing.assert_allclose(y, x, atol=1e-5 * max(1.0, np.abs(x).max()))
+
+    res, _ = _attack(victim, public_model, "shelora-dp", noisy, start, "later",
+                     attacker="adaptive", columns=columns, budget=4)  # fmt: skip
+    assert _text(victim, res) == [] and res.rank_layer1 == RANK  # noise fills every direction
+
+
 @pytest.mark.parametrize("method", ["full_he", "fedshield"])
 def test_encrypting_every_factor_gives_the_attacker_nothing(victim, public_model, method):
     batch, start, after = _step(victim, "round1")
@@ -299,7 +406,9 @@ def test_plans_and_overrides():
     small, ignored = apply_overrides(quick, {"batch_sizes": [1], "n_batches": 2, "rounds": 1})
 
     assert methods == {"flexlora", "flexlora-dp", "maskcrypt", "shelora", "shelora+first-layers",
-                       "fedshield", "full_he"}  # fmt: skip
+                       "shelora-dp", "fedshield", "full_he"}  # fmt: skip
+    assert {c.attacker for c in quick["cells"]} == {"oblivious", "adaptive", "b-channel"}
+    assert {c.steps for c in quick["cells"] if c.update == "multistep-sgd"} == {2}
     assert small["n_batches"] == 2 and ignored == ["rounds"]
     assert {c.batch_size for c in small["cells"]} == {1}
     with pytest.raises(ValueError, match="leave no cell"):

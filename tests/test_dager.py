@@ -13,6 +13,7 @@ from shelora_core.attacks.gradients import (
     capture_update,
     encode_batch,
     hide_columns,
+    multistep_update,
     update_from_weights,
 )
 from shelora_core.attacks.scoring import match_sentences, token_set_scores
@@ -150,6 +151,95 @@ def test_update_from_weights_of_one_sgd_step_is_the_gradient():
     np.testing.assert_allclose(upd.layers[0].grad_b, gb, atol=1e-12)
     np.testing.assert_array_equal(upd.layers[0].lora_a, a0)
     assert upd.kind == "multistep"
+
+
+def _tiny_llama(seed: int):
+    """A 2-layer LLaMA decoder (width 16, vocabulary 40) with LoRA r = 4 on q_proj, float64."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from shelora_core.attacks.gradients import add_lora
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                      bos_token_id=1, pad_token_id=0, eos_token_id=2)  # fmt: skip
+    model = add_lora(LlamaForCausalLM(cfg).double(), rank=4, alpha=8.0)
+    with torch.no_grad():  # a later round: B != 0, so both factors move from the first step
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.1)
+    return model
+
+
+def test_multistep_sgd_update_is_the_mean_of_the_hand_computed_sgd_gradients():
+    model = _tiny_llama(0)
+    batch = {"input_ids": torch.tensor([[1, 5, 9, 13, 7], [1, 22, 3, 3, 30]]),
+             "attention_mask": torch.ones(2, 5, dtype=torch.long)}  # fmt: skip
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    steps, lr = 3, 0.5
+
+    upd = multistep_update(model, batch, steps=steps, lr=lr, optimizer="sgd")
+
+    # by hand: w <- w - lr * grad, three times, summing the gradients of layer 0's factors
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    work = {n: p.detach().clone() for n, p in params.items()}
+    for _ in range(steps):
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(work[n])
+        logits = model(**batch).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, 40), batch["input_ids"][:, 1:].reshape(-1)
+        )
+        grads = torch.autograd.grad(loss, list(params.values()))
+        for (n, _p), g in zip(params.items(), grads, strict=True):
+            total[n] += g
+            work[n] = work[n] - lr * g
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(before[n])
+
+    def summed(layer: int, factor: str) -> np.ndarray:
+        (name,) = [n for n in total if f"layers.{layer}." in n and f"lora_{factor}" in n]
+        return total[name].numpy()
+
+    for layer in (0, 1):
+        lu = upd.layers[layer]
+        np.testing.assert_allclose(lu.grad_a * steps, summed(layer, "A"), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(lu.grad_b * steps, summed(layer, "B"), rtol=1e-9, atol=1e-12)
+        assert np.abs(lu.grad_a).max() > 1e-4  # the steps moved A: not a vacuous comparison
+    # the steps did not stay in the model
+    assert all(torch.equal(p, before[n]) for n, p in params.items())
+    # a single SGD step is exactly the gradient capture_update reads
+    one = multistep_update(model, batch, steps=1, lr=lr, optimizer="sgd")
+    grad = capture_update(model, batch)
+    np.testing.assert_allclose(one.layers[0].grad_a, grad.layers[0].grad_a, rtol=1e-9, atol=1e-12)
+
+
+def test_multistep_sgd_keeps_the_first_layer_update_in_the_span_of_the_token_inputs():
+    model = _tiny_llama(1)
+    ids = torch.tensor([[1, 5, 9, 13, 7]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    upd = multistep_update(model, batch, steps=4, lr=0.5, optimizer="sgd")
+    adamw = multistep_update(model, batch, steps=4, lr=0.05)
+
+    x = DecoderView.from_model(model).first_layer_inputs(ids[0, 1:4])  # positions with a query grad
+    sgd_d = SpanCheck(upd.layers[0], route="grad_a", rank_tol=1e-9).distances(x)
+    adam_d = SpanCheck(adamw.layers[0], route="grad_a", rank_tol=1e-9).distances(x)
+    # layer 0's inputs do not change while the adapters train (1e-8: LlamaRMSNorm runs in float32)
+    assert float(sgd_d.max()) < 1e-6
+    assert float(adam_d.max()) > 1e-3  # AdamW's per-coordinate scaling leaves the span
+
+
+def test_multistep_update_refuses_bad_optimizer_settings():
+    model = _tiny_llama(2)
+    batch = {"input_ids": torch.tensor([[1, 5, 9]]), "attention_mask": torch.ones(1, 3)}
+    with pytest.raises(ValueError, match="unknown optimizer 'lbfgs'"):
+        multistep_update(model, batch, optimizer="lbfgs")
+    with pytest.raises(ValueError, match="no weight decay"):
+        multistep_update(model, batch, optimizer="sgd", weight_decay=0.01)
 
 
 def test_dp_noise_clips_the_whole_update_then_adds_noise():

@@ -29,12 +29,13 @@ from .gradients import (
 )
 from .grid import attack_plan, run_grid, summarize
 from .protection import deep_layer_probe, protection_cost
-from .threat import METHODS, attack_upload, server_view
+from .threat import METHODS, THREAT_ATTACKERS, attack_upload, server_view
 
 __all__ = [
     "ATTACKERS",
     "METHODS",
     "SELECTIONS",
+    "THREAT_ATTACKERS",
     "AttackResult",
     "FirstLayersSHELoRA",
     "LayerUpdate",

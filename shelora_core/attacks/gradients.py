@@ -7,8 +7,9 @@ attack table covers, and packs it into an :class:`ObservedUpdate`:
 * **full fine-tuning** (FedSGD): ``grad W`` of ``q_proj`` (m x n) of layers 0 and 1;
 * **LoRA** on ``q_proj`` (FedSGD): ``grad A`` (r x n) and ``grad B`` (m x r), plus the factors
   ``A`` and ``B`` at which the gradient was taken (the server broadcast them, so it knows them);
-* **multi-step LoRA update** (FedAvg): the weight difference of several local AdamW steps divided
-  by the learning rate, a pseudo-gradient of the same shape (:func:`update_from_weights`);
+* **multi-step LoRA update** (FedAvg): the weight difference of several local steps divided by
+  the learning rate, a pseudo-gradient of the same shape (:func:`update_from_weights`); AdamW (the
+  training loop's optimizer) or plain SGD (DAGER's FedAvg setting, :func:`multistep_update`);
 * what SHE-LoRA leaves in plaintext: the same update with a set of A's *columns* (input features)
   zeroed (:func:`hide_columns`), and local DP (clip + Gaussian noise, :func:`add_dp_noise`).
 
@@ -386,14 +387,17 @@ def update_from_weights(
 
     The pseudo-gradient is ``(before - after) / lr`` for ``A`` and for ``B``; the factors at which
     it is "taken" are the ``before`` ones (the broadcast the server knows). After one plain SGD
-    step this is exactly the gradient; after several AdamW steps it is not (AdamW rescales every
-    coordinate, which breaks the span structure DAGER relies on).
+    step this is exactly the gradient; after several plain SGD steps (``lr = steps * sgd_lr``) the
+    mean of their gradients; after several AdamW steps it is not a gradient at all (AdamW rescales
+    every coordinate, which breaks the span structure DAGER relies on).
 
     Args:
         before: layer -> ``(B, A)`` before local training. Keys are layer indices or module names
             containing ``layers.<i>.`` (as in :class:`~shelora_core.lora.AdapterWeights`).
         after: the same layers after local training.
-        lr: the local learning rate (a positive scale; the span check does not depend on it).
+        lr: the scale to divide by: the local learning rate, or ``steps * lr`` for the mean
+            gradient of several SGD steps (a positive scale; the span check does not depend on
+            it).
         scaling: LoRA scaling ``alpha / r``.
         batch_size: number of sentences behind the update.
         bos_id: the BOS token id the client prepends.
@@ -438,21 +442,31 @@ def multistep_update(
     steps: int = 5,
     lr: float = 1e-3,
     weight_decay: float = 0.0,
+    optimizer: str = "adamw",
     layers: Sequence[int] = (0, 1),
 ) -> ObservedUpdate:
-    """Several local AdamW steps on ``batch`` (FedAvg), returned as a pseudo-gradient.
+    """Several local steps on ``batch`` (FedAvg), returned as a pseudo-gradient.
 
     Trains the LoRA adapters (and whatever else peft left trainable) like the package's
     ``local_train``, reads ``A`` and ``B`` of ``layers`` before and after, restores every weight
     and returns :func:`update_from_weights` of the difference.
+
+    ``optimizer="sgd"`` is DAGER's FedAvg setting: plain SGD (no momentum, no weight decay), and
+    the pseudo-gradient is ``(before - after) / (steps * lr)``, the mean of the ``steps``
+    gradients. Each of them is a sum of outer products with the layer inputs, so their mean keeps
+    the span structure DAGER tests: exactly for ``grad A`` of the first layer (its inputs, the
+    token embeddings, do not change while the adapters train), approximately elsewhere (the
+    second layer's inputs and the ``A`` inside ``grad B`` drift by ``lr`` times a gradient per
+    step). AdamW divides every coordinate by its own running scale, which breaks that structure.
 
     Args:
         model: a model with LoRA on ``q_proj`` of ``layers``.
         batch: the client's batch (every step uses all of it).
         labels: class ids for a classifier.
         steps: local steps (>= 1).
-        lr: AdamW learning rate.
-        weight_decay: AdamW weight decay.
+        lr: learning rate (AdamW or SGD).
+        weight_decay: AdamW weight decay (SGD: must be 0).
+        optimizer: ``"adamw"`` or ``"sgd"``.
         layers: decoder layers to record.
 
     Returns:
@@ -460,6 +474,12 @@ def multistep_update(
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1 (got {steps})")
+    if optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose 'adamw' or 'sgd'")
+    if optimizer == "sgd" and weight_decay:
+        raise ValueError(
+            f"plain SGD has no weight decay here (got weight_decay={weight_decay}); pass 0"
+        )
     net = unwrap(model)
     if not _has_lora(net, layers):
         raise ValueError("multistep_update needs LoRA on q_proj (see add_lora)")
@@ -468,7 +488,11 @@ def multistep_update(
     before = {i: _factors(net, i) for i in layers}
     scaling = _read_layer(net, layers[0], grads=False).scaling
     was_training = net.training
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.0)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scale = lr * steps if optimizer == "sgd" else lr
     try:
         net.eval()
         for _ in range(steps):
@@ -483,7 +507,7 @@ def multistep_update(
                     for p, s in zip(params, saved, strict=True)
                 )
             )
-            / lr
+            / scale
         )
     finally:
         with torch.no_grad():
@@ -494,7 +518,7 @@ def multistep_update(
     return update_from_weights(
         before,
         after,
-        lr=lr,
+        lr=scale,
         scaling=scaling,
         batch_size=int(batch["input_ids"].shape[0]),
         bos_id=int(batch["input_ids"][0, 0]),

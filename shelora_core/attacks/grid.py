@@ -10,6 +10,7 @@ resumes, and :func:`summarize` averages them into the table rows.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from ..adapters import AdapterWeights, layer_index
+from ..ckks.errors import CKKSError
 from .dager import match_sentences, score_reconstruction
 from .dager import token_set_scores as _token_scores
 from .threat import METHODS, attack_upload, observed_update, server_knowledge, try_decrypt
@@ -38,7 +40,16 @@ PAPER_ROUGE1: dict[str, dict[int, float]] = {
 
 @dataclass(frozen=True)
 class Cell:
-    """One row of the attack table (averaged over ``n_batches`` batches)."""
+    """One row of the attack table (averaged over ``n_batches`` batches).
+
+    ``update``: ``"round1"`` / ``"later"`` (one SGD step from the round-1 / a later broadcast),
+    ``"round1-secret-a"``, ``"multistep"`` (the training loop's AdamW steps) or
+    ``"multistep-sgd"`` (``steps`` plain-SGD steps at ``lr`` from a later broadcast; the attacker
+    divides the weight difference by ``steps * lr``). ``attacker``: one of
+    :data:`~shelora_core.attacks.threat.THREAT_ATTACKERS`. ``span_tol``: DAGER's relative
+    distance threshold (``None``: the attack's default, 1e-3); an attacker facing several local
+    steps loosens it, since the second layer's inputs drift between the steps.
+    """
 
     method: str
     attacker: str
@@ -49,25 +60,52 @@ class Cell:
     dp_sigma: float | None = None
     dp_epsilon: float | None = None
     lr: float = 1e3
+    steps: int | None = None
+    span_tol: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.update == "multistep-sgd") != (self.steps is not None):
+            raise ValueError(
+                f"a 'multistep-sgd' cell needs steps >= 1 and no other update takes steps (got "
+                f"update={self.update!r}, steps={self.steps!r})"
+            )
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1 (got {self.steps})")
+        if self.span_tol is not None and not self.span_tol > 0:
+            raise ValueError(f"span_tol must be > 0 or None (got {self.span_tol})")
 
     @property
     def key(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        fields = asdict(self)
+        for name in ("steps", "span_tol"):  # the key of every cell from before these fields
+            if fields[name] is None:
+                del fields[name]
+        return json.dumps(fields, sort_keys=True)
 
     @property
-    def group(self) -> tuple[int, str, int, float]:
+    def group(self) -> tuple[int, str, int, float, int | None]:
         """Cells sharing one local training per batch."""
-        return (self.rank, self.update, self.batch_size, self.lr)
+        return (self.rank, self.update, self.batch_size, self.lr, self.steps)
+
+    @property
+    def step_lr(self) -> float | None:
+        """What the attacker divides the weight difference by (``None``: the plan's AdamW lr)."""
+        if self.update == "multistep":
+            return None
+        return self.lr * (self.steps or 1)
 
 
 def attack_plan(profile: str) -> dict[str, Any]:
     """The grid of a profile: its cells and data settings.
 
     ``quick``: short sentences at rank 128, batch 1 and 2 in round 1 and batch 1 in a later round,
-    every method, budget 4: well under a minute at one thread. ``paper``: batch 1/2/4/8, ranks 256
-    (where the unprotected attack works), 64/128 (FlexLoRA only) and 8/16/32 (training ranks),
-    round 1 / later / multi-step, budgets 1/2/4/8/16, DP at epsilon 10 plus a noise sweep, a secret
-    round-1 ``A``, the learning-rate (float32) sweep: ~45 minutes at one thread.
+    every method, budget 4, plus one cell each of multi-step SGD, the B channel and SHE-LoRA-DP:
+    well under a minute at one thread. ``paper``: batch 1/2/4/8, ranks 256 (where the unprotected
+    attack works), 64/128 (FlexLoRA only) and 8/16/32 (training ranks), round 1 / later /
+    multi-step AdamW, budgets 1/2/4/8/16, DP at epsilon 10 plus a noise sweep, a secret round-1
+    ``A``, the learning-rate (float32) sweep; multi-step plain SGD (2/5/10 steps at lr 1e2 and 1e3,
+    r = 32 at 1e1 and 1e2; DAGER's threshold and a loosened one), the B-channel attacker and
+    SHE-LoRA-DP at epsilon 10: about two hours at one thread.
     """
     if profile == "quick":
         settings = dict(
@@ -86,6 +124,11 @@ def attack_plan(profile: str) -> dict[str, Any]:
         cells += _cells(
             batch_sizes=(1,), ranks=(128,), updates=("later",), budgets=(4,), dp_sigmas=()
         )
+        cells += [
+            Cell("flexlora", "oblivious", 1, 128, "multistep-sgd", steps=2),
+            Cell("flexlora", "b-channel", 1, 128, "later"),
+            Cell("shelora-dp", "adaptive", 1, 128, "later", budget=4, dp_epsilon=10.0),
+        ]
     elif profile == "paper":
         settings = dict(
             n_batches=3,
@@ -144,9 +187,52 @@ def attack_plan(profile: str) -> dict[str, Any]:
             for bs in (1, 4)
             for lr in (1.0, 10.0, 100.0)
         ]
+        # DAGER's FedAvg setting: several plain-SGD steps on the batch, beside AdamW's multistep;
+        # DAGER as written, and with its threshold loosened to 1e-2 for the drift of the steps.
+        # Rank 32 at a tenth of the rates: its scaling alpha / r is 8x rank 256's, and at lr 1e3
+        # its local SGD diverges within two steps (SHE-LoRA's upload refuses the values)
+        cells += [
+            Cell(m, a, bs, r, "multistep-sgd", budget=k, lr=lr, steps=steps, span_tol=tol)
+            for r, lrs in ((256, (1e2, 1e3)), (32, (1e1, 1e2)))
+            for bs in (1, 4)
+            for lr in lrs
+            for steps in (2, 5, 10)
+            for m, a, k, tol in _MULTISTEP_SGD
+        ]
+        # the B channel: recovery from the update of B alone (SHE-LoRA never encrypts B)
+        cells += [
+            Cell(m, "b-channel", bs, r, upd, budget=k)
+            for r, budgets in ((256, (4, 8, 16)), (32, (8,)))
+            for upd in ("round1", "later")
+            for bs in (1, 2, 4, 8)
+            for m, k in (("flexlora", None), *(("shelora", k) for k in budgets))
+        ]
+        # SHE-LoRA with local DP on its plaintext part, at the authors' epsilon
+        cells += _cells(
+            batch_sizes=(1, 2, 4, 8),
+            ranks=(256,),
+            updates=("round1", "later"),
+            budgets=(4,),
+            dp_sigmas=(),
+            methods=("shelora-dp",),
+        )
     else:
         raise ValueError(f"unknown profile {profile!r}; choose 'quick' or 'paper'")
     return {"profile": profile, "cells": cells, **settings}
+
+
+#: (method, attacker, budget, span_tol) of the multi-step SGD cells: FlexLoRA and SHE-LoRA at
+#: budget 4, DAGER's threshold and a loosened one (not for the oblivious SHE-LoRA attacker, whose
+#: view misses the hidden columns whatever the threshold)
+_MULTISTEP_SGD = (
+    ("flexlora", "oblivious", None, None),
+    ("flexlora", "oblivious", None, 1e-2),
+    ("shelora", "oblivious", 4, None),
+    ("shelora", "adaptive", 4, None),
+    ("shelora", "adaptive", 4, 1e-2),
+)
+#: methods of the main blocks of the plans (SHE-LoRA-DP has its own cells)
+_GRID_METHODS = tuple(m for m in METHODS if m != "shelora-dp")
 
 
 def _cells(
@@ -156,7 +242,7 @@ def _cells(
     updates: Sequence[str],
     budgets: Sequence[int],
     dp_sigmas: Sequence[float],
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] = _GRID_METHODS,
 ) -> list[Cell]:
     out: list[Cell] = []
     for r in ranks:
@@ -168,6 +254,12 @@ def _cells(
                     elif m == "flexlora-dp":
                         out.append(Cell(m, "oblivious", bs, r, upd, dp_epsilon=10.0))
                         out += [Cell(m, "oblivious", bs, r, upd, dp_sigma=s) for s in dp_sigmas]
+                    elif m == "shelora-dp":
+                        out += [
+                            Cell(m, a, bs, r, upd, budget=k, dp_epsilon=10.0)
+                            for k in budgets
+                            for a in ("oblivious", "adaptive")
+                        ]
                     elif m == "shelora+first-layers":
                         out += [
                             Cell(m, a, bs, r, upd, budget=max(budgets))
@@ -266,7 +358,7 @@ def run_grid(
         for c, b in todo:
             groups.setdefault((*c.group, b), []).append((c, b))
         with path.open("a") as fh:
-            for (rank, update, bs, lr, b), items in groups.items():
+            for (rank, update, bs, lr, steps, b), items in groups.items():
                 texts = pool[b * bs : (b + 1) * bs]
                 y = labels[b * bs : (b + 1) * bs]
                 batch = victim.batch(texts, max_length=int(plan["max_tokens"]) + 1)
@@ -278,11 +370,14 @@ def run_grid(
                     update=update,
                     lr=lr,
                     head_lr=float(plan.get("head_lr", 1e-3)),
-                    local_steps=int(plan.get("local_steps", 5)),
+                    local_steps=int(steps or plan.get("local_steps", 5)),
                     local_lr=float(plan.get("local_lr", 1e-3)),
                     seed=seed,
                 )
-                step_lr = float(plan.get("local_lr", 1e-3)) if update == "multistep" else lr
+                step_lr = items[0][0].step_lr or float(plan.get("local_lr", 1e-3))
+                losses = None
+                if update == "multistep-sgd":  # did the local SGD diverge on its own batch?
+                    losses = (victim.loss(start, batch, y), victim.loss(after, batch, y))
                 uploads: dict[tuple, tuple[bytes, bytes | None, float]] = {}
                 for cell, _ in items:
                     rec = _measure(
@@ -299,6 +394,7 @@ def run_grid(
                         columns=_columns_for(cell, victim, calib, k_max),
                         uploads=uploads,
                         seed=seed,
+                        losses=losses,
                     )
                     line = json.dumps(rec)
                     fh.write(line + "\n")
@@ -330,25 +426,39 @@ def _measure(
     columns: Mapping[str, Sequence[int]] | None,
     uploads: dict,
     seed: int,
+    losses: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
-    """Upload (cached per method variant and batch), server view, attack, scores: one record."""
+    """Upload (cached per method variant and batch), server view, attack, scores: one record.
+
+    ``losses``: the batch's training loss before and after the local steps (multi-step SGD).
+    A local SGD that raised it has diverged: the record says so (``diverged``). A multi-step
+    SGD can also blow the adapter's weights up while the loss still falls; a SHE-LoRA upload
+    refuses values outside its CKKS range either way, and that is recorded as nothing uploaded
+    (``refused``, ROUGE 0, ``note`` says why) instead of stopping the grid. Outside multi-step
+    SGD a refused upload is an error.
+    """
     t0 = time.perf_counter()
+    diverged = losses is not None and not (math.isfinite(losses[1]) and losses[1] <= losses[0])
     ukey = (cell.method, cell.budget, cell.dp_sigma, cell.dp_epsilon)
     if ukey not in uploads:
-        uploads[ukey] = client_upload(
-            cell.method,
-            victim,
-            after,
-            start,
-            batch=batch,
-            labels=labels,
-            budget=cell.budget or 0,
-            columns=columns,
-            dp_sigma=cell.dp_sigma,
-            dp_epsilon=cell.dp_epsilon,
-            lr=step_lr,
-            seed=seed + b,
+        try:
+            uploads[ukey] = _upload(
+                cell, b, victim, after, start, batch, labels, columns, step_lr, seed
+            )
+        except CKKSError as exc:
+            if losses is None:
+                raise
+            uploads[ukey] = exc
+    rec: dict[str, Any] = {"key": cell.key, "batch": b, **asdict(cell)}
+    if losses is not None:
+        rec.update(
+            loss_start=losses[0],
+            loss_end=losses[1],
+            diverged=diverged,
+            refused=isinstance(uploads[ukey], CKKSError),
         )
+    if isinstance(uploads[ukey], CKKSError):
+        return _refused(rec, uploads[ukey], texts, t0)
     data, consensus, client_s = uploads[ukey]
     knowledge = server_knowledge(
         cell.method,
@@ -370,12 +480,12 @@ def _measure(
         server_crypto=server_crypto,
         attacker=cell.attacker,
         max_length=int(batch["input_ids"].shape[1]) + 1,
+        **({} if cell.span_tol is None else {"span_tol": cell.span_tol}),
     )
     tok = victim.tokenizer
     refs = list(texts)
     ids = batch["input_ids"][batch["attention_mask"].bool()].tolist()
     true_tokens = set(ids) - {tok.bos_token_id}
-    rec: dict[str, Any] = {"key": cell.key, "batch": b, **asdict(cell)}
     hidden: dict[int, int] = {}
     rec["note"] = view.note
     rec["decrypt_error"] = (
@@ -425,6 +535,49 @@ def _measure(
     return rec
 
 
+def _upload(cell, b, victim, after, start, batch, labels, columns, step_lr, seed):
+    """The victim's upload for ``cell`` (:func:`~shelora_core.attacks.victim.client_upload`)."""
+    return client_upload(
+        cell.method,
+        victim,
+        after,
+        start,
+        batch=batch,
+        labels=labels,
+        budget=cell.budget or 0,
+        columns=columns,
+        dp_sigma=cell.dp_sigma,
+        dp_epsilon=cell.dp_epsilon,
+        lr=step_lr,
+        seed=seed + b,
+    )
+
+
+def _refused(
+    rec: dict[str, Any], exc: Exception, texts: Sequence[str], t0: float
+) -> dict[str, Any]:
+    """The record of a local update whose upload the method refused: nothing to attack."""
+    rec.update(
+        note=f"nothing uploaded: the method refused the local update ({exc})",
+        decrypt_error=None,
+        rouge1=0.0,
+        rouge2=0.0,
+        rougeL=0.0,
+        token_precision=0.0,
+        token_recall=0.0,
+        rank_layer1=None,
+        rank_layer2=None,
+        hidden_columns={},
+        upload_bytes=0,
+        ciphertexts=0,
+        client_seconds=0.0,
+        distinct_tokens=None,
+        examples=[{"reference": r, "reconstruction": ""} for r in texts],
+        seconds=time.perf_counter() - t0,
+    )
+    return rec
+
+
 def summarize(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Average per-batch records into table rows (one per cell), in first-seen order."""
     by: dict[str, list[Mapping[str, Any]]] = {}
@@ -447,6 +600,12 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "lr",
             )
         }
+        row["steps"] = r0.get("steps")
+        row["span_tol"] = r0.get("span_tol")
+        if "diverged" in r0:  # multi-step SGD: batches whose local SGD raised its own loss,
+            # and whose upload the method refused (out of its CKKS range)
+            row["diverged_batches"] = sum(bool(r["diverged"]) for r in recs)
+            row["refused_batches"] = sum(bool(r.get("refused")) for r in recs)
         for k in ("rouge1", "rouge2", "rougeL", "token_precision", "token_recall"):
             row[k] = float(np.mean([r[k] for r in recs]))
         row["n_batches"] = len(recs)
@@ -464,7 +623,13 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 #: plan settings a notebook override may replace, and the cell fields it may filter on
 _SETTINGS = ("n_batches", "max_tokens", "negotiation_clients", "calibration_examples")
-_FILTERS = {"batch_sizes": "batch_size", "ranks": "rank", "updates": "update", "methods": "method"}
+_FILTERS = {
+    "batch_sizes": "batch_size",
+    "ranks": "rank",
+    "updates": "update",
+    "methods": "method",
+    "attackers": "attacker",
+}
 
 
 def apply_overrides(
@@ -473,8 +638,8 @@ def apply_overrides(
     """``plan`` with ``overrides`` applied, and the override keys it does not know.
 
     Settings (``n_batches``, ``max_tokens``, ``negotiation_clients``, ``calibration_examples``) are
-    replaced; ``batch_sizes``, ``ranks``, ``updates`` and ``methods`` keep only the matching
-    cells (e.g. ``{"batch_sizes": [1]}`` for a smoke test).
+    replaced; ``batch_sizes``, ``ranks``, ``updates``, ``methods`` and ``attackers`` keep only the
+    matching cells (e.g. ``{"batch_sizes": [1]}`` for a smoke test).
     """
     out = dict(plan)
     ignored = []

@@ -15,6 +15,7 @@ _STYLE = {
     "maskcrypt": ("tab:purple", "s"),
     "shelora": ("tab:blue", "D"),
     "shelora+first-layers": ("tab:green", "P"),
+    "shelora-dp": ("tab:cyan", "^"),
     "fedshield": ("tab:gray", "x"),
     "full_he": ("black", "+"),
 }
@@ -35,9 +36,9 @@ def attack_overview(
     """ROUGE-1 as a heatmap: one row per (method, attacker), one column per (update, batch size).
 
     SHE-LoRA, MaskCrypt and the protected variant at ``budget`` (the variant: any budget); DP at the
-    authors' epsilon (rows with ``dp_epsilon`` set); learning rate 1e3 only. The paper's numbers
-    (``paper``, in %) form a last block of columns (batch 4 / 8 / 16, DAGER as written, i.e. our
-    oblivious attacker).
+    authors' epsilon (rows with ``dp_epsilon`` set); learning rate 1e3 only; the B-channel attacker
+    in rows of its own. The paper's numbers (``paper``, in %) form a last block of columns (batch
+    4 / 8 / 16, DAGER as written, i.e. our oblivious attacker).
     """
     import matplotlib.pyplot as plt
 
@@ -50,7 +51,7 @@ def attack_overview(
         and r.get("lr", 1e3) == 1e3
         and (r["budget"] is None or r["budget"] == budget or r["method"] == "shelora+first-layers")
     ]
-    keys = [(m, a) for m in _STYLE for a in ("oblivious", "adaptive")]
+    keys = [(m, a) for m in _STYLE for a in ("oblivious", "adaptive", "b-channel")]
     keys = [k for k in keys if any((r["method"], r["attacker"]) == k for r in sel)]
     cols = sorted(
         {(r["update"], r["batch_size"]) for r in sel}, key=lambda t: (updates.index(t[0]), t[1])

@@ -18,12 +18,23 @@ Notes
   - ``"adaptive"``: knows which entries are unknown (SHE-LoRA's column list travels in the
     upload header, MaskCrypt's mask in the consensus the server itself broadcast) and checks only
     what it sees (visible coordinates of ``grad A``; rows of ``grad B`` without unknown entries;
-    a fitted offset for unknown columns of the broadcast ``A``).
+    a fitted offset for unknown columns of the broadcast ``A``);
+  - ``"b-channel"``: the adaptive attacker restricted to the update of ``B``, which SHE-LoRA
+    never encrypts. ``grad B = s grad W A^T`` has its rows in ``span{A x_t}`` (in R^r), so with
+    the broadcast ``A`` the server tests ``A x`` of every candidate input against that span
+    (DAGER's ``grad_b`` route, :class:`~shelora_core.attacks.span.SpanCheck`), in both rounds; it
+    separates tokens only while the batch has fewer distinct inputs than r. Columns of ``A`` the
+    broadcast carried encrypted (SHE-LoRA's ``J`` in a later round) enter as an unknown offset
+    fitted from the vocabulary, as for the adaptive ``grad_b`` route. In round 1 (``B = 0``,
+    ``grad A = 0``) every attacker already reads ``B`` only; in later rounds the other two read
+    ``grad A``.
 
 - **Methods** (:data:`METHODS`): ``flexlora`` (plaintext), ``flexlora-dp`` (local DP, clip +
   Gaussian noise, :mod:`shelora_core.privacy`), ``maskcrypt`` (the same HE budget in values),
   ``shelora`` (negotiated columns, budgets in columns per layer), ``shelora+first-layers`` (ours,
-  :mod:`~shelora_core.attacks.protection`), ``fedshield`` and ``full_he`` (ciphertext only).
+  :mod:`~shelora_core.attacks.protection`), ``shelora-dp`` (ours: SHE-LoRA with local DP on its
+  plaintext part, :mod:`shelora_core.methods.shelora_dp`), ``fedshield`` and ``full_he``
+  (ciphertext only).
 - **The broadcast** (the ``A`` and ``B`` at which the gradient is taken): round 1 the server knows
   everything (the init is a public function of the seed); a later round everything except what
   the previous broadcast carried encrypted: SHE-LoRA's columns ``J`` of ``A`` (the encrypted ``D``
@@ -47,10 +58,13 @@ from ..ckks import ServerCrypto
 from ..messages import decode
 from .dager import AttackResult, dager_attack
 from .gradients import LayerUpdate, ObservedUpdate
+from .options import ATTACKERS, _check_choice
 
 __all__ = [
     "CIPHERTEXT_ONLY",
     "METHODS",
+    "SHELORA_VIEW",
+    "THREAT_ATTACKERS",
     "ServerKnowledge",
     "ServerView",
     "attack_upload",
@@ -67,11 +81,17 @@ METHODS: tuple[str, ...] = (
     "maskcrypt",
     "shelora",
     "shelora+first-layers",
+    "shelora-dp",
     "fedshield",
     "full_he",
 )
 #: methods whose upload carries no plaintext LoRA factor the attack could read
 CIPHERTEXT_ONLY = ("fedshield", "full_he")
+#: methods whose upload is SHE-LoRA's on the wire (column list in the header, G[:k] encrypted)
+SHELORA_VIEW = ("shelora", "shelora+first-layers", "shelora-dp")
+#: attackers of the grid: DAGER's two (:data:`~shelora_core.attacks.options.ATTACKERS`) and the
+#: one that reads only the update of B
+THREAT_ATTACKERS: tuple[str, ...] = (*ATTACKERS, "b-channel")
 
 
 # ---------------------------------------------------------------------------- server knowledge
@@ -117,13 +137,13 @@ def server_knowledge(
     Round 1 (``"round1"``): everything (the public seeded init). ``"round1-secret-a"``: as round 1
     but the hidden columns of ``A`` are secret (what SHE-LoRA would need for round 1 to hide
     anything; the package's init is public, so this is the pessimistic case for the attacker).
-    Later rounds (``"later"``, ``"multistep"``): everything but the entries the method encrypts
-    in its broadcast (see the module docstring).
+    Later rounds (``"later"``, ``"multistep"``, ``"multistep-sgd"``): everything but the entries
+    the method encrypts in its broadcast (see the module docstring).
     """
     unknown_a: dict[str, np.ndarray] = {}
     unknown_b: dict[str, np.ndarray] = {}
     hide = update != "round1"
-    if hide and method in ("shelora", "shelora+first-layers") and budget > 0:
+    if hide and method in SHELORA_VIEW and budget > 0:
         for name, (_b, a) in start.factors.items():
             mask = np.zeros(a.shape, bool)
             mask[:, list(columns[name])[:budget]] = True
@@ -275,7 +295,7 @@ def server_view(
     header, after = upload_to_adapter(plain)
     unknown_a: dict[str, np.ndarray] = {}
     unknown_b: dict[str, np.ndarray] = {}
-    if method in ("shelora", "shelora+first-layers"):
+    if method in SHELORA_VIEW:
         k = int(header["budget"])
         for name, (_b, a) in after.factors.items():
             mask = np.zeros(a.shape, bool)
@@ -306,8 +326,11 @@ def observed_update(
     ``grad = (start - after) / lr`` on entries known on both sides; every other entry is zero and
     recorded: its columns in ``LayerUpdate.hidden`` (the adaptive attacker then checks only the
     visible coordinates of ``grad A``); rows of ``grad B`` holding an unknown entry are dropped for
-    the adaptive attacker (every full row still lies in the span DAGER tests).
+    the adaptive attacker (every full row still lies in the span DAGER tests). The
+    ``"b-channel"`` attacker reads what the adaptive one reads with ``grad A`` set to zero: only
+    the update of ``B`` and the broadcast factors remain.
     """
+    _check_choice(attacker, THREAT_ATTACKERS, "attacker")
     if view.after is None:
         return None
     names = {layer_index(n): n for n in view.after.factors}
@@ -328,8 +351,10 @@ def observed_update(
         ga = np.where(ua, 0.0, (a0 - a1) / lr)
         gb = np.where(ub, 0.0, (b0 - b1) / lr)
         total += float(np.sum(ga**2) + np.sum(gb**2))
-        if attacker == "adaptive" and ub.any():
+        if attacker != "oblivious" and ub.any():
             gb = gb[~ub.any(axis=1)]
+        if attacker == "b-channel":
+            ga = np.zeros_like(ga)
         out[i] = LayerUpdate(
             layer=i,
             grad_a=ga,
@@ -361,6 +386,9 @@ def attack_upload(
 ) -> tuple[AttackResult | None, ServerView]:
     """DAGER on one upload, from its bytes, the server's knowledge and the public model only.
 
+    ``attacker``: one of :data:`THREAT_ATTACKERS`; ``"b-channel"`` runs the adaptive span check on
+    the ``grad_b`` route (``dager_kwargs`` may not set another route).
+
     Returns:
         ``(result, view)``; ``result`` is ``None`` when the plaintext part holds no update of
         layers 0 and 1 (ciphertext-only methods, the protected layers of ``shelora+first-layers``).
@@ -368,7 +396,16 @@ def attack_upload(
     view = server_view(
         upload, method=method, server_crypto=server_crypto, consensus=knowledge.consensus
     )
+    _check_choice(attacker, THREAT_ATTACKERS, "attacker")
     obs = observed_update(view, knowledge, attacker=attacker)
     if obs is None:
         return None, view
+    if attacker == "b-channel":
+        if dager_kwargs.get("route", "grad_b") != "grad_b":
+            raise ValueError(
+                f"the b-channel attacker reads only grad B (route 'grad_b'); got route="
+                f"{dager_kwargs['route']!r}: drop it or use attacker 'adaptive'"
+            )
+        dager_kwargs = {**dager_kwargs, "route": "grad_b"}
+        return dager_attack(public_model, obs, attacker="adaptive", **dager_kwargs), view
     return dager_attack(public_model, obs, attacker=attacker, **dager_kwargs), view

@@ -10,7 +10,9 @@ Notes
 The local training is one plain-SGD step on one batch (FedSGD, DAGER's threat model; learning
 rate ``lr = 1e3`` for the LoRA factors, whose gradients are ~1e-7 per entry, so the step clears
 the float32 rounding of the uploaded weights and stays below one AdamW step of the training loop;
-``1e-3`` for the head), or the training loop's own ``local_train`` (several AdamW steps).
+``1e-3`` for the head), several plain-SGD steps on that batch at the same rates
+(``"multistep-sgd"``: DAGER's FedAvg setting, ``torch.optim.SGD`` without momentum), or the
+training loop's own ``local_train`` (``"multistep"``: several AdamW steps).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ _PARAMS = {
     "maskcrypt": "add_only",
     "shelora": "add_only",
     "shelora+first-layers": "add_only",
+    "shelora-dp": "add_only",
     "fedshield": "fedshield",
     "full_he": "fedshield",
 }
@@ -89,7 +92,7 @@ class Victim:
     def start(self, rank: int, update: str) -> AdapterWeights:
         """The broadcast adapter the client starts from (round 1: the public init)."""
         w = self.model.init_weights(rank, seed=self.seed)
-        if update in ("later", "multistep"):
+        if update in ("later", "multistep", "multistep-sgd"):
             rng = np.random.default_rng([self.seed, rank, 0x1A7E])
             w.factors = {
                 k: (rng.normal(0.0, self.later_b_std, size=b.shape).astype(np.float32), a)
@@ -113,11 +116,14 @@ class Victim:
         local_lr: float = 1e-3,
         seed: int = 0,
     ) -> AdapterWeights:
-        """The client's local training from ``start``: one SGD step, or ``local_train`` (AdamW).
+        """The client's local training from ``start``.
 
-        The SGD step uses ``lr`` for the LoRA factors and ``head_lr`` for the classification head:
-        the head's gradient is about a million times larger than the adapter's, and one learning
-        rate for both would move the head by thousands and saturate the classifier.
+        ``update``: ``"multistep"`` runs ``local_train`` (``local_steps`` AdamW steps at
+        ``local_lr``); ``"multistep-sgd"`` runs ``local_steps`` plain-SGD steps
+        (``torch.optim.SGD``, no momentum) on the batch; anything else one plain-SGD step. SGD uses
+        ``lr`` for the LoRA factors and ``head_lr`` for the classification head: the head's
+        gradient is about a million times larger than the adapter's, and one learning rate for
+        both would move the head by thousands and saturate the classifier.
         """
         from ..client import batch_loss, local_train
         from ..data import ClientData
@@ -137,6 +143,21 @@ class Victim:
                 seed=seed,
             )
             return m.read()
+        if update == "multistep-sgd":
+            if local_steps < 1:
+                raise ValueError(f"local_steps must be >= 1 (got {local_steps})")
+            groups = [
+                {"params": m.adapter_parameters(), "lr": lr},
+                {"params": m.head_parameters(), "lr": head_lr},
+            ]
+            opt = torch.optim.SGD(groups, lr=lr, momentum=0.0)
+            m.model.eval()  # no dropout: the attacked steps are deterministic
+            for _ in range(local_steps):
+                opt.zero_grad(set_to_none=True)
+                batch_loss(m.logits(batch["input_ids"], batch["attention_mask"]), y).backward()
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            return m.read()
         groups = [(m.adapter_parameters(), lr), (m.head_parameters(), head_lr)]
         m.model.eval()
         for params, _ in groups:
@@ -149,6 +170,23 @@ class Victim:
                     p -= step * p.grad  # plain SGD, float32, as the client's optimizer would
                     p.grad = None
         return m.read()
+
+    @torch.no_grad()
+    def loss(
+        self, weights: AdapterWeights, batch: Mapping[str, torch.Tensor], labels: Sequence[int]
+    ) -> float:
+        """The training loss (mean cross-entropy) of ``weights`` on ``batch``, in eval mode.
+
+        The attack grid compares it before and after the local steps: a local SGD that raised
+        the loss on the very batch it trained on has diverged.
+        """
+        from ..client import batch_loss
+
+        self.model.load(weights)
+        self.model.model.eval()
+        y = torch.as_tensor(list(labels), dtype=torch.long)
+        logits = self.model.logits(batch["input_ids"], batch["attention_mask"])
+        return float(batch_loss(logits, y))
 
     def columns(self, rank: int, k_max: int, calibration: Sequence[Sequence[str]]) -> dict:
         """SHE-LoRA's column list G, negotiated over the wire (OPE) by the given clients' data.
@@ -206,6 +244,9 @@ def client_upload(
     noise ``sigma * dp_clip * lr`` per coordinate, ``sigma`` per coordinate of the gradient) with
     :func:`shelora_core.privacy.privatize` at ``(dp_epsilon, dp_delta)``, or with noise multiplier
     ``dp_sigma`` (the sweep), and uploads ``start + noisy update`` as FlexLoRA does.
+    ``shelora-dp``: the same clip and noise on the plaintext part only (``B``, the columns of ``A``
+    outside ``G[:budget]``, the head; :mod:`shelora_core.methods.shelora_dp`), the encrypted
+    columns exact.
     ``fedshield`` / ``full_he`` upload only ``attacked_layers`` (the bytes of the other layers are
     ciphertexts of the same kind; the attack reads none of them).
 
@@ -220,7 +261,8 @@ def client_upload(
         raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
     n = len(labels)
     dp: dict[str, Any] = {}
-    if method == "flexlora-dp":  # the update's bound is dp_clip * lr: the gradient's is dp_clip
+    # the update's bound is dp_clip * lr: the gradient's is dp_clip
+    if method in ("flexlora-dp", "shelora-dp"):
         dp = {"dp_clip": dp_clip * lr, "dp_delta": dp_delta, "dp_epsilon": dp_epsilon}
         if dp_epsilon is None:
             dp["dp_noise_multiplier"] = float(dp_sigma or 0.0)
