@@ -201,7 +201,7 @@ def test_quick_profile_executes_notebook_06_and_records_the_attack_table(tmp_pat
     paper = [e for e in entries if e["kind"] == "paper"]
     assert {e["method"] for e in measured} == {
         "flexlora", "flexlora-dp", "maskcrypt", "shelora", "shelora+first-layers", "fedshield",
-        "full_he",
+        "full_he", "shelora-dp",
     }  # fmt: skip
     keys = {"method", "attacker", "batch_size", "rank", "budget", "update", "rouge1", "rouge2",
             "token_precision", "token_recall", "n_batches"}  # fmt: skip
