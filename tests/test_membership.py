@@ -256,21 +256,8 @@ def test_table_and_figure_from_a_record(tmp_path):
 
 
 @pytest.mark.slow
-def test_runner_end_to_end_shelora_releases_flexloras_model(tmp_path):
-    cfg = FederatedConfig(
-        method="flexlora",
-        num_clients=2,
-        ranks=(2, 4),
-        partition="iid",
-        rounds=2,
-        local_steps=2,
-        batch_size=8,
-        train_examples=120,
-        eval_examples=48,
-        min_client_examples=10,
-        lr=5e-3,
-        max_length=32,
-    )
+def test_runner_end_to_end_shelora_releases_flexloras_model(tmp_path, tiny_config):
+    cfg = tiny_config.replace(partition="iid")
     kw = dict(
         out_dir=tmp_path,
         settings=[mia.Setting("tiny", cfg, "a tiny run")],
