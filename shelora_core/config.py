@@ -381,8 +381,9 @@ class FederatedConfig:
     @property
     def variant(self) -> str:
         """Short label of the method and its protection choices, e.g. ``shelora-delta``,
-        ``shelora-delta-random``, ``shelora-delta-withhold``, ``maskcrypt-delta``; FedShield-LLM
-        with its pruning schedule laid over R rounds: ``fedshield-prune<R>``."""
+        ``shelora-delta-random``, ``shelora-delta-withhold``, ``maskcrypt-delta``,
+        ``shelora-delta-secretA`` (secret initial A); FedShield-LLM with its pruning schedule laid
+        over R rounds: ``fedshield-prune<R>``."""
         if self.method == "fedshield" and self.prune and self.prune_schedule_rounds is not None:
             return f"fedshield-prune{self.prune_schedule_rounds}"
         if self.method not in BUDGETED:
@@ -395,6 +396,8 @@ class FederatedConfig:
                 parts.append(self.shelora_protect)
             if self.renegotiate_every is not None:
                 parts.append(f"reneg{self.renegotiate_every}")
+            if self.secret_init:
+                parts.append("secretA")
         return "-".join(parts)
 
     @property

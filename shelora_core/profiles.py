@@ -67,7 +67,9 @@ def federated_tuning_grid(profile: str, **overrides: Any) -> list[FederatedConfi
     {IID, Dirichlet 0.3} on MiniLM; SHE-LoRA (delta and paper cipher modes), FedShield-LLM
     (with the paper's pruning schedule, and with it laid over the rounds run:
     ``fedshield-prune<rounds>``), full HE, MaskCrypt and two SHE-LoRA ablations (random columns;
-    withheld instead of encrypted columns) with heterogeneous ranks under Dirichlet 0.3; plus
+    withheld instead of encrypted columns) and the defended variants (FlexLoRA-DP, SHE-LoRA-DP,
+    SHE-LoRA with the first blocks encrypted, SHE-LoRA with a secret initial A) with heterogeneous
+    ranks under Dirichlet 0.3; plus
     (paper profile) the heterogeneous Dirichlet FedAvg / FlexLoRA pair on SmolLM2-135M, FlexLoRA
     under IID as its control and SHE-LoRA (delta) beside it under IID, with a shorter schedule
     (a step costs ~7x more there)."""
@@ -94,6 +96,15 @@ def federated_tuning_grid(profile: str, **overrides: Any) -> list[FederatedConfi
         base.replace(method="maskcrypt", cipher_mode="delta", **hetero),
         base.replace(method="shelora", cipher_mode="delta", column_order="random", **hetero),
         base.replace(method="shelora", cipher_mode="delta", shelora_protect="withhold", **hetero),
+        # issue 15's defended variants, trained in the same setting (their attack cells are in
+        # notebook 06): local DP on every factor (FlexLoRA-DP) and on SHE-LoRA's plaintext part
+        # only (SHE-LoRA-DP), both at the per-round epsilon the authors use (dp_epsilon, 10);
+        # the whole update of the first two blocks encrypted (add-only, the server only adds);
+        # a secret initial A that the server never learns
+        base.replace(method="flexlora-dp", **hetero),
+        base.replace(method="shelora-dp", cipher_mode="delta", **hetero),
+        base.replace(method="shelora+first-layers", cipher_mode="delta", **hetero),
+        base.replace(method="shelora", cipher_mode="delta", secret_init=True, **hetero),
     ]
     if profile == "paper":
         # FlexLoRA under IID is the control: does SmolLM2 learn in this short schedule at all?
