@@ -117,8 +117,15 @@ def test_profiles_build_valid_grids():
     variants = [c.variant for c in quick]
     assert len({c.run_name for c in quick}) == 20  # no two runs share checkpoints
     assert len(set(variants[8:])) == 12  # the encrypted and defended runs have distinct labels
-    for v in ("maskcrypt-delta", "shelora-delta-random", "shelora-delta-withhold", "flexlora-dp",
-              "shelora-dp-delta", "shelora+first-layers-delta", "shelora-delta-secretA"):
+    for v in (
+        "maskcrypt-delta",
+        "shelora-delta-random",
+        "shelora-delta-withhold",
+        "flexlora-dp",
+        "shelora-dp-delta",
+        "shelora+first-layers-delta",
+        "shelora-delta-secretA",
+    ):
         assert variants.count(v) == 1
     paper = federated_tuning_grid("paper")
     assert {c.model for c in paper} == {"minilm", "smollm2"}
