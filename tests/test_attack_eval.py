@@ -407,7 +407,12 @@ def test_plans_and_overrides():
 
     assert methods == {"flexlora", "flexlora-dp", "maskcrypt", "shelora", "shelora+first-layers",
                        "shelora-dp", "fedshield", "full_he"}  # fmt: skip
-    assert {c.attacker for c in quick["cells"]} == {"oblivious", "adaptive", "b-channel"}
+    assert {c.attacker for c in quick["cells"]} == {
+        "oblivious",
+        "adaptive",
+        "b-channel",
+        "optimisation",
+    }
     assert {c.steps for c in quick["cells"] if c.update == "multistep-sgd"} == {2}
     assert small["n_batches"] == 2 and ignored == ["rounds"]
     assert {c.batch_size for c in small["cells"]} == {1}

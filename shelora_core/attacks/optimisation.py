@@ -64,14 +64,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..adapters import layer_index
 from .gradients import ObservedUpdate, q_proj, unwrap
 from .options import _check_choice
+from .threat import ServerKnowledge, ServerView, observed_update
 
 __all__ = [
     "MASKINGS",
     "MatchTarget",
     "OptimisationResult",
     "OptimisationSettings",
+    "attack_view",
     "distance",
     "matching_distance",
     "optimisation_attack",
@@ -102,7 +105,7 @@ class OptimisationSettings:
     max_iters: int = 200
     time_cap: float = 30.0
     restarts: int = 2
-    lr: float = 0.2
+    lr: float = 0.5
     l2_weight: float = 0.5
     norm_weight: float = 0.05
     refine_rounds: int = 1
@@ -576,3 +579,41 @@ def optimisation_attack(
         continuous_distance=cont,
         history=history,
     )
+
+
+def attack_view(
+    view: ServerView,
+    knowledge: ServerKnowledge,
+    public_model: Any,
+    *,
+    attention_mask: torch.Tensor,
+    labels: Sequence[int],
+    settings: OptimisationSettings = OptimisationSettings(),
+    masking: str = "adaptive",
+    exclude: Sequence[int] = (),
+) -> tuple[OptimisationResult, MatchTarget] | None:
+    """The optimisation attack on what the server decoded of one upload (``None``: no update).
+
+    The target is the update ``(start - after) / lr`` of EVERY adapted layer the plaintext part
+    carries (:func:`~shelora_core.attacks.threat.observed_update`, unknown entries zero and
+    their columns recorded as hidden); the dummy model uses the broadcast factors and head as
+    the server knows them (``knowledge.start``).
+    """
+    if view.after is None:
+        return None
+    layers = sorted(layer_index(n) for n in view.after.factors)
+    obs = observed_update(view, knowledge, attacker="oblivious", layers=layers)
+    if obs is None:
+        return None
+    target = MatchTarget.from_update(obs, masking=masking)
+    res = optimisation_attack(
+        public_model,
+        target,
+        attention_mask=attention_mask,
+        labels=labels,
+        bos_id=knowledge.bos_id,
+        head=knowledge.start.head,
+        settings=settings,
+        exclude=exclude,
+    )
+    return res, target
