@@ -125,7 +125,10 @@ def test_adaptive_masking_reads_only_the_visible_coordinates(tiny):
 
     assert ada.history == ada_t.history and ada.sequences == ada_t.sequences
     assert obl.history != obl_t.history  # the oblivious attacker does read them
-    assert not MatchTarget.from_update(seen).mask_a[0][:, cols].any()
+    masked = MatchTarget.from_update(seen)
+    assert not masked.mask_a[0][:, cols].any() and masked.mask_a[0][:, 8:].all()
+    assert not masked.mask_b[0].any()  # grad B reads the unknown columns of the broadcast A
+    assert MatchTarget.from_update(seen, masking="oblivious").mask_b[0].all()
 
 
 def test_bad_names_and_caps_raise_clear_errors(tiny):
