@@ -20,7 +20,8 @@ optimisation-based one of DLG / TAG / LAMP (Zhu et al. 2019; Deng et al. 2021; B
    dummy embedding's norm near the vocabulary's mean norm.
 3. Every position is decoded to its nearest vocabulary embedding (cosine), then a few discrete
    refinement sweeps try, position by position, the ``refine_candidates`` nearest tokens and keep
-   the one with the smallest matching distance.
+   the one with the smallest matching distance, then every swap of two neighbouring tokens (one
+   pass for all of them), keeping the best if it lowers the distance.
 
 Masking: the ``"adaptive"`` attacker knows which entries it does not see (SHE-LoRA's encrypted
 columns of ``grad A``; the column list travels in the upload header) and leaves them out of the
