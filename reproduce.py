@@ -330,7 +330,13 @@ def attack_table(path: Path) -> list[str]:
         f"Gradient inversion: DAGER's ROUGE-1 on what the server receives (`{_rel(path)}`, "
         f"commit {str(meta.get('git_commit'))[:12]}; SmolLM2-135M, LoRA r = {rank} on q_proj, "
         f"one FedSGD step at lr {lr:g}; budget = encrypted columns per layer or the same number "
-        "of values):",
+        "of values)"
+        + (
+            "; attacker `optimisation` is the gradient-matching attack (not DAGER, capped at a "
+            "few tens of Adam steps):"
+            if any(a == "optimisation" for _m, _k, a in cells)
+            else ":"
+        ),
         "",
         f"| method | budget | attacker | {head} |",
         "|---|---|---|" + "---|" * len(updates),
@@ -933,12 +939,17 @@ def protection_notes(results_root: Path) -> str:
     rank = max(e["rank"] for e in rows)
 
     def rouge(method, attacker=None, update="later", budget=None):
-        # attacker None: DAGER's two attackers (the B-channel one reads a different channel)
+        # attacker None: DAGER's two attackers (the B-channel one reads a different channel; the
+        # optimisation attacker is not DAGER)
         return [
             e["rouge1"]
             for e in rows
             if e["method"] == method
-            and (e["attacker"] == attacker if attacker else e["attacker"] != "b-channel")
+            and (
+                e["attacker"] == attacker
+                if attacker
+                else e["attacker"] in ("oblivious", "adaptive")
+            )
             and e["update"] == update
             and (budget is None or e.get("budget") == budget)
         ]

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from shelora_core.attacks.grid import Cell, apply_overrides, attack_plan, run_grid, summarize
+from shelora_core.attacks.grid import (
+    OPTIMISATION,
+    Cell,
+    apply_overrides,
+    attack_plan,
+    run_grid,
+    summarize,
+)
 from shelora_core.attacks.threat import (
     ServerView,
     attack_upload,
@@ -407,7 +414,12 @@ def test_plans_and_overrides():
 
     assert methods == {"flexlora", "flexlora-dp", "maskcrypt", "shelora", "shelora+first-layers",
                        "shelora-dp", "fedshield", "full_he"}  # fmt: skip
-    assert {c.attacker for c in quick["cells"]} == {"oblivious", "adaptive", "b-channel"}
+    assert {c.attacker for c in quick["cells"]} == {
+        "oblivious",
+        "adaptive",
+        "b-channel",
+        "optimisation",
+    }
     assert {c.steps for c in quick["cells"] if c.update == "multistep-sgd"} == {2}
     assert small["n_batches"] == 2 and ignored == ["rounds"]
     assert {c.batch_size for c in small["cells"]} == {1}
@@ -439,3 +451,22 @@ def test_run_grid_writes_records_incrementally_and_resumes_without_recomputing(
     row = summarize(first)[0]
     assert row["rouge1"] >= 0.9 and row["n_batches"] == 1
     assert json.loads(lines[0])["examples"][0]["reference"] == row["examples"][0]["reference"]
+
+
+@pytest.mark.slow
+def test_the_optimisation_attacker_reads_the_upload_bytes_in_the_grid(
+    tmp_path, victim, public_model
+):
+    cell = Cell("shelora", OPTIMISATION, 1, RANK, "later", budget=4, opt_iters=2, opt_seconds=8.0)
+    plan = {"cells": [cell], "n_batches": 1, "max_tokens": 8, "negotiation_clients": 1,
+            "calibration_examples": 2}  # fmt: skip
+
+    rec = run_grid(plan, checkpoint=tmp_path / "records.jsonl", victim=victim,
+                   public_model=public_model, progress=False)[0]  # fmt: skip
+
+    assert rec["route"] == OPTIMISATION and 1 <= rec["iterations"] <= 2
+    assert rec["stopped"] in ("iterations", "time") and rec["ciphertexts"] > 0
+    assert set(rec["hidden_columns"].values()) == {4}  # SHE-LoRA's encrypted columns, layers 0-1
+    # the true batch matches what the server decoded (adaptive masking); two steps do not
+    assert rec["true_distance"] < 1e-3 < rec["opt_distance"]
+    assert 0.0 <= rec["rouge1"] <= 1.0 and len(rec["examples"]) == 1

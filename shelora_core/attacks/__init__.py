@@ -2,8 +2,9 @@
 
 :mod:`~shelora_core.attacks.gradients` turns a client's training step into the server's view
 (:class:`ObservedUpdate`, with hidden columns and local DP applied as the protocol does);
-:mod:`~shelora_core.attacks.dager` inverts it. The attack functions read only that view and the
-public pretrained weights.
+:mod:`~shelora_core.attacks.dager` inverts it with span checks,
+:mod:`~shelora_core.attacks.optimisation` by gradient matching. The attack functions read only
+that view and the public pretrained weights.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .gradients import (
     update_from_weights,
 )
 from .grid import attack_plan, run_grid, summarize
+from .optimisation import MatchTarget, OptimisationSettings, optimisation_attack
 from .protection import deep_layer_probe, protection_cost
 from .threat import METHODS, THREAT_ATTACKERS, attack_upload, server_view
 
@@ -39,7 +41,9 @@ __all__ = [
     "AttackResult",
     "FirstLayersSHELoRA",
     "LayerUpdate",
+    "MatchTarget",
     "ObservedUpdate",
+    "OptimisationSettings",
     "add_dp_noise",
     "attack_plan",
     "attack_upload",
@@ -49,6 +53,7 @@ __all__ = [
     "encode_batch",
     "hide_columns",
     "multistep_update",
+    "optimisation_attack",
     "protection_cost",
     "run_grid",
     "score_reconstruction",

@@ -24,10 +24,28 @@ from ..adapters import AdapterWeights, layer_index
 from ..ckks.errors import CKKSError
 from .dager import match_sentences, score_reconstruction
 from .dager import token_set_scores as _token_scores
-from .threat import METHODS, attack_upload, observed_update, server_knowledge, try_decrypt
+from .optimisation import OptimisationSettings, attack_view, matching_distance
+from .threat import (
+    METHODS,
+    THREAT_ATTACKERS,
+    attack_upload,
+    observed_update,
+    server_knowledge,
+    server_view,
+    try_decrypt,
+)
 from .victim import Victim, client_upload
 
-__all__ = ["PAPER_ROUGE1", "Cell", "apply_overrides", "attack_plan", "run_grid", "summarize"]
+__all__ = [
+    "GRID_ATTACKERS",
+    "OPTIMISATION",
+    "PAPER_ROUGE1",
+    "Cell",
+    "apply_overrides",
+    "attack_plan",
+    "run_grid",
+    "summarize",
+]
 
 #: SHE-LoRA paper (Liu et al., ICLR 2026), DAGER ROUGE-1 (%) on SST-2, batch 4 / 8 / 16
 PAPER_ROUGE1: dict[str, dict[int, float]] = {
@@ -36,6 +54,17 @@ PAPER_ROUGE1: dict[str, dict[int, float]] = {
     "flexlora-dp": {4: 86.25, 8: 80.28, 16: 68.62},
     "maskcrypt": {4: 89.16, 8: 61.49, 16: 10.91},
 }
+
+#: the optimisation-based attacker (:mod:`~shelora_core.attacks.optimisation`): gradient
+#: matching, not a span check; adaptive masking (it knows the encrypted columns, as the server
+#: does)
+OPTIMISATION = "optimisation"
+#: attackers a cell may name: DAGER's (and its B-channel variant) and the optimisation one
+GRID_ATTACKERS: tuple[str, ...] = (*THREAT_ATTACKERS, OPTIMISATION)
+#: methods the optimisation attacker runs on: their plaintext hides at most columns of A
+OPTIMISATION_METHODS: tuple[str, ...] = ("flexlora", "flexlora-dp", "shelora", "shelora-dp")
+#: default caps of an optimisation cell (Adam steps, seconds per batch)
+OPT_ITERS, OPT_SECONDS = 40, 60.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +78,10 @@ class Cell:
     :data:`~shelora_core.attacks.threat.THREAT_ATTACKERS`. ``span_tol``: DAGER's relative
     distance threshold (``None``: the attack's default, 1e-3); an attacker facing several local
     steps loosens it, since the second layer's inputs drift between the steps.
+    ``opt_iters`` / ``opt_seconds``: the optimisation attacker's hard caps per batch (Adam steps,
+    wall-clock seconds; ``None``: :data:`OPT_ITERS`, :data:`OPT_SECONDS`); no other attacker
+    takes them. The optimisation attacker runs on :data:`OPTIMISATION_METHODS` after one SGD step
+    (``round1`` or ``later``).
     """
 
     method: str
@@ -62,8 +95,30 @@ class Cell:
     lr: float = 1e3
     steps: int | None = None
     span_tol: float | None = None
+    opt_iters: int | None = None
+    opt_seconds: float | None = None
 
     def __post_init__(self) -> None:
+        if self.attacker not in GRID_ATTACKERS:
+            raise ValueError(
+                f"unknown attacker {self.attacker!r}; choose one of {list(GRID_ATTACKERS)}"
+            )
+        if self.attacker == OPTIMISATION:
+            if self.method not in OPTIMISATION_METHODS or self.update not in ("round1", "later"):
+                raise ValueError(
+                    f"the optimisation attacker runs on methods {list(OPTIMISATION_METHODS)} "
+                    f"after one SGD step (update 'round1' or 'later'); got method="
+                    f"{self.method!r}, update={self.update!r}"
+                )
+            if self.opt_iters is not None and self.opt_iters < 1:
+                raise ValueError(f"opt_iters must be >= 1 (got {self.opt_iters})")
+            if self.opt_seconds is not None and not self.opt_seconds > 0:
+                raise ValueError(f"opt_seconds must be > 0 (got {self.opt_seconds})")
+        elif self.opt_iters is not None or self.opt_seconds is not None:
+            raise ValueError(
+                f"opt_iters / opt_seconds are caps of the optimisation attacker; attacker "
+                f"{self.attacker!r} takes none (got {self.opt_iters!r}, {self.opt_seconds!r})"
+            )
         if (self.update == "multistep-sgd") != (self.steps is not None):
             raise ValueError(
                 f"a 'multistep-sgd' cell needs steps >= 1 and no other update takes steps (got "
@@ -77,7 +132,8 @@ class Cell:
     @property
     def key(self) -> str:
         fields = asdict(self)
-        for name in ("steps", "span_tol"):  # the key of every cell from before these fields
+        # the key of every cell from before these fields
+        for name in ("steps", "span_tol", "opt_iters", "opt_seconds"):
             if fields[name] is None:
                 del fields[name]
         return json.dumps(fields, sort_keys=True)
@@ -106,6 +162,16 @@ def attack_plan(profile: str) -> dict[str, Any]:
     ``A``, the learning-rate (float32) sweep; multi-step plain SGD (2/5/10 steps at lr 1e2 and 1e3,
     r = 32 at 1e1 and 1e2; DAGER's threshold and a loosened one), the B-channel attacker and
     SHE-LoRA-DP at epsilon 10: about two hours at one thread.
+
+    The optimisation attacker (:mod:`~shelora_core.attacks.optimisation`, gradient matching,
+    not a span check) has its own cells, FlexLoRA and SHE-LoRA (budget 4, adaptive masking):
+    ``quick``, two cells at batch 1, r = 128, a later round, each capped at 15 Adam steps and
+    25 s per batch (about a minute for both at one thread; on a busy 2-core machine the time cap
+    ends them first, which their records say); ``paper``, 16 cells, batch 1 and 2, r = 32 and
+    256, round 1 and a later round, capped at 25 steps and 32 s per batch: 48 attacks, about 30
+    minutes at one thread. One Adam step on SmolLM2 costs about 1 s at one idle thread for a
+    short sentence (2-3 s on a loaded 2-core machine), so these caps allow a few tens of steps,
+    far fewer than the thousands the optimisation attacks of the literature run.
     """
     if profile == "quick":
         settings = dict(
@@ -128,6 +194,11 @@ def attack_plan(profile: str) -> dict[str, Any]:
             Cell("flexlora", "oblivious", 1, 128, "multistep-sgd", steps=2),
             Cell("flexlora", "b-channel", 1, 128, "later"),
             Cell("shelora-dp", "adaptive", 1, 128, "later", budget=4, dp_epsilon=10.0),
+        ]
+        # the optimisation attacker (not a span check), FlexLoRA and SHE-LoRA in a later round
+        cells += [
+            Cell(m, OPTIMISATION, 1, 128, "later", budget=k, opt_iters=15, opt_seconds=25.0)
+            for m, k in (("flexlora", None), ("shelora", 4))
         ]
     elif profile == "paper":
         settings = dict(
@@ -216,6 +287,15 @@ def attack_plan(profile: str) -> dict[str, Any]:
             dp_sigmas=(),
             methods=("shelora-dp",),
         )
+        # the optimisation attacker (gradient matching on every layer's update, not a span
+        # check): FlexLoRA and SHE-LoRA (adaptive masking) at budget 4, a training rank and 256
+        cells += [
+            Cell(m, OPTIMISATION, bs, r, upd, budget=k, opt_iters=25, opt_seconds=32.0)
+            for r in (32, 256)
+            for upd in ("round1", "later")
+            for bs in (1, 2)
+            for m, k in (("flexlora", None), ("shelora", 4))
+        ]
     else:
         raise ValueError(f"unknown profile {profile!r}; choose 'quick' or 'paper'")
     return {"profile": profile, "cells": cells, **settings}
@@ -472,6 +552,23 @@ def _measure(
         consensus=consensus,
     )
     server_crypto = victim.server_crypto(cell.method)
+    if cell.attacker == OPTIMISATION:
+        return _measure_optimisation(
+            rec,
+            cell,
+            b,
+            data=data,
+            knowledge=knowledge,
+            server_crypto=server_crypto,
+            public_model=public_model,
+            victim=victim,
+            batch=batch,
+            texts=texts,
+            labels=labels,
+            client_s=client_s,
+            seed=seed,
+            t0=t0,
+        )
     res, view = attack_upload(
         data,
         method=cell.method,
@@ -521,6 +618,110 @@ def _measure(
         token_recall=recall,
         rank_layer1=r1,
         rank_layer2=r2,
+        hidden_columns=hidden,
+        upload_bytes=view.upload_bytes,
+        ciphertexts=len(view.ciphertexts),
+        client_seconds=client_s,
+        distinct_tokens=len(true_tokens),
+        examples=[
+            {"reference": r, "reconstruction": p}
+            for r, p in zip(refs, match_sentences(recon, refs), strict=True)
+        ],
+        seconds=time.perf_counter() - t0,
+    )
+    return rec
+
+
+def _measure_optimisation(
+    rec: dict[str, Any],
+    cell: Cell,
+    b: int,
+    *,
+    data: bytes,
+    knowledge: Any,
+    server_crypto: Any,
+    public_model: Any,
+    victim: Victim,
+    batch: Mapping[str, torch.Tensor],
+    texts: Sequence[str],
+    labels: Sequence[int],
+    client_s: float,
+    seed: int,
+    t0: float,
+) -> dict[str, Any]:
+    """The optimisation attacker's record (:mod:`~shelora_core.attacks.optimisation`).
+
+    Besides the scores every record has: ``iterations`` (Adam steps), ``refine_evaluations``,
+    ``stopped`` (which cap ended it), ``opt_distance`` (matching distance of the decoded batch)
+    and ``true_distance`` (the same distance of the TRUE batch: a diagnostic the attacker cannot
+    compute, measuring how far the search got).
+    """
+    view = server_view(
+        data, method=cell.method, server_crypto=server_crypto, consensus=knowledge.consensus
+    )
+    tok = victim.tokenizer
+    settings = OptimisationSettings(
+        max_iters=cell.opt_iters or OPT_ITERS,
+        time_cap=cell.opt_seconds or OPT_SECONDS,
+        seed=seed + b,
+    )
+    out = attack_view(
+        view,
+        knowledge,
+        public_model,
+        attention_mask=batch["attention_mask"],
+        labels=labels,
+        settings=settings,
+        masking="adaptive",
+        exclude=[int(tok.bos_token_id)],
+    )
+    refs = list(texts)
+    ids = batch["input_ids"][batch["attention_mask"].bool()].tolist()
+    true_tokens = set(ids) - {tok.bos_token_id}
+    rec["note"] = (
+        f"{view.note}; optimisation attack (gradient matching on every adapted layer, adaptive "
+        "masking, labels and sentence lengths known)"
+    )
+    rec["decrypt_error"] = (
+        try_decrypt(server_crypto, view.ciphertexts) if view.ciphertexts else None
+    )
+    if out is None:
+        recon: list[str] = []
+        rouge = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+        prec = recall = 0.0
+        hidden: dict[int, int] = {}
+    else:
+        res, target = out
+        recon = [tok.decode(s) for s in res.sequences]
+        rouge = score_reconstruction(recon, refs)
+        prec, recall = _token_scores(res.tokens, true_tokens)
+        hidden = {i: int((~target.mask_a[i]).any(0).sum()) for i in (0, 1)}
+        rec.update(
+            route=OPTIMISATION,
+            iterations=res.iterations,
+            refine_evaluations=res.refine_evaluations,
+            stopped=res.stopped,
+            opt_distance=res.distance,
+            opt_continuous_distance=res.continuous_distance,
+            opt_history=res.history,
+            attack_only_seconds=res.seconds,
+            true_distance=matching_distance(
+                public_model,
+                target,
+                batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                labels=labels,
+                head=knowledge.start.head,
+            ),
+        )
+    rec.update(
+        rouge1=rouge["rouge1"],
+        rouge2=rouge["rouge2"],
+        rougeL=rouge["rougeL"],
+        token_precision=prec,
+        token_recall=recall,
+        rank_layer1=None,
+        rank_layer2=None,
         hidden_columns=hidden,
         upload_bytes=view.upload_bytes,
         ciphertexts=len(view.ciphertexts),

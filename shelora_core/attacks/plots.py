@@ -9,6 +9,8 @@ import numpy as np
 
 __all__ = ["attack_overview", "budget_sweep", "dp_sweep"]
 
+#: the attackers of the DAGER heatmap (the optimisation attacker's rows are not DAGER's)
+_DAGER_ATTACKERS = ("oblivious", "adaptive", "b-channel")
 _STYLE = {
     "flexlora": ("tab:red", "o"),
     "flexlora-dp": ("tab:orange", "v"),
@@ -46,12 +48,13 @@ def attack_overview(
         r
         for r in rows
         if r["rank"] == rank
+        and r["attacker"] in _DAGER_ATTACKERS
         and r["update"] in updates
         and r.get("dp_sigma") is None
         and r.get("lr", 1e3) == 1e3
         and (r["budget"] is None or r["budget"] == budget or r["method"] == "shelora+first-layers")
     ]
-    keys = [(m, a) for m in _STYLE for a in ("oblivious", "adaptive", "b-channel")]
+    keys = [(m, a) for m in _STYLE for a in _DAGER_ATTACKERS]
     keys = [k for k in keys if any((r["method"], r["attacker"]) == k for r in sel)]
     cols = sorted(
         {(r["update"], r["batch_size"]) for r in sel}, key=lambda t: (updates.index(t[0]), t[1])
