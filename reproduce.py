@@ -1089,7 +1089,90 @@ def protection_notes(results_root: Path) -> str:
             "DAGER relies on."
         )
     out += membership_notes(results_root)
+    out += tradeoff_notes(results_root, prefer=path.parent.name)
     return "\n".join(out)
+
+
+def _fmt(v: float | None, fmt: str = "{:.2f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def tradeoff_notes(results_root: Path, *, prefer: str = "paper") -> list[str]:
+    """The trade-off of every trained variant and the cheapest setting that stops the strongest
+    attacker, from notebook 06's ``tradeoff.json`` (``prefer``'s profile when it has one)."""
+    paths = [results_root / p / "tradeoff.json" for p in (prefer, *PROFILES)]
+    path = next((p for p in paths if p.exists()), None)
+    if path is None:
+        return []
+    rec = json.loads(path.read_text())
+    meta = rec.get("meta", {})
+    out = [
+        "",
+        f"**What each trained variant costs and what it stops** (`{_rel(path)}`, notebook 06 "
+        f"section 8, commit {str(meta.get('git_commit'))[:12]}): accuracy, upload and the "
+        "accounted epsilon from notebook 05's runs (MiniLM, ranks 8/16/32, Dirichlet 0.3, profile "
+        f"{rec.get('profile')}); the worst ROUGE-1 over the attack grid's one-step cells for the "
+        "same method (SmolLM2, a decoder: DAGER needs one), as DAGER as written and as the "
+        "strongest attacker the method faces (who knows what is hidden: adaptive and B channel). "
+        "The two halves are joined by method, not measured on one model.",
+        "",
+        "| variant | final acc | upload KB / client-round | epsilon (server) | round 1: DAGER / "
+        "strongest | later: DAGER / strongest |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rec.get("rows", []):
+        acc = _fmt(r["final_accuracy"], "{:.3f}")
+        if r.get("stopped_round"):
+            acc += f" (stopped: round {r['stopped_round']})"
+        out.append(
+            f"| {r['variant']} | {acc} | {_fmt(r['upload_bytes_per_client'] / 1e3, '{:.0f}')} | "
+            f"{_fmt(r.get('epsilon_server'), '{:.3g}')} | {_fmt(r['rouge1_round1_dager'])} / "
+            f"{_fmt(r['rouge1_round1_strong'])} | {_fmt(r['rouge1_later_dager'])} / "
+            f"{_fmt(r['rouge1_later_strong'])} |"
+        )
+    cheap = rec.get("cheapest", [])
+    if cheap:
+        thr = cheap[0]["threshold"]
+        items = []
+        for m in cheap:
+            c = m["cheapest"]
+            if c is None:
+                tried = [s for s in m["settings"] if not s["secret_init"]]
+                ks = sorted({s["budget"] for s in tried if s["budget"] is not None})
+                what = f" (budgets {'/'.join(map(str, ks))})" if ks else ""
+                items.append(f"`{m['method']}`: no attacked setting{what}")
+                continue
+            setting = []
+            if c["budget"] is not None:
+                setting.append(f"budget {c['budget']}")
+            if c["dp_sigma"] is not None:
+                setting.append(f"noise multiplier {c['dp_sigma']:g}")
+            elif c["dp_epsilon"] is not None:
+                setting.append(f"epsilon {c['dp_epsilon']:g} per round")
+            if c.get("epsilon_one_round") is not None:
+                setting.append(f"one round accounts to epsilon {c['epsilon_one_round']:.2g}")
+            text = ", ".join(setting) or "as built"
+            items.append(f"`{m['method']}`: {text} ({c['upload_bytes'] / 1e6:.1f} MB per upload)")
+        out += [
+            "",
+            f"- **The cheapest attacked setting that keeps the strongest attacker at ROUGE-1 <= "
+            f"{thr:g} in every cell** (both rounds, every batch size and rank the grid ran): "
+            + "; ".join(items)
+            + ".",
+        ]
+        loose = [
+            m["cheapest"]
+            for m in cheap
+            if m["cheapest"] and (m["cheapest"].get("epsilon_one_round") or 0) > 100
+        ]
+        if loose:
+            out[-1] += (
+                " Where that setting is DP noise, it stops DAGER's span check (an exact test) "
+                f"at an epsilon of {_span([c['epsilon_one_round'] for c in loose], '{:.2g}')} "
+                "for a single round: it defeats the attack as written and is no privacy "
+                "guarantee."
+            )
+    return out
 
 
 def membership_notes(results_root: Path) -> list[str]:

@@ -454,3 +454,39 @@ def test_the_protection_section_reads_membership_inference_from_its_record(tmp_p
     )
     assert ("does not protect the released model" in line) == agree
     assert ("do NOT match" in line) == (not agree)
+
+
+def test_the_protection_section_reads_the_tradeoff_record(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    try:
+        from reproduce import tradeoff_notes
+    finally:
+        sys.path.pop(0)
+    assert tradeoff_notes(tmp_path) == []  # no record: nothing
+    row = {
+        "variant": "shelora-dp-delta", "final_accuracy": 0.5637, "stopped_round": 7,
+        "upload_bytes_per_client": 6.0e6, "epsilon_server": 30.1, "rouge1_round1_dager": 0.0,
+        "rouge1_round1_strong": 0.0, "rouge1_later_dager": 0.0, "rouge1_later_strong": None,
+    }  # fmt: skip
+    setting = {"budget": None, "dp_sigma": 1e-8, "dp_epsilon": None, "secret_init": False,
+               "upload_bytes": 35.4e6, "epsilon_one_round": 1.0e17}  # fmt: skip
+    rec = {
+        "profile": "quick",
+        "meta": {"git_commit": "abc123"},
+        "rows": [row],
+        "cheapest": [
+            {"method": "flexlora-dp", "threshold": 0.1, "cheapest": setting, "settings": [setting]},
+            {"method": "shelora", "threshold": 0.1, "cheapest": None,
+             "settings": [{**setting, "budget": k, "dp_sigma": None} for k in (1, 4)]},
+        ],
+    }  # fmt: skip
+    (tmp_path / "quick").mkdir()
+    (tmp_path / "quick" / "tradeoff.json").write_text(json.dumps(rec))
+    text = "\n".join(tradeoff_notes(tmp_path))
+    assert (
+        "| shelora-dp-delta | 0.564 (stopped: round 7) | 6000 | 30.1 | 0.00 / 0.00 | 0.00 / - |"
+        in text
+    )
+    assert "`flexlora-dp`: noise multiplier 1e-08, one round accounts to epsilon 1e+17" in text
+    assert "`shelora`: no attacked setting (budgets 1/4)" in text
+    assert "no privacy guarantee" in text and "commit abc123" in text
