@@ -1112,6 +1112,7 @@ def membership_notes(results_root: Path) -> list[str]:
                     f"{r['accuracy']:.2f})"
                     for r in dp
                 )
+            text += _matched_clause(rec.get("matched_utility") or (), setting)
             parts.append(text)
         agree = bool(rec["checks"]) and all(c["agree"] for c in rec["checks"])
         return [
@@ -1130,6 +1131,39 @@ def membership_notes(results_root: Path) -> list[str]:
             )
         ]
     return []
+
+
+def _matched_clause(matched, setting: str) -> str:
+    """The DP methods of ``setting`` at matched utility (``membership.json``'s
+    ``matched_utility``): the matched point's whole-run epsilon and AUC, or that no swept epsilon
+    reached FlexLoRA's accuracy; empty when the record has no such entry."""
+    mine = [m for m in matched if m["setting"] == setting and m.get("reference")]
+    if not mine:
+        return ""
+    said = []
+    for m in mine:
+        pt = m["matched"]
+        if pt is None:
+            best = max(
+                (p["accuracy"] for p in m["points"] if p["accuracy"] is not None), default=None
+            )
+            said.append(
+                f"{m['method']} reaches it at no swept epsilon (best accuracy "
+                + ("-" if best is None else f"{best:.2f}")
+                + ")"
+            )
+        else:
+            eps = pt["epsilon"]
+            said.append(
+                f"{m['method']} at epsilon {eps:.0f} over the run (delta {pt['delta']:g}; accuracy "
+                f"{pt['accuracy']:.2f}) scores {pt['loss_auc']:.2f}"
+                + ("" if m["bracketed"] else ", the smallest epsilon swept")
+            )
+    ref = mine[0]["reference"]
+    return (
+        f"; at matched utility (accuracy >= FlexLoRA's {ref['accuracy']:.2f} - "
+        f"{mine[0]['tolerance']:g}, the smallest such epsilon) " + ", ".join(said)
+    )
 
 
 def _replace_block(text: str, start: str, end: str, body: str) -> str:
