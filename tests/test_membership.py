@@ -426,3 +426,28 @@ def test_runner_end_to_end_shelora_releases_flexloras_model(tmp_path, tiny_confi
     assert record["settings"][0]["reference_models"][0]["examples"] == 120
     again = mia.run_membership("quick", **kw)  # finished rows are reused, not recomputed
     assert [r["seconds"] for r in again["rows"]] == [r["seconds"] for r in record["rows"]]
+
+
+@pytest.mark.slow
+def test_runner_end_to_end_dp_sweep_and_matched_utility(tmp_path, tiny_config):
+    cfg = tiny_config.replace(partition="iid")
+    record = mia.run_membership(
+        "quick",
+        out_dir=tmp_path,
+        settings=[mia.Setting("tiny", cfg, "a tiny run")],
+        methods=["flexlora", "flexlora-dp"],
+        n_reference=0,
+        bootstrap=20,
+        progress=False,
+        sweep_epsilons=(1000.0,),
+    )
+    assert [r["method"] for r in record["rows"]] == ["flexlora", "flexlora-dp"]
+    (point,) = record["dp_sweep"]["rows"]
+    assert point["sweep"] and point["target_epsilon"] == 1000.0
+    assert point["privacy"]["calibration"] == "target_epsilon"
+    assert all(c["agree"] for c in record["dp_sweep"]["accounting_checks"])
+    (m,) = record["matched_utility"]
+    assert m["method"] == "flexlora-dp" and len(m["points"]) == 2
+    assert m["reference"]["accuracy"] == record["rows"][0]["accuracy"]
+    assert (m["matched"] is None) == ("no point matches" in m["note"])
+    assert "At matched utility" in record["statement"]
