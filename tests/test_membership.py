@@ -398,8 +398,44 @@ def test_statement_table_figure_and_notes_at_matched_utility(tmp_path):
     (tmp_path / "quick").mkdir()
     (tmp_path / "quick" / "membership.json").write_text(json.dumps(record))
     (line,) = membership_notes(tmp_path)
-    assert "flexlora-dp at epsilon 316 over the run (delta 1e-05; accuracy 0.68) scores" in line
+    assert "at matched utility (accuracy >= 0.680, FlexLoRA's 0.700 - 0.02;" in line
+    assert "flexlora-dp at epsilon 316 over the run (delta 1e-05; accuracy 0.68)" in line
     assert "shelora-dp reaches it at no swept epsilon (best accuracy 0.66)" in line
+    assert "No swept epsilon reaches FlexLoRA's accuracy for shelora-dp in s." in line
+
+
+@pytest.mark.parametrize("inside", [True, False])
+def test_matched_auc_against_flexloras_interval_in_the_record_and_the_notes(tmp_path, inside):
+    import json
+    import sys
+    from pathlib import Path
+
+    rows, sweep = _matched_record()
+    sweep = [r for r in sweep if r["method"] == "flexlora-dp"]
+    rows = [r for r in rows if r["method"] != "shelora-dp"]
+    auc = sweep[1]["loss_attack"]["auc"]  # the matched point's
+    rows[0]["loss_attack"]["auc_ci95"] = [auc - 0.01, auc + 0.01] if inside else [auc + 0.01, 1.0]
+    (m,) = mia.matched_utility(rows, sweep)
+    assert m["loss_auc_in_reference_ci95"] is inside
+    said = mia.matched_statement([m])
+    assert (", inside FlexLoRA's 95% interval" in said) == inside
+    assert (", below FlexLoRA's 95% interval" in said) == (not inside)
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root))
+    try:
+        from reproduce import membership_notes
+    finally:
+        sys.path.pop(0)
+    record = {"rows": rows, "matched_utility": [m], "checks": [], "meta": {"git_commit": "abc"}}
+    (tmp_path / "quick").mkdir()
+    (tmp_path / "quick" / "membership.json").write_text(json.dumps(record))
+    (line,) = membership_notes(tmp_path)
+    assert (
+        "inside FlexLoRA's bootstrap 95% interval, at whole-run epsilons of 316" in line
+    ) == inside
+    # the per-round point (accuracy 0.50) is below the bar: its lower AUC came with lower accuracy
+    assert ("come with lower accuracy" in line) == inside
+    assert ("falls outside FlexLoRA's interval for flexlora-dp in s" in line) == (not inside)
 
 
 @pytest.mark.slow

@@ -671,7 +671,9 @@ def matched_utility(
         sorted by epsilon), ``matched`` (the matched point or ``None``), ``bracketed`` (a point
         of smaller epsilon, below the bar, exists: the sweep brackets the threshold), the
         matched point's AUC minus the reference's (``loss_auc_difference``,
-        ``reference_auc_difference``) and ``note`` (plain words, also when nothing matched).
+        ``reference_auc_difference``), whether its loss AUC lies in the reference's bootstrap
+        95% interval (``loss_auc_in_reference_ci95``) and ``note`` (plain words, also when
+        nothing matched).
 
     Raises
     ------
@@ -710,6 +712,7 @@ def matched_utility(
                 "bracketed": False,
                 "loss_auc_difference": None,
                 "reference_auc_difference": None,
+                "loss_auc_in_reference_ci95": None,
             }
             if ref is None or ref.get("accuracy") is None:
                 entry["note"] = f"no {reference} row in {setting}: nothing to match"
@@ -757,6 +760,9 @@ def matched_utility(
             entry["matched"] = m
             entry["bracketed"] = bool(below)
             entry["loss_auc_difference"] = m["loss_auc"] - rp["loss_auc"]
+            ci = rp["loss_auc_ci95"]
+            if ci:
+                entry["loss_auc_in_reference_ci95"] = bool(ci[0] <= m["loss_auc"] <= ci[1])
             if m["reference_auc"] is not None and rp["reference_auc"] is not None:
                 entry["reference_auc_difference"] = m["reference_auc"] - rp["reference_auc"]
             entry["note"] = (
@@ -1098,6 +1104,7 @@ def matched_statement(matched: Sequence[Mapping[str, Any]]) -> str:
                 f"{head}: epsilon {_eps(pt)} (whole run, delta {pt['delta']:g}) gives accuracy "
                 f"{pt['accuracy']:.3f} and loss AUC {pt['loss_auc']:.3f} against FlexLoRA's "
                 f"{ref['accuracy']:.3f} and {ref['loss_auc']:.3f}"
+                + _ci_words(m)
                 + ("" if m["bracketed"] else " (the smallest epsilon swept)")
             )
     tol = matched[0]["tolerance"]
@@ -1105,6 +1112,16 @@ def matched_statement(matched: Sequence[Mapping[str, Any]]) -> str:
         f"At matched utility (the smallest accounted epsilon whose accuracy is within {tol:g} "
         "of FlexLoRA's or above): " + "; ".join(parts) + "."
     )
+
+
+def _ci_words(m: Mapping[str, Any]) -> str:
+    """Where the matched point's loss AUC lies against FlexLoRA's bootstrap interval."""
+    ci = m["reference"] and m["reference"].get("loss_auc_ci95")
+    if m.get("loss_auc_in_reference_ci95") is None or not ci:
+        return ""
+    auc = m["matched"]["loss_auc"]
+    where = "inside" if m["loss_auc_in_reference_ci95"] else "below" if auc < ci[0] else "above"
+    return f", {where} FlexLoRA's 95% interval [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def _encryption_statement(checks: Sequence[Mapping[str, Any]]) -> str:
@@ -1368,8 +1385,8 @@ def utility_figure(record: Mapping[str, Any]):
     """Attack AUC against test accuracy: one row per setting, the loss attack and the reference
     attack side by side. Each DP method's points (the per-round default and the sweep) are joined
     in order of epsilon and labelled with their accounted whole-run epsilon, with the bootstrap
-    95% interval as error bars; FlexLoRA (and SHE-LoRA, which releases the same model) are the
-    reference points; the dashed vertical line is the matched-utility bar (FlexLoRA's accuracy
+    95% interval as error bars; FlexLoRA (with its interval) and SHE-LoRA (which releases the
+    same model) are the reference points; the dashed vertical line is the matched-utility bar (FlexLoRA's accuracy
     minus the tolerance) and the matched point is ringed. Chance (AUC 0.5) is dotted. Returns the
     Figure."""
     import matplotlib.pyplot as plt
@@ -1392,15 +1409,17 @@ def utility_figure(record: Mapping[str, Any]):
                 m = r[f"{attack}_attack"]
                 if m is None:
                     continue
-                ax.plot(
+                ci = m.get("auc_ci95")
+                ax.errorbar(
                     r["accuracy"],
                     m["auc"],
-                    marker,
+                    yerr=None if not ci or face else [[m["auc"] - ci[0]], [ci[1] - m["auc"]]],
+                    fmt=marker,
                     ms=14 if marker == "*" else 11,
                     color=_COLORS[lab],
                     mfc=face or _COLORS[lab],
                     mew=1.5,
-                    ls="none",
+                    capsize=3,
                     label=f"{lab} (acc {r['accuracy']:.2f}, AUC {m['auc']:.3f})",
                     zorder=3,
                 )
