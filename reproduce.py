@@ -1206,6 +1206,7 @@ def membership_notes(results_root: Path) -> list[str]:
                     f"{r['accuracy']:.2f})"
                     for r in dp
                 )
+            text += _matched_clause(rec.get("matched_utility") or (), setting)
             parts.append(text)
         agree = bool(rec["checks"]) and all(c["agree"] for c in rec["checks"])
         return [
@@ -1222,8 +1223,93 @@ def membership_notes(results_root: Path) -> list[str]:
                 else "The encrypted methods' released models do NOT match their plaintext "
                 "counterparts here (see the record's checks)."
             )
+            + _matched_summary(rec.get("matched_utility") or ())
         ]
     return []
+
+
+def _matched_clause(matched, setting: str) -> str:
+    """The DP methods of ``setting`` at matched utility (``membership.json``'s
+    ``matched_utility``): the matched point's whole-run epsilon and AUC and where that AUC lies
+    against FlexLoRA's bootstrap interval, or that no swept epsilon reached FlexLoRA's accuracy;
+    empty when the record has no such entry."""
+    mine = [m for m in matched if m["setting"] == setting and m.get("reference")]
+    if not mine:
+        return ""
+    said = []
+    for m in mine:
+        pt = m["matched"]
+        if pt is None:
+            best = max(
+                (p["accuracy"] for p in m["points"] if p["accuracy"] is not None), default=None
+            )
+            said.append(
+                f"{m['method']} reaches it at no swept epsilon (best accuracy "
+                + ("-" if best is None else f"{best:.2f}")
+                + ")"
+            )
+            continue
+        eps, target = pt["epsilon"], pt.get("target_epsilon")
+        shown = f"{eps:.0f}"
+        if target is not None and f"{target:.0f}" != shown:
+            shown += f" (target {target:g})"
+        inside = m.get("loss_auc_in_reference_ci95")
+        said.append(
+            f"{m['method']} at epsilon {shown} over the run (delta {pt['delta']:g}; accuracy "
+            f"{pt['accuracy']:.2f}) scores {pt['loss_auc']:.2f}"
+            + ("" if inside is None else " (inside FlexLoRA's 95% interval)" if inside else
+               " (outside FlexLoRA's 95% interval)")
+            + ("" if m["bracketed"] else ", the smallest epsilon swept")
+        )  # fmt: skip
+    ref = mine[0]["reference"]
+    return (
+        f"; at matched utility (accuracy >= {mine[0]['threshold']:.3f}, FlexLoRA's "
+        f"{ref['accuracy']:.3f} - {mine[0]['tolerance']:g}; the smallest such epsilon) "
+        + ", ".join(said)
+    )
+
+
+def _matched_summary(matched) -> str:
+    """One sentence on the DP methods at matched utility over every setting, from the record's
+    flags: whether every matched point's loss AUC lies inside FlexLoRA's bootstrap interval."""
+    hits = [m for m in matched if m.get("matched") is not None and m.get("reference")]
+    missed = [m for m in matched if m.get("matched") is None and m.get("reference")]
+    if not hits and not missed:
+        return ""
+    out = ""
+    flags = [m.get("loss_auc_in_reference_ci95") for m in hits]
+    if hits and all(f is True for f in flags):
+        eps = min(m["matched"]["epsilon"] for m in hits)
+        out += (
+            " At FlexLoRA's accuracy every DP method's loss AUC lies inside FlexLoRA's bootstrap "
+            f"95% interval, at whole-run epsilons of {eps:.0f} and more: the noise that keeps the "
+            "accuracy does not measurably lower the attack here"
+        )
+        below = [
+            p["accuracy"] < m["threshold"]
+            for m in hits
+            for p in m["points"]
+            if p.get("calibration") == "per_round_analytic" and p["accuracy"] is not None
+        ]
+        if below and all(below):
+            out += ", and the lower AUCs at the per-round epsilon 10 come with lower accuracy"
+        out += "."
+    elif hits and any(f is False for f in flags):
+        out += " At FlexLoRA's accuracy the loss AUC falls outside FlexLoRA's interval for " + (
+            ", ".join(
+                f"{m['method']} in {m['setting']}"
+                for m in hits
+                if m.get("loss_auc_in_reference_ci95") is False
+            )
+            + "."
+        )
+    if missed:
+        out += (
+            " No swept epsilon reaches FlexLoRA's accuracy for "
+            + ", ".join(f"{m['method']} in {m['setting']}" for m in missed)
+            + "."
+        )
+    return out
 
 
 def _replace_block(text: str, start: str, end: str, body: str) -> str:

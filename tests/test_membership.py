@@ -255,6 +255,189 @@ def test_table_and_figure_from_a_record(tmp_path):
     assert len(fig.axes) == 2
 
 
+# ---------------------------------------------------------------------------- matched utility
+def _dp_row(setting, method, accuracy, auc_shift, *, epsilon, target=None, seed=0):
+    """A DP row whose loss attack has an AUC that grows with ``auc_shift`` (synthetic losses)."""
+    rng = np.random.default_rng(seed)
+    lm, ln = rng.random(40), rng.random(40) + auc_shift
+    row = _row(setting, method, lm, ln)
+    row.update(
+        accuracy=accuracy,
+        sweep=target is not None,
+        target_epsilon=target,
+        privacy={
+            "calibration": "per_round_analytic" if target is None else "target_epsilon",
+            "epsilon": epsilon,
+            "epsilon_server": epsilon,
+            "delta": 1e-5,
+            "noise_multiplier": 1.0 / (epsilon or 1.0),
+        },
+    )
+    return row
+
+
+def _matched_record():
+    rows = [
+        _dp_row("s", "flexlora", 0.70, 0.4, epsilon=None),
+        _dp_row("s", "flexlora-dp", 0.50, 0.0, epsilon=21.5),
+        _dp_row("s", "shelora-dp", 0.45, 0.0, epsilon=21.5),
+    ]
+    for r in rows[:1]:
+        r["privacy"] = None
+    sweep = [
+        # flexlora-dp: below the bar at 100, above at 316 (matched), below again at 1000
+        _dp_row("s", "flexlora-dp", 0.60, 0.1, epsilon=99.99, target=100.0),
+        _dp_row("s", "flexlora-dp", 0.68, 0.3, epsilon=316.1, target=316.2),
+        _dp_row("s", "flexlora-dp", 0.67, 0.35, epsilon=999.9, target=1000.0),
+        # shelora-dp never reaches 0.68
+        _dp_row("s", "shelora-dp", 0.55, 0.1, epsilon=99.99, target=100.0),
+        _dp_row("s", "shelora-dp", 0.66, 0.3, epsilon=999.9, target=1000.0),
+    ]
+    return rows, sweep
+
+
+def test_matched_utility_picks_the_smallest_epsilon_at_flexloras_accuracy():
+    rows, sweep = _matched_record()
+    got = {m["method"]: m for m in mia.matched_utility(rows, sweep, tolerance=0.02)}
+    flex = got["flexlora-dp"]
+    # 0.68 = 0.70 - 0.02 exactly: on the bar counts (no float rounding against it)
+    assert flex["threshold"] == pytest.approx(0.68)
+    assert flex["matched"]["target_epsilon"] == 316.2 and flex["bracketed"]
+    assert [p["epsilon"] for p in flex["points"]] == [21.5, 99.99, 316.1, 999.9]
+    auc_flex = rows[0]["loss_attack"]["auc"]
+    assert flex["reference"]["loss_auc"] == auc_flex
+    assert flex["loss_auc_difference"] == pytest.approx(flex["matched"]["loss_auc"] - auc_flex)
+    she = got["shelora-dp"]
+    assert she["matched"] is None and she["loss_auc_difference"] is None
+    assert "no point matches" in she["note"] and "0.660" in she["note"]
+    # a looser bar matches at the per-round point; the record says it was not bracketed
+    loose = {m["method"]: m for m in mia.matched_utility(rows, sweep, tolerance=0.3)}
+    assert loose["shelora-dp"]["matched"]["epsilon"] == 21.5
+    assert (
+        not loose["shelora-dp"]["bracketed"]
+        and "smallest epsilon swept" in loose["shelora-dp"]["note"]
+    )
+    with pytest.raises(ValueError, match="tolerance"):
+        mia.matched_utility(rows, sweep, tolerance=-0.1)
+
+
+def test_matched_utility_without_flexlora_says_so_and_a_noiseless_point_never_matches():
+    rows, sweep = _matched_record()
+    (entry, _) = mia.matched_utility(rows[1:], sweep)
+    assert entry["matched"] is None and "no flexlora row" in entry["note"]
+    free = _dp_row("s", "flexlora-dp", 0.70, 0.4, epsilon=None, target=None)
+    got = mia.matched_utility(rows[:1], [free])[0]
+    assert got["matched"] is None  # no finite epsilon: no guarantee, not a DP point at utility
+
+
+def test_sweep_configs_and_accounting_checks():
+    from shelora_core.accounting import run_privacy
+
+    base = FederatedConfig(model="minilm", num_clients=3, rounds=3)
+    cfgs = mia.dp_sweep_methods(base, (100.0, 1000.0))
+    assert [(lab, c.dp_target_epsilon) for lab, c in cfgs] == [
+        ("flexlora-dp", 100.0),
+        ("shelora-dp", 100.0),
+        ("flexlora-dp", 1000.0),
+        ("shelora-dp", 1000.0),
+    ]
+    assert len({c.run_name for _, c in cfgs}) == 4  # each point is its own run and row key
+    for bad in (0.0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="sweep epsilon"):
+            mia.dp_sweep_methods(base, (bad,))
+    rows = [
+        {"setting": "s", "method": lab, "target_epsilon": c.dp_target_epsilon,
+         "privacy": run_privacy(c, c.rounds)}
+        for lab, c in cfgs
+    ]  # fmt: skip
+    assert all(c["agree"] for c in mia.sweep_accounting_checks(rows))
+    rows[0]["privacy"] = {**rows[0]["privacy"], "epsilon_server": 150.0}  # overspent
+    rows[1]["privacy"] = {**rows[1]["privacy"], "epsilon_server": 50.0}  # noised far more
+    assert [c["agree"] for c in mia.sweep_accounting_checks(rows)] == [False, False, True, True]
+
+
+def test_statement_table_figure_and_notes_at_matched_utility(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    rows, sweep = _matched_record()
+    matched = mia.matched_utility(rows, sweep)
+    said = mia.statement([], matched)
+    assert "flexlora-dp in s: epsilon 316 (whole run, delta 1e-05)" in said
+    assert "shelora-dp in s: NO swept epsilon reaches accuracy 0.680" in said
+    record = {
+        "settings": [{"name": "s", "reference_losses": None}],
+        "rows": rows,
+        "dp_sweep": {"rows": sweep},
+        "matched_utility": matched,
+        "checks": [],
+        "meta": {"git_commit": "abc123"},
+    }
+    table = mia.summary_table(record)
+    assert "| s | flexlora-dp | target 316.2 | 316, 1e-05 |" in table
+    assert table.count("**matched**") == 1 and "| no point matches |" in table
+    # without the stored entries the table recomputes them from the rows
+    assert mia.sweep_table({k: v for k, v in record.items() if k != "matched_utility"}) == (
+        mia.sweep_table(record)
+    )
+    fig = mia.utility_figure(record)
+    assert len(fig.axes) == 2
+    ax = fig.axes[0]
+    assert {t.get_text() for t in ax.texts} >= {"21.5", "100", "316", "1000"}
+    assert any(line.get_xdata()[0] == pytest.approx(0.68) for line in ax.lines)  # the bar
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root))
+    try:
+        from reproduce import membership_notes
+    finally:
+        sys.path.pop(0)
+    (tmp_path / "quick").mkdir()
+    (tmp_path / "quick" / "membership.json").write_text(json.dumps(record))
+    (line,) = membership_notes(tmp_path)
+    assert "at matched utility (accuracy >= 0.680, FlexLoRA's 0.700 - 0.02;" in line
+    assert "flexlora-dp at epsilon 316 over the run (delta 1e-05; accuracy 0.68)" in line
+    assert "shelora-dp reaches it at no swept epsilon (best accuracy 0.66)" in line
+    assert "No swept epsilon reaches FlexLoRA's accuracy for shelora-dp in s." in line
+
+
+@pytest.mark.parametrize("inside", [True, False])
+def test_matched_auc_against_flexloras_interval_in_the_record_and_the_notes(tmp_path, inside):
+    import json
+    import sys
+    from pathlib import Path
+
+    rows, sweep = _matched_record()
+    sweep = [r for r in sweep if r["method"] == "flexlora-dp"]
+    rows = [r for r in rows if r["method"] != "shelora-dp"]
+    auc = sweep[1]["loss_attack"]["auc"]  # the matched point's
+    rows[0]["loss_attack"]["auc_ci95"] = [auc - 0.01, auc + 0.01] if inside else [auc + 0.01, 1.0]
+    (m,) = mia.matched_utility(rows, sweep)
+    assert m["loss_auc_in_reference_ci95"] is inside
+    said = mia.matched_statement([m])
+    assert (", inside FlexLoRA's 95% interval" in said) == inside
+    assert (", below FlexLoRA's 95% interval" in said) == (not inside)
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root))
+    try:
+        from reproduce import membership_notes
+    finally:
+        sys.path.pop(0)
+    record = {"rows": rows, "matched_utility": [m], "checks": [], "meta": {"git_commit": "abc"}}
+    (tmp_path / "quick").mkdir()
+    (tmp_path / "quick" / "membership.json").write_text(json.dumps(record))
+    (line,) = membership_notes(tmp_path)
+    assert (
+        "inside FlexLoRA's bootstrap 95% interval, at whole-run epsilons of 316" in line
+    ) == inside
+    # the per-round point (accuracy 0.50) is below the bar: its lower AUC came with lower accuracy
+    assert ("come with lower accuracy" in line) == inside
+    assert ("falls outside FlexLoRA's interval for flexlora-dp in s" in line) == (not inside)
+
+
 @pytest.mark.slow
 def test_runner_end_to_end_shelora_releases_flexloras_model(tmp_path, tiny_config):
     cfg = tiny_config.replace(partition="iid")
@@ -279,3 +462,28 @@ def test_runner_end_to_end_shelora_releases_flexloras_model(tmp_path, tiny_confi
     assert record["settings"][0]["reference_models"][0]["examples"] == 120
     again = mia.run_membership("quick", **kw)  # finished rows are reused, not recomputed
     assert [r["seconds"] for r in again["rows"]] == [r["seconds"] for r in record["rows"]]
+
+
+@pytest.mark.slow
+def test_runner_end_to_end_dp_sweep_and_matched_utility(tmp_path, tiny_config):
+    cfg = tiny_config.replace(partition="iid")
+    record = mia.run_membership(
+        "quick",
+        out_dir=tmp_path,
+        settings=[mia.Setting("tiny", cfg, "a tiny run")],
+        methods=["flexlora", "flexlora-dp"],
+        n_reference=0,
+        bootstrap=20,
+        progress=False,
+        sweep_epsilons=(1000.0,),
+    )
+    assert [r["method"] for r in record["rows"]] == ["flexlora", "flexlora-dp"]
+    (point,) = record["dp_sweep"]["rows"]
+    assert point["sweep"] and point["target_epsilon"] == 1000.0
+    assert point["privacy"]["calibration"] == "target_epsilon"
+    assert all(c["agree"] for c in record["dp_sweep"]["accounting_checks"])
+    (m,) = record["matched_utility"]
+    assert m["method"] == "flexlora-dp" and len(m["points"]) == 2
+    assert m["reference"]["accuracy"] == record["rows"][0]["accuracy"]
+    assert (m["matched"] is None) == ("no point matches" in m["note"])
+    assert "At matched utility" in record["statement"]

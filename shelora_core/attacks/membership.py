@@ -39,13 +39,24 @@ least 1000 non-members; below that it would be TPR at 0 FPR) read from the step 
 interpolation), and the balanced accuracy at the best threshold (chosen on the same examples, so
 optimistic). Everything in numpy.
 
+**Matched utility.** At the documented per-round epsilon 10 the DP methods lose much of their
+accuracy, so their lower AUC says little by itself: a model that learned less also remembers
+less. The DP sweep (:func:`dp_sweep_methods`) trains each DP method again at whole-run target
+epsilons :data:`DP_SWEEP_EPSILONS` (the RDP accountant calibrates the noise), and
+:func:`matched_utility` picks, per setting and DP method, the point with the smallest accounted
+whole-run epsilon whose accuracy is at least FlexLoRA's minus :data:`ACCURACY_TOLERANCE` (0.02)
+and sets its AUC beside FlexLoRA's; when no point reaches the bar, the record says so. Every
+point's (epsilon, delta), noise multiplier, accuracy, AUCs and TPR at 1% FPR are recorded.
+
 **The runner** (:func:`run_membership`, ``python -m shelora_core.attacks.membership --profile
-quick``) trains every method of :func:`membership_methods` with the same data and seed in each
-setting of :func:`membership_settings` (reusing a finished run's checkpoint), attacks each, checks
-that SHE-LoRA's (FedShield-LLM's) released model gives the same losses and AUC as FlexLoRA's
-(FedAvg's) and writes ``results/<profile>/membership.json`` and
-``results/<profile>/figures/membership_roc.png``. Finished methods are kept in a JSONL under
-``results/<profile>/checkpoints/membership/`` and skipped when the run is repeated.
+quick``) trains every method of :func:`membership_methods` and every point of the DP sweep with
+the same data and seed in each setting of :func:`membership_settings` (reusing a finished run's
+checkpoint), attacks each, checks that SHE-LoRA's (FedShield-LLM's) released model gives the
+same losses and AUC as FlexLoRA's (FedAvg's) and that each sweep point spent the epsilon it was
+calibrated to, and writes ``results/<profile>/membership.json``,
+``results/<profile>/figures/membership_roc.png`` and ``membership_utility.png`` (AUC against
+accuracy). Finished runs are kept in a JSONL under ``results/<profile>/checkpoints/membership/``
+and skipped when the run is repeated.
 """
 
 from __future__ import annotations
@@ -64,15 +75,21 @@ from ..config import FederatedConfig
 from ..errors import ConfigError
 
 __all__ = [
+    "ACCURACY_TOLERANCE",
+    "DP_SWEEP_EPSILONS",
+    "EPSILON_RTOL",
     "MEMBERSHIP_VERSION",
     "METHODS",
     "MembershipSplit",
     "Setting",
     "attack_metrics",
+    "dp_sweep_methods",
     "drawn_positions",
     "equivalence_checks",
     "example_losses",
     "main",
+    "matched_statement",
+    "matched_utility",
     "membership_methods",
     "membership_settings",
     "membership_split",
@@ -83,8 +100,11 @@ __all__ = [
     "run_membership",
     "statement",
     "summary_table",
+    "sweep_accounting_checks",
+    "sweep_table",
     "tpr_at_fpr",
     "trained_examples",
+    "utility_figure",
 ]
 
 #: stamped on every row; a row from another version is recomputed, never reused
@@ -100,6 +120,21 @@ METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("flexlora-dp", dict(method="flexlora-dp")),
     ("shelora-dp", dict(method="shelora-dp", cipher_mode="delta")),
 )
+
+#: the DP methods' privacy sweep (:func:`dp_sweep_methods`): whole-run target epsilons
+#: (``dp_target_epsilon`` at the setting's ``dp_delta``, client-level, against the server:
+#: :mod:`shelora_core.accounting`), a geometric series of ratio 10. With the :data:`METHODS` row at
+#: the documented per-round epsilon 10 (about 21 over the quick profile's 3 rounds) they span the
+#: DP methods' accuracy from well below FlexLoRA's to FlexLoRA's in the quick settings (in a pilot
+#: run SHE-LoRA-DP was still below FlexLoRA's accuracy at 1000 in the quick setting, so the series
+#: goes one decade further). Ratio 10 keeps the quick sweep to 12 runs; a finer series is
+#: ``--sweep-epsilons``
+DP_SWEEP_EPSILONS: tuple[float, ...] = (100.0, 1000.0, 10000.0)
+#: "matched utility" (:func:`matched_utility`): a DP point's accuracy is at least FlexLoRA's
+#: minus this
+ACCURACY_TOLERANCE = 0.02
+#: accuracies are fractions of a test set: an accuracy equal to the bar must not fail by rounding
+_ACC_EPS = 1e-9
 
 #: pairs whose released models agree up to CKKS noise (encrypted aggregation, same arithmetic):
 #: their per-example losses and AUCs must agree
@@ -505,6 +540,252 @@ def membership_methods(base: FederatedConfig) -> list[tuple[str, FederatedConfig
     return [(label, base.replace(**over)) for label, over in METHODS]
 
 
+def dp_sweep_methods(
+    base: FederatedConfig, epsilons: Sequence[float] = DP_SWEEP_EPSILONS
+) -> list[tuple[str, FederatedConfig]]:
+    """``(label, config)`` of every point of the DP sweep: each DP method of :data:`METHODS` at
+    each whole-run target epsilon (``dp_target_epsilon``; the RDP accountant calibrates the
+    clients' noise multiplier to it over the run), same data and seed as the other methods.
+
+    Raises
+    ------
+    ConfigError
+        An epsilon that is not a finite number > 0 (names it).
+    """
+    from ..accounting import DP_METHODS
+
+    out = []
+    for eps in _checked_epsilons(epsilons):
+        for label, over in METHODS:
+            if over["method"] in DP_METHODS:
+                out.append((label, base.replace(**over, dp_target_epsilon=float(eps))))
+    return out
+
+
+def _checked_epsilons(epsilons: Sequence[float]) -> list[float]:
+    for eps in epsilons:
+        if isinstance(eps, bool) or not (
+            isinstance(eps, (int, float)) and np.isfinite(eps) and eps > 0
+        ):
+            raise ConfigError(
+                f"sweep epsilon {eps!r} is invalid: give finite whole-run epsilons > 0, e.g. "
+                f"{list(DP_SWEEP_EPSILONS)}, or none to skip the sweep"
+            )
+    return [float(e) for e in epsilons]
+
+
+#: relative shortfall of the accounted epsilon below a sweep point's target that
+#: :func:`sweep_accounting_checks` accepts (the calibration bisects the noise multiplier to 1e-4)
+EPSILON_RTOL = 0.01
+
+
+def sweep_accounting_checks(sweep: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """For each DP sweep row: is the accounted whole-run epsilon against the server at most its
+    target and within :data:`EPSILON_RTOL` of it (the noise was calibrated to the target, not
+    more), and the epsilon towards an observer of the released model at most that (``agree``)?"""
+    out = []
+    for r in sweep:
+        p = r.get("privacy") or {}
+        target, e_srv, e = r.get("target_epsilon"), p.get("epsilon_server"), p.get("epsilon")
+        ok = (
+            target is not None
+            and e_srv is not None
+            and e is not None
+            and target * (1 - EPSILON_RTOL) <= e_srv <= target * (1 + 1e-9)
+            and e <= e_srv * (1 + 1e-9)
+        )
+        out.append(
+            {
+                "setting": r["setting"],
+                "method": r["method"],
+                "target_epsilon": target,
+                "epsilon_server": e_srv,
+                "epsilon": e,
+                "noise_multiplier": p.get("noise_multiplier"),
+                "agree": bool(ok),
+            }
+        )
+    return out
+
+
+def _dp_point(row: Mapping[str, Any]) -> dict[str, Any]:
+    """What :func:`matched_utility` and the sweep table show of one DP row."""
+    p = row.get("privacy") or {}
+    ra = row.get("reference_attack")
+    return {
+        "target_epsilon": row.get("target_epsilon"),
+        "calibration": p.get("calibration"),
+        "epsilon": p.get("epsilon"),
+        "epsilon_server": p.get("epsilon_server"),
+        "delta": p.get("delta"),
+        "noise_multiplier": p.get("noise_multiplier"),
+        "accuracy": row["accuracy"],
+        "loss_auc": row["loss_attack"]["auc"],
+        "loss_auc_ci95": row["loss_attack"].get("auc_ci95"),
+        "loss_tpr_at_1pct_fpr": row["loss_attack"]["tpr_at_fpr"].get("0.01"),
+        "reference_auc": None if ra is None else ra["auc"],
+        "reference_auc_ci95": None if ra is None else ra.get("auc_ci95"),
+        "reference_tpr_at_1pct_fpr": None if ra is None else ra["tpr_at_fpr"].get("0.01"),
+    }
+
+
+def matched_utility(
+    rows: Sequence[Mapping[str, Any]],
+    sweep: Sequence[Mapping[str, Any]] = (),
+    *,
+    tolerance: float = ACCURACY_TOLERANCE,
+    reference: str = "flexlora",
+) -> list[dict[str, Any]]:
+    """Each DP method's membership-inference result at FlexLoRA's utility, per setting.
+
+    **The rule.** A DP point *matches* when its test accuracy is at least the ``reference``
+    method's (FlexLoRA's: the model SHE-LoRA also releases) minus ``tolerance`` in the same
+    setting; the *matched-utility point* is the matching point with the smallest accounted
+    whole-run epsilon (``privacy["epsilon"]``, the guarantee towards whoever holds the released
+    model), i.e. the most private point that costs at most ``tolerance`` of accuracy. The
+    points are the method's row in ``rows`` (per-round calibration) and its rows in ``sweep``
+    (whole-run targets); a point without a finite epsilon (no noise) never matches. Accuracy is
+    not monotone in epsilon (a run's noise is one draw; the test set is small), so a larger
+    epsilon may fall below the bar again: every point is listed, the rule picks the first.
+
+    The tolerance is tighter than the accuracy's own sampling error (binomial standard error
+    about 0.034 at accuracy 0.65 on the quick profile's 200 test examples): "matched" means
+    not measurably worse than FlexLoRA, not equal.
+
+    Parameters
+    ----------
+    rows
+        The record's method rows (:data:`METHODS`).
+    sweep
+        The record's DP sweep rows (:func:`dp_sweep_methods`).
+    tolerance
+        Accuracy FlexLoRA may lose, >= 0.
+    reference
+        The method label whose accuracy and AUC the DP points are matched to.
+
+    Returns
+    -------
+    list of dict
+        One per (setting, DP method): ``setting``, ``method``, ``rule``, ``reference`` (the
+        reference method's accuracy, AUCs and TPR), ``threshold``, ``points`` (every point,
+        sorted by epsilon), ``matched`` (the matched point or ``None``), ``bracketed`` (a point
+        of smaller epsilon, below the bar, exists: the sweep brackets the threshold), the
+        matched point's AUC minus the reference's (``loss_auc_difference``,
+        ``reference_auc_difference``), whether its loss AUC lies in the reference's bootstrap
+        95% interval (``loss_auc_in_reference_ci95``) and ``note`` (plain words, also when
+        nothing matched).
+
+    Raises
+    ------
+    ValueError
+        A negative tolerance.
+    """
+    from ..accounting import DP_METHODS
+
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance = {tolerance!r} is invalid: an accuracy margin >= 0")
+    dp_labels = [lab for lab, over in METHODS if over["method"] in DP_METHODS]
+    everything = list(rows) + list(sweep)
+    out = []
+    for setting in dict.fromkeys(r["setting"] for r in everything):
+        ref = next((r for r in rows if r["setting"] == setting and r["method"] == reference), None)
+        for label in dp_labels:
+            mine = [r for r in everything if r["setting"] == setting and r["method"] == label]
+            if not mine:
+                continue
+            points = sorted(
+                (_dp_point(r) for r in mine),
+                key=lambda p: (p["epsilon"] is None, p["epsilon"] or 0.0),
+            )
+            entry: dict[str, Any] = {
+                "setting": setting,
+                "method": label,
+                "rule": (
+                    f"smallest accounted whole-run epsilon whose accuracy >= {reference}'s - "
+                    f"{tolerance:g}"
+                ),
+                "tolerance": tolerance,
+                "points": points,
+                "reference": None,
+                "threshold": None,
+                "matched": None,
+                "bracketed": False,
+                "loss_auc_difference": None,
+                "reference_auc_difference": None,
+                "loss_auc_in_reference_ci95": None,
+            }
+            if ref is None or ref.get("accuracy") is None:
+                entry["note"] = f"no {reference} row in {setting}: nothing to match"
+                out.append(entry)
+                continue
+            rp = _dp_point(ref)
+            entry["reference"] = {
+                "method": reference,
+                **{k: rp[k] for k in rp if k.startswith(("accuracy", "loss_", "reference_"))},
+            }
+            bar = float(ref["accuracy"]) - tolerance
+            entry["threshold"] = bar
+            ok = [
+                p
+                for p in points
+                if p["epsilon"] is not None
+                and p["accuracy"] is not None
+                and p["accuracy"] >= bar - _ACC_EPS
+            ]
+            if not ok:
+                best = max(
+                    (p for p in points if p["accuracy"] is not None),
+                    key=lambda p: p["accuracy"],
+                    default=None,
+                )
+                entry["note"] = (
+                    f"no point matches: no swept epsilon reaches accuracy {bar:.3f} "
+                    f"({reference} {ref['accuracy']:.3f} - {tolerance:g})"
+                    + (
+                        ""
+                        if best is None
+                        else f"; the best is {best['accuracy']:.3f} at epsilon {_eps(best)}"
+                    )
+                )
+                out.append(entry)
+                continue
+            m = ok[0]
+            below = [
+                p
+                for p in points
+                if p["epsilon"] is not None
+                and p["epsilon"] < m["epsilon"]
+                and p["accuracy"] is not None
+            ]
+            entry["matched"] = m
+            entry["bracketed"] = bool(below)
+            entry["loss_auc_difference"] = m["loss_auc"] - rp["loss_auc"]
+            ci = rp["loss_auc_ci95"]
+            if ci:
+                entry["loss_auc_in_reference_ci95"] = bool(ci[0] <= m["loss_auc"] <= ci[1])
+            if m["reference_auc"] is not None and rp["reference_auc"] is not None:
+                entry["reference_auc_difference"] = m["reference_auc"] - rp["reference_auc"]
+            entry["note"] = (
+                f"matched at epsilon {_eps(m)} (delta {m['delta']:g}, noise multiplier "
+                f"{m['noise_multiplier']:.3g}): accuracy {m['accuracy']:.3f} vs {reference} "
+                f"{ref['accuracy']:.3f}, loss AUC {m['loss_auc']:.3f} vs {rp['loss_auc']:.3f}"
+                + (
+                    ""
+                    if entry["bracketed"]
+                    else "; the smallest epsilon swept already matches, so a smaller one might too"
+                )
+            )
+            out.append(entry)
+    return out
+
+
+def _eps(p: Mapping[str, Any]) -> str:
+    e = p.get("epsilon")
+    if e is None:
+        return "none (no noise)"
+    return f"{e:.0f}" if e >= 99.95 else f"{e:.1f}"  # 99.99 reads 100, not 100.0
+
+
 # ---------------------------------------------------------------------------- the runner
 def _encode(cfg: FederatedConfig, ds: Any, tok: Any) -> Any:
     from ..federation import encode_examples
@@ -572,6 +853,8 @@ def run_membership(
     reuse_dir: str | Path | None = None,
     bootstrap: int = 1000,
     progress: bool | None = None,
+    sweep_epsilons: Sequence[float] = DP_SWEEP_EPSILONS,
+    tolerance: float = ACCURACY_TOLERANCE,
 ) -> dict[str, Any]:
     """Train, attack and record every method of every setting (see the module docstring).
 
@@ -596,6 +879,11 @@ def run_membership(
         Resamples of the AUC interval.
     progress
         A tqdm bar over the methods (default: off when ``SHELORA_QUIET=1``).
+    sweep_epsilons
+        Whole-run target epsilons of the DP sweep (:func:`dp_sweep_methods`; run for the DP
+        methods among ``methods``); empty skips it.
+    tolerance
+        The accuracy margin of "matched utility" (:func:`matched_utility`).
 
     Returns
     -------
@@ -634,8 +922,13 @@ def run_membership(
     labels = [m for m, _ in METHODS]
     if methods is not None and not set(methods) <= set(labels):
         raise ConfigError(f"methods = {list(methods)!r}: choose from {labels}")
+    sweep_epsilons = _checked_epsilons(sweep_epsilons)
+    if not tolerance >= 0:
+        raise ConfigError(f"tolerance = {tolerance!r} is invalid: an accuracy margin >= 0")
     t_start = time.perf_counter()
-    record_settings, rows = [], []
+    record_settings: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    sweep_rows: list[dict[str, Any]] = []
     for setting in chosen:
         base = setting.config
         split = membership_split(base, n_reference=n_reference)
@@ -687,14 +980,20 @@ def run_membership(
             }
         )
         todo = [
-            (lab, cfg) for lab, cfg in membership_methods(base) if methods is None or lab in methods
+            (lab, cfg, False)
+            for lab, cfg in membership_methods(base)
+            if methods is None or lab in methods
+        ] + [
+            (lab, cfg, True)
+            for lab, cfg in dp_sweep_methods(base, sweep_epsilons)
+            if methods is None or lab in methods
         ]
         bar = tqdm(todo, desc=f"membership {setting.name}", disable=not progress, leave=False)
-        for label, cfg in bar:
-            bar.set_postfix(method=label)
+        for label, cfg, swept in bar:
+            bar.set_postfix(method=label if not swept else f"{label} eps {cfg.dp_target_epsilon:g}")
             key = _row_key(setting.name, cfg, n_reference)
             if key in done:
-                rows.append(done[key])
+                (sweep_rows if swept else rows).append(done[key])
                 continue
             t0 = time.perf_counter()
             fed, res, reused = _reuse_or_run(cfg, work=work, reuse_dir=reuse, model=model)
@@ -709,6 +1008,9 @@ def run_membership(
                 "method": label,
                 "variant": cfg.variant,
                 "run_name": cfg.run_name,
+                # a point of the DP sweep: the whole-run epsilon its noise was calibrated to
+                "sweep": swept,
+                "target_epsilon": cfg.dp_target_epsilon,
                 "accuracy": res.history[-1].get("accuracy"),
                 "macro_f1": res.history[-1].get("macro_f1"),
                 "reused_checkpoint": reused,
@@ -732,16 +1034,31 @@ def run_membership(
             row["meta"] = run_meta(cfg.seed)
             with rows_path.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
-            rows.append(row)
+            (sweep_rows if swept else rows).append(row)
         bar.close()
     checks = equivalence_checks(rows)
+    matched = matched_utility(rows, sweep_rows, tolerance=tolerance)
     record = {
         "profile": profile,
-        "statement": statement(checks),
+        "statement": statement(checks, matched),
         "attacks": ATTACKS,
         "settings": record_settings,
         "rows": rows,
         "checks": checks,
+        "dp_sweep": {
+            "target_epsilons": [float(e) for e in sweep_epsilons],
+            "calibration": (
+                "dp_target_epsilon: the RDP accountant's noise multiplier for this whole-run "
+                "epsilon at the setting's dp_delta, client-level, against the server "
+                "(shelora_core.accounting); the method rows' DP points use the per-round "
+                "dp_epsilon instead"
+            ),
+            "rows": sweep_rows,
+            "accounting_checks": sweep_accounting_checks(sweep_rows),
+            # the sweep's cost when its rows were computed (training + attack, this machine)
+            "seconds": float(sum(r["seconds"] for r in sweep_rows)),
+        },
+        "matched_utility": matched,
         "meta": {**run_meta(), "seconds": time.perf_counter() - t_start},
     }
     return record
@@ -753,9 +1070,61 @@ def _loss_diff(d: float) -> str:
     return f"{d:.1e}"
 
 
-def statement(checks: Sequence[Mapping[str, Any]]) -> str:
+def statement(
+    checks: Sequence[Mapping[str, Any]], matched: Sequence[Mapping[str, Any]] | None = None
+) -> str:
     """What the record says about encryption and the released model: the plain statement when
-    every equivalence check agrees (the measurement that supports it), else what disagreed."""
+    every equivalence check agrees (the measurement that supports it), else what disagreed;
+    followed by :func:`matched_statement` of ``matched`` when given."""
+    return _encryption_statement(checks) + (" " + matched_statement(matched) if matched else "")
+
+
+def matched_statement(matched: Sequence[Mapping[str, Any]]) -> str:
+    """The DP methods at matched utility (:func:`matched_utility`), one clause per setting and
+    method: the matched point's epsilon and AUC beside FlexLoRA's, or that nothing matched."""
+    if not matched:
+        return ""
+    parts = []
+    for m in matched:
+        ref, pt = m["reference"], m["matched"]
+        head = f"{m['method']} in {m['setting']}"
+        if ref is None:
+            parts.append(f"{head}: no FlexLoRA row to match")
+        elif pt is None:
+            best = max(
+                (p["accuracy"] for p in m["points"] if p["accuracy"] is not None), default=None
+            )
+            parts.append(
+                f"{head}: NO swept epsilon reaches accuracy {m['threshold']:.3f} (best "
+                + ("-" if best is None else f"{best:.3f}")
+                + f"; FlexLoRA {ref['accuracy']:.3f}), so its lower AUC is not at matched utility"
+            )
+        else:
+            parts.append(
+                f"{head}: epsilon {_eps(pt)} (whole run, delta {pt['delta']:g}) gives accuracy "
+                f"{pt['accuracy']:.3f} and loss AUC {pt['loss_auc']:.3f} against FlexLoRA's "
+                f"{ref['accuracy']:.3f} and {ref['loss_auc']:.3f}"
+                + _ci_words(m)
+                + ("" if m["bracketed"] else " (the smallest epsilon swept)")
+            )
+    tol = matched[0]["tolerance"]
+    return (
+        f"At matched utility (the smallest accounted epsilon whose accuracy is within {tol:g} "
+        "of FlexLoRA's or above): " + "; ".join(parts) + "."
+    )
+
+
+def _ci_words(m: Mapping[str, Any]) -> str:
+    """Where the matched point's loss AUC lies against FlexLoRA's bootstrap interval."""
+    ci = m["reference"] and m["reference"].get("loss_auc_ci95")
+    if m.get("loss_auc_in_reference_ci95") is None or not ci:
+        return ""
+    auc = m["matched"]["loss_auc"]
+    where = "inside" if m["loss_auc_in_reference_ci95"] else "below" if auc < ci[0] else "above"
+    return f", {where} FlexLoRA's 95% interval [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _encryption_statement(checks: Sequence[Mapping[str, Any]]) -> str:
     bad = [c for c in checks if not c["agree"]]
     if not checks:
         return "no encrypted method was run beside its plaintext twin: nothing to compare"
@@ -836,10 +1205,81 @@ def equivalence_checks(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
     return out
 
 
+def _matched(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    if record.get("matched_utility") is not None:
+        return list(record["matched_utility"])
+    sweep = (record.get("dp_sweep") or {}).get("rows", ())
+    return matched_utility(record["rows"], sweep)
+
+
+def sweep_table(record: Mapping[str, Any]) -> str:
+    """A markdown table of the DP points of every setting (:func:`matched_utility`): FlexLoRA's
+    row, then each DP method's points by accounted epsilon, with the calibration (the per-round
+    default or the whole-run target), the accounted whole-run (epsilon, delta), the noise
+    multiplier, accuracy, both AUCs, TPR at 1% FPR and which point is the matched-utility one.
+    Empty string when the record has no DP row."""
+    matched = _matched(record)
+    if not matched:
+        return ""
+    lines = [
+        "| setting | method | calibration | accounted epsilon, delta (run) | noise multiplier "
+        "| accuracy | loss AUC [95% CI] | ref AUC [95% CI] | TPR@1%FPR loss / ref | matched |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def auc(v: float | None, ci: Sequence[float] | None) -> str:
+        if v is None:
+            return "-"
+        return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+    def num(v: float | None, fmt: str = "{:.3f}") -> str:
+        return "-" if v is None else fmt.format(v)
+
+    shown = set()
+    for m in matched:
+        ref = m["reference"]
+        if ref is not None and m["setting"] not in shown:
+            shown.add(m["setting"])
+            lines.append(
+                f"| {m['setting']} | {ref['method']} | - | - | - | {num(ref['accuracy'])} | "
+                f"{auc(ref['loss_auc'], ref['loss_auc_ci95'])} | "
+                f"{auc(ref['reference_auc'], ref['reference_auc_ci95'])} | "
+                f"{num(ref['loss_tpr_at_1pct_fpr'])} / {num(ref['reference_tpr_at_1pct_fpr'])} "
+                f"| bar: accuracy >= {num(m['threshold'])} |"
+            )
+        for p in m["points"]:
+            cal = (
+                f"target {p['target_epsilon']:g}"
+                if p["target_epsilon"] is not None
+                else "per round"
+                if p["calibration"] == "per_round_analytic"
+                else str(p["calibration"])
+            )
+            is_m = m["matched"] is not None and p == m["matched"]
+            acc_ok = (
+                m["threshold"] is not None
+                and p["accuracy"] is not None
+                and p["accuracy"] >= m["threshold"] - _ACC_EPS
+            )
+            lines.append(
+                f"| {m['setting']} | {m['method']} | {cal} | {_eps(p)}, {num(p['delta'], '{:g}')} "
+                f"| {num(p['noise_multiplier'])} | {num(p['accuracy'])} | "
+                f"{auc(p['loss_auc'], p['loss_auc_ci95'])} | "
+                f"{auc(p['reference_auc'], p['reference_auc_ci95'])} | "
+                f"{num(p['loss_tpr_at_1pct_fpr'])} / {num(p['reference_tpr_at_1pct_fpr'])} | "
+                + ("**matched**" if is_m else "above the bar" if acc_ok else "")
+                + " |"
+            )
+        if m["matched"] is None:
+            lines.append(f"| {m['setting']} | {m['method']} | | | | | | | | no point matches |")
+    return "\n".join(lines)
+
+
 def summary_table(record: Mapping[str, Any]) -> str:
     """A markdown table of the record: setting, method, accuracy, both AUCs, TPR at 1% FPR,
     n, the DP run's epsilon, the federation's training seconds (as recorded when its rounds
-    ran) and the attack's seconds (losses, metrics)."""
+    ran) and the attack's seconds (losses, metrics); followed, when the record has DP points,
+    by :func:`sweep_table` (the DP sweep and the matched-utility points)."""
     lines = [
         "| setting | method | accuracy | loss AUC [95% CI] | ref AUC [95% CI] | TPR@1%FPR loss / ref "
         "| n (members = non-members) | DP epsilon (run) | training s | attack s |",
@@ -872,6 +1312,9 @@ def summary_table(record: Mapping[str, Any]) -> str:
             f"{tpr(la)} / {tpr(ra)} | {la['n_members']} | {eps(r)} | {train(r)} | "
             f"{r['seconds'] - r.get('train_seconds', 0.0):.0f} |"
         )
+    sweep = sweep_table(record)
+    if sweep:
+        lines += ["", "DP points and matched utility:", "", sweep]
     return "\n".join(lines)
 
 
@@ -938,6 +1381,103 @@ def roc_figure(record: Mapping[str, Any]):
     return fig
 
 
+def utility_figure(record: Mapping[str, Any]):
+    """Attack AUC against test accuracy: one row per setting, the loss attack and the reference
+    attack side by side. Each DP method's points (the per-round default and the sweep) are joined
+    in order of epsilon and labelled with their accounted whole-run epsilon, with the bootstrap
+    95% interval as error bars; FlexLoRA (with its interval) and SHE-LoRA (which releases the
+    same model) are the reference points; the dashed vertical line is the matched-utility bar (FlexLoRA's accuracy
+    minus the tolerance) and the matched point is ringed. Chance (AUC 0.5) is dotted. Returns the
+    Figure."""
+    import matplotlib.pyplot as plt
+
+    matched = _matched(record)
+    names = list(dict.fromkeys(m["setting"] for m in matched)) or [
+        s["name"] for s in record["settings"]
+    ]
+    fig, axes = plt.subplots(len(names), 2, figsize=(10, 4.2 * len(names)), squeeze=False)
+    plain = {(r["setting"], r["method"]): r for r in record["rows"]}
+    for i, name in enumerate(names):
+        for j, attack in enumerate(("loss", "reference")):
+            ax = axes[i][j]
+            key, ci_key = f"{attack}_auc", f"{attack}_auc_ci95"
+            drawn = False
+            for lab, marker, face in (("flexlora", "*", None), ("shelora-delta", "o", "none")):
+                r = plain.get((name, lab))
+                if r is None or r["accuracy"] is None:
+                    continue
+                m = r[f"{attack}_attack"]
+                if m is None:
+                    continue
+                ci = m.get("auc_ci95")
+                ax.errorbar(
+                    r["accuracy"],
+                    m["auc"],
+                    yerr=None if not ci or face else [[m["auc"] - ci[0]], [ci[1] - m["auc"]]],
+                    fmt=marker,
+                    ms=14 if marker == "*" else 11,
+                    color=_COLORS[lab],
+                    mfc=face or _COLORS[lab],
+                    mew=1.5,
+                    capsize=3,
+                    label=f"{lab} (acc {r['accuracy']:.2f}, AUC {m['auc']:.3f})",
+                    zorder=3,
+                )
+                drawn = True
+            for m in (m for m in matched if m["setting"] == name):
+                pts = [
+                    p
+                    for p in m["points"]
+                    if p.get(key) is not None and p.get("accuracy") is not None
+                ]
+                if not pts:
+                    continue
+                x = np.array([p["accuracy"] for p in pts])
+                y = np.array([p[key] for p in pts])
+                err = np.array(
+                    [
+                        [p[key] - p[ci_key][0], p[ci_key][1] - p[key]]
+                        if p.get(ci_key)
+                        else [0.0, 0.0]
+                        for p in pts
+                    ]
+                ).T
+                color = _COLORS.get(m["method"])
+                ax.errorbar(
+                    x, y, yerr=err, fmt="-o", color=color, ms=5, lw=1.2, capsize=2,
+                    label=f"{m['method']} (epsilon sweep)",
+                )  # fmt: skip
+                for p in pts:
+                    ax.annotate(
+                        _eps(p),
+                        (p["accuracy"], p[key]),
+                        textcoords="offset points",
+                        xytext=(4, 4),
+                        fontsize=7,
+                        color=color,
+                    )
+                hit = m["matched"]
+                if hit is not None and hit.get(key) is not None:
+                    ax.plot(hit["accuracy"], hit[key], "o", ms=13, mfc="none", mec=color, mew=1.8)
+                if m["threshold"] is not None:
+                    ax.axvline(m["threshold"], ls="--", color="black", lw=0.8)
+                drawn = True
+            ax.axhline(0.5, ls=":", color="black", lw=0.8)
+            ax.set_xlabel("test accuracy")
+            ax.set_ylabel(f"{attack} attack AUC")
+            ax.set_title(f"{name}: {attack} attack (labels: accounted epsilon, run)", fontsize=10)
+            if drawn:
+                ax.legend(fontsize=7, loc="upper left")
+            else:
+                ax.text(0.5, 0.5, "nothing to show", ha="center", transform=ax.transAxes)
+            ax.grid(alpha=0.3)
+    fig.suptitle(
+        "Membership inference against utility: DP methods across epsilon (dashed: matched-utility bar)"
+    )
+    fig.tight_layout()
+    return fig
+
+
 # ---------------------------------------------------------------------------- command line
 def main(argv: list[str] | None = None) -> int:
     """``python -m shelora_core.attacks.membership --profile quick [--results DIR]``."""
@@ -954,6 +1494,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="*", default=None, help="subset of the methods")
     ap.add_argument("--references", type=int, default=1, help="reference models per setting")
     ap.add_argument("--reuse", type=Path, default=None, help="results folder of notebook 05")
+    ap.add_argument(
+        "--sweep-epsilons",
+        nargs="*",
+        type=float,
+        default=list(DP_SWEEP_EPSILONS),
+        help="whole-run target epsilons of the DP sweep (none: no sweep)",
+    )
+    ap.add_argument(
+        "--tolerance",
+        type=float,
+        default=ACCURACY_TOLERANCE,
+        help="matched utility: accuracy at least FlexLoRA's minus this",
+    )
     args = ap.parse_args(argv)
     out = args.results / args.profile
     record = run_membership(
@@ -963,9 +1516,13 @@ def main(argv: list[str] | None = None) -> int:
         methods=args.methods,
         n_reference=args.references,
         reuse_dir=args.reuse,
+        sweep_epsilons=args.sweep_epsilons,
+        tolerance=args.tolerance,
     )
     path = write_json(record, out / "membership.json")
     save(roc_figure(record), out / "figures" / "membership_roc.png")
+    if record["matched_utility"]:
+        save(utility_figure(record), out / "figures" / "membership_utility.png")
     print(summary_table(record))
     for c in record["checks"]:
         print(
@@ -973,8 +1530,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{c['max_abs_loss_difference']:.2e}, loss-AUC diff {c['loss_auc_difference']:.2e}"
             f" -> {'agree' if c['agree'] else 'DISAGREE'}"
         )
+    for c in record["dp_sweep"]["accounting_checks"]:
+        if not c["agree"]:
+            print(
+                f"{c['setting']}: {c['method']} target epsilon {c['target_epsilon']}: accounted "
+                f"{c['epsilon_server']} -> DISAGREE"
+            )
+    for m in record["matched_utility"]:
+        print(f"{m['setting']}: {m['method']}: {m['note']}")
     print("wrote", path)
-    return 0 if all(c["agree"] for c in record["checks"]) else 1
+    ok = all(c["agree"] for c in record["checks"] + record["dp_sweep"]["accounting_checks"])
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
