@@ -30,7 +30,7 @@ reproduce-paper: setup  ## the paper-scale profile (hours on 2 cores)
 	$(PY) reproduce.py --profile paper
 
 test: setup  ## fast tests + notebook smoke tests (< 10 min on 2 cores)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

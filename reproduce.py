@@ -565,16 +565,24 @@ def results_table(results_dir: Path) -> str:
             method = r.get("variant") or (
                 r["method"] + (f"-{r['cipher_mode']}" if r.get("cipher_mode") else "")
             )
+            stop = r.get("stopped")
+            rounds = f"{r['rounds']}" + (f" (stopped: round {stop['round']})" if stop else "")
             lines.append(
                 f"| {method} | {r['model']} | {'/'.join(map(str, r['ranks']))} | "
-                f"{r['partition']} | {r['num_clients']} | {r['rounds']} x {r['local_steps']} | "
+                f"{r['partition']} | {r['num_clients']} | {rounds} x {r['local_steps']} | "
                 f"{r['final_accuracy']:.3f} | {r['best_accuracy']:.3f} | {r['final_macro_f1']:.3f} | "
                 f"{r.get('upload_bytes_per_client', r['upload_bytes_per_round']) / 1e3:.0f} | "
                 f"{r['seconds_per_client_round']:.1f} ({r.get('meta', {}).get('torch_threads', '?')}) |"
             )
         lines += [
             "",
-            "*best acc*: the highest of the evaluated rounds. *s / client-round*: wall-clock of one "
+            (
+                "*stopped: round k*: every client sampled in round k refused to upload (their "
+                "reasons are in the run's summary) and the run ended after round k - 1. "
+                if any(r.get("stopped") for r in runs)
+                else ""
+            )
+            + "*best acc*: the highest of the evaluated rounds. *s / client-round*: wall-clock of one "
             "client's round (training, encoding, decoding) with the run's torch threads; runs that "
             "shared the 2 cores with another job are slower than the clean per-step timings of "
             "`make bench` (training speed table).",

@@ -56,7 +56,7 @@ from .client import (
 from .config import FederatedConfig
 from .data import ClientData, TextDataset, encode_dataset, load_dataset
 from .engine import run_negotiation
-from .errors import CheckpointError, SheloraError
+from .errors import CheckpointError, RoundError, SheloraError
 from .lora import LoraModel
 from .messages import Message, decode
 from .methods import ckks_params_for, get_method
@@ -372,10 +372,20 @@ class Federation:
             return None
         lines = self.metrics_path.read_text().splitlines()
         history = [json.loads(x) for x in lines if x.strip()]
-        complete = [h.get("round") for h in history] == list(range(1, self.cfg.rounds + 1))
+        last = self.cfg.rounds
+        stopped = self._stopped()
+        if stopped is not None:  # a run that stopped ends before its stop round
+            last = int(stopped["round"]) - 1
+        complete = [h.get("round") for h in history] == list(range(1, last + 1))
         version = results_version(self.cfg.method)
         current = all(h.get("results_version") == version for h in history)
         return history if complete and current else None
+
+    def _stopped(self) -> dict[str, Any] | None:
+        """The stop recorded in this configuration's summary (``run(on_round_error="stop")``)."""
+        if not self.summary_path.exists():
+            return None
+        return json.loads(self.summary_path.read_text()).get("stopped")
 
     # -------------------------------------------------------------- evaluation
     def evaluate(self, broadcast: bytes) -> dict[str, float]:
@@ -392,6 +402,7 @@ class Federation:
         stop_after_round: int | None = None,
         on_round: Callable[[dict[str, Any]], None] | None = None,
         reuse_complete: bool = False,
+        on_round_error: str = "raise",
     ) -> RunResult:
         """Run (or resume) the federation.
 
@@ -402,7 +413,16 @@ class Federation:
             reuse_complete: when this configuration's per-round JSONL already holds every round
                 (from this code's :data:`RESULTS_VERSION`), return it without training: the
                 paper profile's hours-long runs survive without their (uncommitted) checkpoints.
+                A run that stopped (below) counts as finished: re-running it stops again.
+            on_round_error: ``"raise"`` (default) raises the :class:`RoundError` of a round that
+                cannot be aggregated (fewer than ``min_clients`` valid uploads, e.g. every sampled
+                client refused to encrypt a diverged update); ``"stop"`` ends the run there
+                instead and returns the rounds before it, with ``RunResult.stopped`` (round,
+                error, every refusal) recorded in the summary: a grid of runs goes on and
+                reports the stop (a stop in the run's first round still raises).
         """
+        if on_round_error not in ("raise", "stop"):
+            raise ValueError(f"on_round_error={on_round_error!r}: choose 'raise' or 'stop'")
         if self.progress:
             from tqdm.auto import tqdm
         else:
@@ -427,6 +447,7 @@ class Federation:
             disable=not self.progress,
             leave=False,
         )
+        stopped: dict[str, Any] | None = None
         for rnd in bar:
             extra: dict[str, Any] = {}
             if negotiated and cfg.negotiation_round(rnd) != neg_round:  # re-negotiate before rnd
@@ -491,17 +512,30 @@ class Federation:
                     client_mask_seconds=float(np.mean([x["mask"] for x in parts])),
                 )
             ts = time.perf_counter()
-            outcome = server_round(
-                cfg,
-                uploads,
-                round_=rnd,
-                crypto=self.server_crypto,
-                consensus=consensus,
-                sampled=sampled,
-                senders=senders,
-                layers=self.model.layer_shapes,
-                head={k: v.shape for k, v in self.model.initial_head.items()},
-            )
+            try:
+                outcome = server_round(
+                    cfg,
+                    uploads,
+                    round_=rnd,
+                    crypto=self.server_crypto,
+                    consensus=consensus,
+                    sampled=sampled,
+                    senders=senders,
+                    layers=self.model.layer_shapes,
+                    head={k: v.shape for k, v in self.model.initial_head.items()},
+                )
+            except RoundError as exc:  # the server knows only what reached it: add who never sent
+                err = exc
+                if failed:
+                    own = "; ".join(f"client {f['client_id']}: {f['error']}" for f in failed)
+                    err = RoundError(
+                        f"{exc}; {len(failed)} sampled client(s) refused to upload: {own}",
+                        rejected=failed + exc.rejected,
+                    )
+                if on_round_error == "raise" or not history:  # nothing to report before it
+                    raise err from exc
+                stopped = {"round": rnd, "error": str(err), "rejected": err.rejected}
+                break
             broadcast = outcome.broadcast
             if failed or outcome.rejected:  # recorded only when it happens (records stay as before)
                 extra["rejected"] = failed + outcome.rejected
@@ -532,15 +566,19 @@ class Federation:
             if stop_after_round is not None and rnd >= stop_after_round:
                 break
         bar.close()
-        if len(history) == start:  # the checkpoint already held every round: nothing recomputed
+        if stopped is not None and history[-1].get("accuracy") is None:
+            # the last aggregated round is the run's result: evaluate it as a final round
+            history[-1].update(self.evaluate(broadcast))
+            self._write_metrics(history)
+        if stopped is None and len(history) == start:  # the checkpoint held every round
             return self._reused(history)
         meta = run_meta(cfg.seed)
         if start:
             meta["resumed_after_round"] = start
         if self.negotiation is not None:
             meta["negotiation"] = self.negotiation
-        result = RunResult(cfg, history, self.partition_counts, meta=meta)
-        if len(history) == cfg.rounds:
+        result = RunResult(cfg, history, self.partition_counts, meta=meta, stopped=stopped)
+        if len(history) == cfg.rounds or stopped is not None:
             self._save_summary(result)
         return result
 
@@ -554,7 +592,9 @@ class Federation:
         if not saved:  # finished before summaries existed: say what is not known
             meta["provenance"] = "not recorded (summary written after the run)"
             meta["summary_written"] = run_meta(self.cfg.seed)
-        result = RunResult(self.cfg, history, self.partition_counts, meta=meta)
+        result = RunResult(
+            self.cfg, history, self.partition_counts, meta=meta, stopped=self._stopped()
+        )
         if not saved:
             self._save_summary(result)
         return result

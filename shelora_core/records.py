@@ -50,6 +50,9 @@ class RunResult:
     history: list[dict[str, Any]]
     partition_counts: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
+    #: ``{"round", "error", "rejected"}`` when the run stopped at a round it could not aggregate
+    #: (``Federation.run(on_round_error="stop")``); ``history`` then ends before that round
+    stopped: dict[str, Any] | None = None
 
     @property
     def final_accuracy(self) -> float:
@@ -107,6 +110,7 @@ class RunResult:
                 )
             ),
             **({"privacy": self.history[-1]["privacy"]} if "privacy" in self.history[-1] else {}),
+            **({"stopped": self.stopped} if self.stopped is not None else {}),
             "config": cfg.to_dict(),
         }
 

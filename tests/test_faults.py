@@ -78,6 +78,53 @@ def test_too_few_valid_uploads_fail_the_round_with_every_refusal_listed(keys):
     assert [r["client_id"] for r in err.value.rejected] == [1]
 
 
+def test_a_round_where_every_sampled_client_refuses_names_their_reasons(
+    tiny_config, tmp_path, monkeypatch
+):
+    # a diverged local update: each client refuses to encrypt it, so nothing reaches the server;
+    # the error must say why (the server alone would report "0 valid uploads of 0; refused: none")
+    import shelora_core.federation as federation
+
+    def refuse(cfg, model, data, *, client_id, **kwargs):
+        raise CKKSError(f"a value of 4.5e+06 to encrypt exceeds 1.05e+05 (client {client_id})")
+
+    monkeypatch.setattr(federation, "client_step", refuse)
+    fed = Federation(tiny_config.replace(rounds=1), results_dir=tmp_path)
+    with pytest.raises(RoundError, match=r"0 valid upload.*2 sampled client\(s\) refused") as err:
+        fed.run()
+    assert "client 0: a value of 4.5e+06" in str(err.value)
+    assert sorted(r["client_id"] for r in err.value.rejected) == [0, 1]
+
+
+def test_a_grid_run_can_stop_at_a_round_it_cannot_aggregate_and_is_reused_as_stopped(
+    tiny_config, tmp_path, monkeypatch
+):
+    import shelora_core.federation as federation
+
+    real = federation.client_step
+
+    def diverge_in_round_2(cfg, model, data, *, client_id, round_, **kwargs):
+        if round_ == 2:
+            raise CKKSError(f"a value of 4.5e+06 to encrypt exceeds 1.05e+05 (client {client_id})")
+        return real(cfg, model, data, client_id=client_id, round_=round_, **kwargs)
+
+    monkeypatch.setattr(federation, "client_step", diverge_in_round_2)
+    cfg = tiny_config.replace(rounds=3, eval_every=2)
+    with pytest.raises(ValueError, match="on_round_error='skip'"):
+        Federation(cfg, results_dir=tmp_path).run(on_round_error="skip")
+    res = Federation(cfg, results_dir=tmp_path).run(on_round_error="stop")
+    assert [h["round"] for h in res.history] == [1] and res.stopped["round"] == 2
+    assert "client 1: a value of 4.5e+06" in res.stopped["error"]
+    summary = res.summary()
+    assert summary["rounds"] == 1 and summary["stopped"]["round"] == 2
+    assert summary["final_accuracy"] is not None  # the last aggregated round is evaluated
+    # a finished grid reuses the stopped run instead of training it again
+    monkeypatch.setattr(federation, "client_step", None)  # any training would fail
+    again = Federation(cfg, results_dir=tmp_path).run(reuse_complete=True)
+    assert again.meta["reused"] and again.stopped["round"] == 2
+    assert again.history == res.history
+
+
 def test_encrypted_sums_cannot_leave_the_ckks_range(keys):
     # three legal uploads at 0.46x the bound used to decrypt to a wrapped-around sum
     crypto = keys["add_only"].client()

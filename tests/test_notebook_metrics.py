@@ -153,10 +153,11 @@ def test_reproduce_prints_one_line_per_notebook_and_per_federated_round(executed
         assert any(line.startswith(f"[{i}/3] {name}: started ") for line in lines)
         assert any(line.startswith(f"[{i}/3] {name}: done in ") for line in lines)
     rounds = [line for line in lines if line.startswith("    05 ") and ": round 1/1," in line]
-    assert len(rounds) == 16  # one per run of the grid, each with its full label
+    assert len(rounds) == 20  # one per run of the grid, each with its full label
     assert any(
-        "run 16/16 shelora-delta-withhold r=8/16/32 minilm dirichlet(0.3)" in x for x in rounds
+        "run 16/20 shelora-delta-withhold r=8/16/32 minilm dirichlet(0.3)" in x for x in rounds
     )
+    assert any("run 20/20 shelora-delta-secretA r=8/16/32" in x for x in rounds)
     assert not any("IProgress" in line or "WARNING" in line for line in lines)
 
 
@@ -164,13 +165,14 @@ def test_reproduce_prints_one_line_per_notebook_and_per_federated_round(executed
 def test_notebooks_03_to_05_write_their_records_and_figures(executed):
     results = executed[0].parent
     runs = json.loads((results / "federated_tuning.json").read_text())
-    assert len(runs) == 16
+    assert len(runs) == 20
     assert {r["method"] for r in runs} == {
-        "fedavg", "flexlora", "shelora", "fedshield", "full_he", "maskcrypt"
+        "fedavg", "flexlora", "shelora", "fedshield", "full_he", "maskcrypt", "flexlora-dp",
+        "shelora-dp", "shelora+first-layers",
     }  # fmt: skip
-    assert "shelora-delta-withhold" in {r["variant"] for r in runs}
+    assert {"shelora-delta-withhold", "shelora-delta-secretA"} <= {r["variant"] for r in runs}
     for r in runs:
-        assert r["rounds"] == 1 and r["final_accuracy"] is not None
+        assert r["rounds"] == 1 and r["final_accuracy"] is not None and "stopped" not in r
         assert r["meta"]["versions"]["torch"].startswith("2.13.0")
     assert (results / "figures" / "federated_tuning_accuracy.png").stat().st_size > 10_000
     for name in ("encryption.json", "aggregation.json"):
