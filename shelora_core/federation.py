@@ -71,7 +71,7 @@ from .records import (
     results_version,
     round_record,
 )
-from .server import sample_clients, server_consensus, server_round
+from .server import sample_clients, server_consensus, server_round, with_client_refusals
 
 __all__ = [
     "Federation",
@@ -525,13 +525,7 @@ class Federation:
                     head={k: v.shape for k, v in self.model.initial_head.items()},
                 )
             except RoundError as exc:  # the server knows only what reached it: add who never sent
-                err = exc
-                if failed:
-                    own = "; ".join(f"client {f['client_id']}: {f['error']}" for f in failed)
-                    err = RoundError(
-                        f"{exc}; {len(failed)} sampled client(s) refused to upload: {own}",
-                        rejected=failed + exc.rejected,
-                    )
+                err = with_client_refusals(exc, failed)
                 if on_round_error == "raise" or not history:  # nothing to report before it
                     raise err from exc
                 stopped = {"round": rnd, "error": str(err), "rejected": err.rejected}

@@ -39,6 +39,7 @@ __all__ = [
     "server_negotiate",
     "server_round",
     "server_step",
+    "with_client_refusals",
 ]
 
 
@@ -89,6 +90,18 @@ def _check_round(msgs: Sequence[Any], round_: int | None, what: str) -> None:
 def min_clients(cfg: FederatedConfig) -> int:
     """The fewest valid uploads a round may be aggregated from (``cfg.min_clients``, default 1)."""
     return cfg.min_clients
+
+
+def with_client_refusals(exc: RoundError, failed: Sequence[Mapping[str, Any]]) -> RoundError:
+    """``exc`` (raised by :func:`server_round`, which knows only the uploads that reached it) with
+    the sampled clients that refused to upload at all, e.g. to encrypt a diverged update."""
+    if not failed:
+        return exc
+    own = "; ".join(f"client {f['client_id']}: {f['error']}" for f in failed)
+    return RoundError(
+        f"{exc}; {len(failed)} sampled client(s) refused to upload: {own}",
+        rejected=[*failed, *exc.rejected],
+    )
 
 
 def server_round(

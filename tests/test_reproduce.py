@@ -216,6 +216,13 @@ def test_quick_profile_executes_notebook_06_and_records_the_attack_table(tmp_pat
     assert meta["versions"]["torch"].startswith("2.13.0")
     assert (tmp_path / "quick" / "attack_records.jsonl").exists()
     assert (tmp_path / "quick" / "figures" / "attack_overview.png").stat().st_size > 10_000
+    # section 8: the committed notebook 05 record of the profile beside this grid
+    trade = json.loads((tmp_path / "quick" / "tradeoff.json").read_text())
+    variants = {r["variant"] for r in trade["rows"]}
+    assert {"flexlora", "shelora-delta"} <= variants
+    assert {m["method"] for m in trade["cheapest"]} >= {"flexlora", "shelora", "shelora-dp"}
+    she = next(m for m in trade["cheapest"] if m["method"] == "shelora")
+    assert she["cheapest"] is None  # the adaptive attacker reads SHE-LoRA's plaintext part
 
 
 # --- failures of any kind end in one FAILED line (issue 12, item 10) ------------------------

@@ -155,8 +155,9 @@ def attack_plan(profile: str) -> dict[str, Any]:
     """The grid of a profile: its cells and data settings.
 
     ``quick``: short sentences at rank 128, batch 1 and 2 in round 1 and batch 1 in a later round,
-    every method, budget 4, plus one cell each of multi-step SGD, the B channel and SHE-LoRA-DP:
-    well under a minute at one thread. ``paper``: batch 1/2/4/8, ranks 256 (where the unprotected
+    every method, budget 4, plus one cell each of multi-step SGD, the B channel and SHE-LoRA-DP,
+    both attackers of round 1 with a secret initial A, the optimisation attacker's two cells:
+    about two minutes at one thread. ``paper``: batch 1/2/4/8, ranks 256 (where the unprotected
     attack works), 64/128 (FlexLoRA only) and 8/16/32 (training ranks), round 1 / later /
     multi-step AdamW, budgets 1/2/4/8/16, DP at epsilon 10 plus a noise sweep, a secret round-1
     ``A``, the learning-rate (float32) sweep; multi-step plain SGD (2/5/10 steps at lr 1e2 and 1e3,
@@ -194,6 +195,11 @@ def attack_plan(profile: str) -> dict[str, Any]:
             Cell("flexlora", "oblivious", 1, 128, "multistep-sgd", steps=2),
             Cell("flexlora", "b-channel", 1, 128, "later"),
             Cell("shelora-dp", "adaptive", 1, 128, "later", budget=4, dp_epsilon=10.0),
+            # round 1 with a secret initial A (the secret_init variant notebook 05 trains)
+            *(
+                Cell("shelora", a, 1, 128, "round1-secret-a", budget=4)
+                for a in ("oblivious", "adaptive")
+            ),
         ]
         # the optimisation attacker (not a span check), FlexLoRA and SHE-LoRA in a later round
         cells += [
@@ -610,26 +616,9 @@ def _measure(
             )
             for i in (0, 1)
         }
-    rec.update(
-        rouge1=rouge["rouge1"],
-        rouge2=rouge["rouge2"],
-        rougeL=rouge["rougeL"],
-        token_precision=prec,
-        token_recall=recall,
-        rank_layer1=r1,
-        rank_layer2=r2,
-        hidden_columns=hidden,
-        upload_bytes=view.upload_bytes,
-        ciphertexts=len(view.ciphertexts),
-        client_seconds=client_s,
-        distinct_tokens=len(true_tokens),
-        examples=[
-            {"reference": r, "reconstruction": p}
-            for r, p in zip(refs, match_sentences(recon, refs), strict=True)
-        ],
-        seconds=time.perf_counter() - t0,
+    return _scored(
+        rec, rouge, prec, recall, (r1, r2), hidden, view, client_s, true_tokens, recon, refs, t0
     )
-    return rec
 
 
 def _measure_optimisation(
@@ -714,14 +703,21 @@ def _measure_optimisation(
                 head=knowledge.start.head,
             ),
         )
+    return _scored(
+        rec, rouge, prec, recall, (None, None), hidden, view, client_s, true_tokens, recon, refs, t0
+    )
+
+
+def _scored(rec, rouge, prec, recall, ranks, hidden, view, client_s, true_tokens, recon, refs, t0):
+    """``rec`` with a cell's scores, costs and examples (every attacker records the same fields)."""
     rec.update(
         rouge1=rouge["rouge1"],
         rouge2=rouge["rouge2"],
         rougeL=rouge["rougeL"],
         token_precision=prec,
         token_recall=recall,
-        rank_layer1=None,
-        rank_layer2=None,
+        rank_layer1=ranks[0],
+        rank_layer2=ranks[1],
         hidden_columns=hidden,
         upload_bytes=view.upload_bytes,
         ciphertexts=len(view.ciphertexts),

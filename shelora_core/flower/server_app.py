@@ -46,6 +46,7 @@ from ..server import (  # noqa: E402
     server_consensus,
     server_negotiate,
     server_round,
+    with_client_refusals,
 )
 from . import wire  # noqa: E402
 from .settings import ServerSettings  # noqa: E402
@@ -347,16 +348,19 @@ class FlowerServer:
                 client_mask_seconds=float(np.mean([x["mask"] for x in parts])) if parts else 0.0,
             )
         ts = time.perf_counter()
-        outcome = server_round(
-            cfg,
-            uploads,
-            round_=rnd,
-            crypto=self.crypto,
-            consensus=consensus,
-            sampled=sampled,
-            senders=senders,
-            **self.geometry,
-        )
+        try:
+            outcome = server_round(
+                cfg,
+                uploads,
+                round_=rnd,
+                crypto=self.crypto,
+                consensus=consensus,
+                sampled=sampled,
+                senders=senders,
+                **self.geometry,
+            )
+        except RoundError as exc:  # name the clients that answered with a refusal instead
+            raise with_client_refusals(exc, failed) from exc
         broadcast = outcome.broadcast
         if failed or outcome.rejected:
             extra["rejected"] = failed + outcome.rejected
