@@ -29,8 +29,10 @@ reproduce: setup  ## run every notebook headlessly (quick profile), results unde
 reproduce-paper: setup  ## the paper-scale profile (hours on 2 cores)
 	$(PY) reproduce.py --profile paper
 
+# three pytest-xdist workers on the two cores, a test file each at a time, one thread each: the notebook
+# kernels and Flower processes the smoke tests start spend part of their time waiting
 test: setup  ## fast tests + notebook smoke tests (< 10 min on 2 cores)
-	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile
+	$(PY) -m pytest -q -m "not slow" -n 3 --dist loadfile
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

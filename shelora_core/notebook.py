@@ -74,11 +74,11 @@ def config_field_names() -> frozenset[str]:
 
 def attack_override_keys() -> frozenset[str]:
     """The override keys notebook 06's attack grid knows: its settings (``n_batches``,
-    ``max_tokens``, ...) and its cell filters (``batch_sizes``, ``ranks``, ``updates``,
-    ``methods``); see :func:`shelora_core.attacks.grid.apply_overrides`."""
+    ``max_tokens``, ...), its cell filters (``batch_sizes``, ``ranks``, ``updates``,
+    ``methods``, ``attackers``) and the optimisation attacker's caps; see :func:`shelora_core.attacks.grid.apply_overrides`."""
     from .attacks import grid
 
-    return frozenset(grid._SETTINGS) | frozenset(grid._FILTERS)
+    return frozenset(grid._SETTINGS) | frozenset(grid._FILTERS) | frozenset(grid._CAPS)
 
 
 def check_override_keys(keys: Iterable[str], known: Iterable[str]) -> None:

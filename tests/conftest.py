@@ -5,9 +5,9 @@ import os
 for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ[var] = "1"
 os.environ["SHELORA_QUIET"] = "1"
-# `make test` runs two pytest-xdist workers on the two cores: each worker (and the notebook
-# kernels and SuperNodes it starts, which inherit the environment) then computes on one thread
-# instead of two workers oversubscribing both cores; a plain `pytest` keeps two threads
+# `make test` runs pytest-xdist workers on the two cores: each worker (and the notebook kernels
+# and SuperNodes it starts, which inherit the environment) then computes on one thread instead
+# of the workers oversubscribing both cores; a plain `pytest` keeps two threads
 _THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
 if _THREADS == 1:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):

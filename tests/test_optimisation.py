@@ -164,3 +164,19 @@ def test_plans_hold_bounded_optimisation_cells():
     }
     assert all(c.opt_iters and c.opt_seconds for c in quick + paper)
     assert len({c.key for c in paper}) == len(paper)
+
+
+def test_overrides_cap_only_the_optimisation_cells_and_make_them_cells_of_their_own():
+    from shelora_core.attacks.grid import apply_overrides, attack_plan
+
+    plan = attack_plan("quick")
+    capped, ignored = apply_overrides(plan, {"opt_seconds": 4, "opt_iters": 1000})
+    assert not ignored
+    for before, after in zip(plan["cells"], capped["cells"], strict=True):
+        if before.attacker == "optimisation":
+            assert after.opt_seconds == 4.0 and after.opt_iters == before.opt_iters  # the smaller
+            assert after.key != before.key
+        else:
+            assert after == before
+    with pytest.raises(ValueError, match="opt_iters=-1: the cap must be positive"):
+        apply_overrides(plan, {"opt_iters": -1})

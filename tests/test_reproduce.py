@@ -194,7 +194,7 @@ def test_readme_table_lists_finished_runs_from_their_summaries_until_the_noteboo
 
 @pytest.mark.smoke
 def test_quick_profile_executes_notebook_06_and_records_the_attack_table(tmp_path):
-    proc = _run(tmp_path, "06", *_sets("batch_sizes=(1,)"))
+    proc = _run(tmp_path, "06", *_sets("batch_sizes=(1,)", "opt_seconds=4"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     entries = json.loads((tmp_path / "quick" / "attack.json").read_text())
     measured = [e for e in entries if e["kind"] == "measured"]

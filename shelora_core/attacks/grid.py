@@ -13,7 +13,7 @@ import json
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -827,6 +827,8 @@ _FILTERS = {
     "methods": "method",
     "attackers": "attacker",
 }
+#: caps on the optimisation attacker's cells (the smaller of the cell's own and this)
+_CAPS = ("opt_iters", "opt_seconds")
 
 
 def apply_overrides(
@@ -836,7 +838,9 @@ def apply_overrides(
 
     Settings (``n_batches``, ``max_tokens``, ``negotiation_clients``, ``calibration_examples``) are
     replaced; ``batch_sizes``, ``ranks``, ``updates``, ``methods`` and ``attackers`` keep only the
-    matching cells (e.g. ``{"batch_sizes": [1]}`` for a smoke test).
+    matching cells (e.g. ``{"batch_sizes": [1]}`` for a smoke test); ``opt_iters`` and
+    ``opt_seconds`` cap the optimisation attacker's steps and seconds per batch (a capped cell is
+    a cell of its own: it is not read back from an uncapped record).
     """
     out = dict(plan)
     ignored = []
@@ -846,6 +850,16 @@ def apply_overrides(
         elif key in _FILTERS:
             keep = set(value if isinstance(value, (list, tuple)) else [value])
             out["cells"] = [c for c in out["cells"] if getattr(c, _FILTERS[key]) in keep]
+        elif key in _CAPS:
+            cap = float(value) if key == "opt_seconds" else int(value)
+            if not cap > 0:
+                raise ValueError(f"{key}={value!r}: the cap must be positive")
+            out["cells"] = [
+                replace(c, **{key: cap if getattr(c, key) is None else min(getattr(c, key), cap)})
+                if c.attacker == OPTIMISATION
+                else c
+                for c in out["cells"]
+            ]
         else:
             ignored.append(key)
     if not out["cells"]:
