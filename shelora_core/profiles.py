@@ -30,7 +30,8 @@ _BASE: dict[str, dict[str, Any]] = {
         min_client_examples=20,
     ),
     # the accuracy runs: 10 clients (half sampled per round), Dirichlet 0.3, 20 rounds x 15 steps
-    # of batch 32 (1,500 client steps per run, ~17 min for MiniLM on 2 cores). LoRA on query and
+    # of batch 32 (1,500 client steps per run: the committed runs' rounds add up to about 30 min
+    # per MiniLM run at one thread, about 65 min for FedShield-LLM and full HE). LoRA on query and
     # value, as the paper adapts q and v (query alone reached 0.74 where q+v reached 0.77 in 100
     # centralized steps here)
     "paper": dict(
