@@ -48,6 +48,10 @@ KEY_FIGURES = (
     ("07_accuracy", "every method beside FlexLoRA under label skew with heterogeneous ranks"),
     ("07_cost_accountings", "what SHE-LoRA keeps of full HE's cost, per accounting and definition"),
     ("07_dager", "DAGER's ROUGE-1 beside the paper's"),
+    (
+        "07_inversion",
+        '"SHE-LoRA resists gradient inversion": the worst ROUGE-1 of every attacker run',
+    ),
     ("07_cost_vs_model_size", "upload per client as models grow"),
 )
 

@@ -22,6 +22,7 @@ __all__ = [
     "rouge_beside_paper",
     "save",
     "score_distributions",
+    "threat_matrix",
 ]
 
 
@@ -633,6 +634,55 @@ def rouge_beside_paper(
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     if title:
         ax.set_title(title)
+    return fig
+
+
+def threat_matrix(
+    cells: Mapping[tuple[str, str], float],
+    *,
+    rows: Sequence[str],
+    cols: Sequence[str],
+    threshold: float = 10.0,
+    recovered: float = 50.0,
+    title: str = "",
+):
+    """Worst ROUGE-1 (%) per (row, column) as a coloured grid: rows are what was attacked
+    (variant and update), columns the attackers; cells never measured stay grey ("not run").
+
+    Args:
+        cells: ``(row, col) -> ROUGE-1 (%)``.
+        rows, cols: the order shown.
+        threshold: values below it are "defeated" (green).
+        recovered: values from it up are "recovered" (red); between the two, "partial".
+        title: figure title.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+
+    grid = np.full((len(rows), len(cols)), np.nan)
+    for (r, c), v in cells.items():
+        grid[rows.index(r), cols.index(c)] = v
+    cmap = ListedColormap(["#2a9d8f", "#e9c46a", "#e76f51"])
+    cmap.set_bad("#dddddd")
+    norm = BoundaryNorm([0, threshold, recovered, 100.0001], cmap.N)
+    fig, ax = plt.subplots(
+        figsize=(2.0 * len(cols) + 3.5, 0.45 * len(rows) + 1.6), layout="constrained"
+    )
+    ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto")
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            v = grid[i, j]
+            ax.text(j, i, "not run" if np.isnan(v) else f"{v:.0f}", ha="center", va="center",
+                    fontsize=8, color="#555555" if np.isnan(v) else "black")  # fmt: skip
+    ax.set_xticks(range(len(cols)), cols, fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.tick_params(length=0)
+    ax.set_title(
+        title
+        or f"worst ROUGE-1 (%) over batch sizes and budgets: green < {threshold:g} (defeated), "
+        f"yellow partial, red >= {recovered:g} (recovered)",
+        fontsize=9,
+    )
     return fig
 
 

@@ -361,6 +361,44 @@ def test_dager_claims_separate_the_papers_attacker_from_ours():
     assert {r["verdict"] for r in C.dager_claims(None)} == {C.NO_DATA}
 
 
+def test_inversion_claims_hold_the_worst_cell_of_every_threat_and_flag_the_papers_own():
+    entries = [{"kind": "meta", "sgd_lr": 1000.0}]
+    entries += [
+        # DAGER as written on a later round: defeated at the largest budget, partial at a small
+        # one and a larger batch -- the worst cell is the one the claim must carry
+        _cell("shelora", "oblivious", "later", 1, 0.0, budget=16),
+        _cell("shelora", "oblivious", "later", 4, 0.3, budget=1),
+        _cell("shelora", "adaptive", "later", 1, 1.0, budget=16),
+        _cell("shelora", "oblivious", "round1", 1, 0.9, budget=16),
+        _cell("shelora+first-layers", "adaptive", "later", 2, 0.02, budget=16),
+        _cell("flexlora", "oblivious", "later", 1, 1.0),  # not the SHE-LoRA family: no record
+        _cell("shelora", "adaptive", "later", 1, 0.0, budget=16, rank=8),  # not the documented rank
+    ]
+    rows = C.inversion_claims(entries)
+    assert [r["accounting"].split(" on ")[0] for r in rows] == [
+        "SHE-LoRA; DAGER as written (oblivious: the paper's attacker)",
+        "SHE-LoRA; adaptive DAGER (knows the encrypted columns, as the server does)",
+        "SHE-LoRA; DAGER as written (oblivious: the paper's attacker)",
+        "shelora+first-layers; adaptive DAGER (knows the encrypted columns, as the server does)",
+    ]
+    paper, adaptive, round1, first = rows
+    assert paper["our_value"] == 30.0 and "worst at batch 4, budget 1" in paper["note"]
+    # partial is not "defeated": the paper's own accounting does not reproduce at budget 1
+    assert paper["verdict"] == C.NOT_REPRODUCED and "did not evaluate" not in paper["claim"]
+    assert adaptive["our_value"] == 100.0 and adaptive["verdict"] == C.NOT_REPRODUCED
+    assert "did not evaluate" in adaptive["claim"] and "round 1" in round1["accounting"]
+    assert first["our_value"] == 2.0 and first["verdict"] == C.REPRODUCED
+    cells, row_names, cols = C.inversion_matrix(entries)
+    assert row_names == ["shelora · later", "shelora · round1", "shelora+first-layers · later"]
+    assert cols == ["oblivious", "adaptive"] and cells[("shelora · later", "oblivious")] == 30.0
+    assert [r["verdict"] for r in C.inversion_claims(None)] == [C.NO_DATA]
+    sizes = C.ciphertext_sizes(
+        C.load_results(ROOT / "results" / "quick").get("encryption"), measure=False
+    )
+    claim_keys = [r["key"] for r in C.all_claims({"attack": entries}, sizes)]
+    assert claim_keys.count("inversion_shelora") == 4
+
+
 # --------------------------------------------------------------------------------------------
 # the authors' CKKS setting, and the paper values kept in one place
 # --------------------------------------------------------------------------------------------
@@ -560,5 +598,13 @@ def test_quick_profile_executes_notebook_07_and_records_the_claims(tmp_path):
     assert ada["our_value"] in {100 * e["rouge1"] for e in she}
     ckks = next(c for c in claims if c["key"] == "authors_ckks")
     assert ckks["our_value"] > 0.1 and ckks["verdict"] == C.NOT_REPRODUCED
-    for name in ("07_accuracy", "07_cost_accountings", "07_dager", "07_cost_vs_model_size"):
+    # the qualified inversion claim carries the worst cell of the same threat
+    inv = next(
+        c for c in claims
+        if c["key"] == "inversion_shelora" and c["accounting"].startswith("SHE-LoRA; adaptive")
+        and "a later round" in c["accounting"]
+    )  # fmt: skip
+    assert inv["our_value"] == max(100 * e["rouge1"] for e in she)
+    for name in ("07_accuracy", "07_cost_accountings", "07_dager", "07_cost_vs_model_size",
+                 "07_inversion"):  # fmt: skip
         assert (dst / "figures" / f"{name}.png").stat().st_size > 10_000
