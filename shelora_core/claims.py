@@ -315,8 +315,7 @@ PAPER_CLAIMS: dict[str, PaperClaim] = _claims(
     ),
     PaperClaim(
         "inversion_shelora",
-        "SHE-LoRA resists gradient inversion: DAGER recovers (almost) nothing of a SHE-LoRA "
-        "client's text (paper: ROUGE-1 0.72 % at batch 4)",
+        "SHE-LoRA resists gradient inversion (paper: DAGER's ROUGE-1 0.72 % at batch 4)",
         0.72,
         "% ROUGE-1",
         f"{SHELORA}, experiments: DAGER on SST-2 with OpenLLaMA-3B (the paper's only attacker: "
@@ -1287,7 +1286,7 @@ def inversion_claims(entries: Sequence[Mapping[str, Any]] | None) -> list[dict]:
                 "attack.json",
                 basis="measured",
                 claim_text=claim.claim
-                + ("" if paper_acc else " -- against a threat the paper did not evaluate"),
+                + ("" if paper_acc else ", against a threat the paper did not evaluate"),
                 commit=commit,
                 note=f"band: {rouge_band(ours)} (worst at {worst_at})",
             )
