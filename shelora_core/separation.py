@@ -1,0 +1,142 @@
+"""Can a few-minute run separate FedAvg of LoRA factors from FlexLoRA? A measured answer.
+
+Under label skew with heterogeneous ranks, FedAvg of zero-padded factors is biased (mean(B) mean(A)
+!= mean(B A); each client's scaling alpha / r_i differs, yet the factors are averaged as if it did
+not; the components only the larger ranks hold shrink by their clients' weight each round). In the
+paper profile (notebook 05: 10 clients, 20 rounds x 15 steps) the gap appears late. This module asks
+whether any setting of the quick profile's size shows it: every setting of :data:`SETTINGS` is a
+small override of the quick profile (MiniLM, ranks 8/16/32, Dirichlet 0.3), trained with FedAvg and
+with FlexLoRA from the same seed and data, and the final accuracies are set side by side.
+
+Run it with ``python -m shelora_core.separation`` (about 20 minutes on 2 cores); it writes
+``results/<profile>/separation.json`` and the README's results section reports it. Finished runs are
+reused (their per-round JSONL under ``results/<profile>/separation/``), so an interrupted sweep
+resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .notebook import write_json
+from .profiles import profile_config
+from .provenance import run_meta
+
+__all__ = ["METHODS", "SETTINGS", "VISIBLE_GAP_PP", "separation_configs", "run_separation", "main"]
+
+#: "visibly behind": FlexLoRA ahead by at least this many points of final accuracy (10 of the
+#: quick profile's 200 evaluation examples)
+VISIBLE_GAP_PP = 5.0
+
+#: the pair compared (same seed, same data, same schedule)
+METHODS = ("fedavg", "flexlora")
+
+#: (name, overrides of the quick profile): what a few-minute run can change to let the adapter,
+#: rather than the shared head, carry the learning, and to give the bias time to act
+SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("quick profile as is", {}),
+    ("adapter lr 5e-3, head at 1x", dict(lr=5e-3, head_lr_scale=1.0)),
+    ("... and 16 local steps", dict(lr=5e-3, head_lr_scale=1.0, local_steps=16)),
+    ("adapter lr 1e-2, head at 0.1x, 5 rounds, constant lr",
+     dict(lr=1e-2, head_lr_scale=0.1, rounds=5, lr_final_ratio=1.0)),
+    ("4 clients, adapter lr 1e-2, head at 1x, 4 rounds, constant lr",
+     dict(num_clients=4, lr=1e-2, head_lr_scale=1.0, rounds=4, lr_final_ratio=1.0)),
+    ("12 rounds x 3 steps, adapter lr 5e-3, head at 1x, constant lr",
+     dict(lr=5e-3, head_lr_scale=1.0, rounds=12, local_steps=3, lr_final_ratio=1.0,
+          eval_every=3)),
+)  # fmt: skip
+
+
+def separation_configs(
+    profile: str = "quick", settings: Sequence[tuple[str, Mapping[str, Any]]] = SETTINGS
+) -> list[tuple[str, Any]]:
+    """``(setting name, FederatedConfig)`` for every setting and method (validated)."""
+    out = []
+    for name, overrides in settings:
+        for method in METHODS:
+            cfg = profile_config(
+                profile,
+                method=method,
+                ranks=(8, 16, 32),
+                partition="dirichlet",
+                **dict(overrides),
+            )
+            out.append((name, cfg))
+    return out
+
+
+def run_separation(
+    results_dir: str | Path,
+    *,
+    profile: str = "quick",
+    settings: Sequence[tuple[str, Mapping[str, Any]]] = SETTINGS,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Train every (setting, method), reusing finished runs; write and return the record.
+
+    Returns:
+        ``{"profile", "methods", "rows", "largest_gap_pp", "meta"}``; each row holds the setting's
+        name, overrides, each method's final accuracy and accuracy curve, and
+        ``gap_pp`` = 100 x (FlexLoRA - FedAvg) final accuracy.
+    """
+    from .federation import Federation
+
+    results_dir = Path(results_dir)
+    runs_dir = results_dir / "separation"
+    finals: dict[str, dict[str, Any]] = {}
+    for name, cfg in separation_configs(profile, settings):
+        t0 = time.perf_counter()
+        res = Federation(cfg, results_dir=runs_dir, progress=progress).run(reuse_complete=True)
+        row = finals.setdefault(name, {"setting": name})
+        row[cfg.method] = {
+            "run_name": cfg.run_name,
+            "final_accuracy": res.final_accuracy,
+            "curve": [
+                (r["round"], r["accuracy"]) for r in res.history if r["accuracy"] is not None
+            ],
+            "seconds": time.perf_counter() - t0,
+            "computed_at": (res.meta or {}).get("git_commit"),
+        }
+    rows = []
+    for name, overrides in settings:
+        row = finals[name]
+        row["overrides"] = dict(overrides)
+        row["gap_pp"] = 100.0 * (
+            row["flexlora"]["final_accuracy"] - row["fedavg"]["final_accuracy"]
+        )
+        rows.append(row)
+    record = {
+        "profile": profile,
+        "methods": list(METHODS),
+        "base": "quick profile, MiniLM, ranks 8/16/32, Dirichlet(0.3)",
+        "rows": rows,
+        "largest_gap_pp": max(rows, key=lambda r: abs(r["gap_pp"]))["gap_pp"],
+        "visible_gap_pp": VISIBLE_GAP_PP,
+        "visible_in": [r["setting"] for r in rows if r["gap_pp"] >= VISIBLE_GAP_PP],
+        "meta": run_meta(),
+    }
+    write_json(record, results_dir / "separation.json")
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results-dir", default=None, help="default: results/quick")
+    args = ap.parse_args(argv)
+    out = Path(args.results_dir or Path(__file__).resolve().parent.parent / "results" / "quick")
+    rec = run_separation(out)
+    for r in rec["rows"]:
+        print(
+            f"{r['setting']:60s} fedavg {r['fedavg']['final_accuracy']:.3f}  "
+            f"flexlora {r['flexlora']['final_accuracy']:.3f}  gap {r['gap_pp']:+.1f} pp"
+        )
+    print(f"wrote {out / 'separation.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

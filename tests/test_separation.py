@@ -1,0 +1,82 @@
+"""shelora_core.separation: the FedAvg-vs-FlexLoRA sweep's configurations, record and README lines."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from shelora_core import federation, separation
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _reproduce():
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "reproduce.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_setting_pairs_fedavg_and_flexlora_on_the_same_data():
+    pairs = separation.separation_configs()
+    assert len(pairs) == 2 * len(separation.SETTINGS)
+    for (name_a, a), (name_b, b) in zip(pairs[::2], pairs[1::2], strict=True):
+        assert name_a == name_b
+        assert (a.method, b.method) == separation.METHODS
+        assert a.replace(method=b.method) == b  # nothing else differs
+        assert a.ranks == (8, 16, 32) and a.partition == "dirichlet" and a.model == "minilm"
+    names = [n for n, _ in separation.SETTINGS]
+    assert len(set(names)) == len(names)
+
+
+def test_a_bad_override_fails_before_anything_trains():
+    with pytest.raises(ValueError, match="head_lr_scale"):
+        separation.separation_configs(settings=[("bad", {"head_lr_scale": -1.0})])
+
+
+class _FakeFederation:
+    """Final accuracy by method (no training): FlexLoRA ahead by 6 points in 'wide'."""
+
+    finals = {("same", "fedavg"): 0.70, ("same", "flexlora"): 0.70,
+              ("wide", "fedavg"): 0.60, ("wide", "flexlora"): 0.66}  # fmt: skip
+
+    def __init__(self, cfg, *, results_dir, progress=None):
+        self.cfg = cfg
+
+    def run(self, *, reuse_complete=False):
+        name = "wide" if self.cfg.rounds == 2 else "same"
+        acc = self.finals[(name, self.cfg.method)]
+        history = [{"round": 1, "accuracy": 0.5}] + (
+            [{"round": 2, "accuracy": acc}] if self.cfg.rounds == 2 else []
+        )
+        if self.cfg.rounds == 1:
+            history[-1]["accuracy"] = acc
+        return SimpleNamespace(history=history, final_accuracy=acc, meta={"git_commit": "feedbeef"})
+
+
+def test_the_record_and_the_readme_lines(tmp_path, monkeypatch):
+    monkeypatch.setattr(federation, "Federation", _FakeFederation)
+    settings = [("same", {"rounds": 1}), ("wide", {"rounds": 2})]
+    rec = separation.run_separation(tmp_path, settings=settings)
+    assert [r["setting"] for r in rec["rows"]] == ["same", "wide"]
+    assert [r["gap_pp"] for r in rec["rows"]] == pytest.approx([0.0, 6.0])
+    assert rec["largest_gap_pp"] == pytest.approx(6.0) and rec["visible_in"] == ["wide"]
+    assert rec["rows"][1]["overrides"] == {"rounds": 2}
+    assert [list(p) for p in rec["rows"][1]["flexlora"]["curve"]] == [[1, 0.5], [2, 0.66]]
+    on_disk = json.loads((tmp_path / "separation.json").read_text())
+    assert on_disk["rows"][1]["gap_pp"] == pytest.approx(6.0)
+    lines = "\n".join(_reproduce().separation_block(tmp_path))
+    assert "FlexLoRA is visibly ahead (at least 5 points) in 1 of 2 settings" in lines
+    assert "| wide | 0.600 | 0.660 | +6.0 |" in lines
+    # no visible gap: the block says so, with the largest one
+    monkeypatch.setattr(
+        _FakeFederation, "finals", {**_FakeFederation.finals, ("wide", "flexlora"): 0.62}
+    )
+    separation.run_separation(tmp_path, settings=settings)
+    lines = "\n".join(_reproduce().separation_block(tmp_path))
+    assert "no setting separates them by 5 points or more (largest final gap +2.0 points)" in lines
+    assert _reproduce().separation_block(tmp_path / "absent") == []
