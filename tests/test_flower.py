@@ -59,6 +59,9 @@ def _global_adapter(cfg, broadcast, secret):
     return receive(cfg, broadcast, rank=max(cfg.client_ranks), crypto=crypto)
 
 
+# 150 s on one worker, the longest test: in `make test-slow` (run before a change to flower/ or the
+# round engine) so that `make test` stays under 10 minutes; the kill test below deploys on every run
+@pytest.mark.slow
 def test_three_supernodes_two_rounds_of_shelora_equal_the_in_process_run(tmp_path):
     # Prepare: the same configuration and seed, once on Flower and once in-process. With a secret
     # initial A (issue 15): each ClientApp reads the clients' shared init.key, scores and trains
