@@ -1195,6 +1195,11 @@ _INVERSION_METHODS = ("shelora", "shelora-dp", "shelora+first-layers")
 _ATTACKER_ORDER = ("oblivious", "adaptive", "b-channel", "optimisation")
 
 
+def _position(order: Sequence[str], name: str) -> int:
+    """``name``'s place in ``order``; names not listed come after every listed one."""
+    return order.index(name) if name in order else len(order)
+
+
 def _inversion_groups(
     entries: Sequence[Mapping[str, Any]],
 ) -> dict[tuple[str, str, str], list[Mapping[str, Any]]]:
@@ -1225,8 +1230,7 @@ def inversion_matrix(
     for (method, attacker, update), group in _inversion_groups(entries or []).items():
         cells[(f"{method} · {update}", attacker)] = 100.0 * max(e["rouge1"] for e in group)
     rows = list(dict.fromkeys(r for r, _ in cells))
-    cols = sorted({a for _, a in cells}, key=lambda a: (
-        _ATTACKER_ORDER.index(a) if a in _ATTACKER_ORDER else len(_ATTACKER_ORDER), a))  # fmt: skip
+    cols = sorted({a for _, a in cells}, key=lambda a: (_position(_ATTACKER_ORDER, a), a))
     return cells, rows, cols
 
 
@@ -1257,9 +1261,7 @@ def inversion_claims(entries: Sequence[Mapping[str, Any]] | None) -> list[dict]:
     commit = results_commit(entries)
     cells = _inversion_groups(entries)
     out = []
-    for key in cells:
-        method, attacker, update = key
-        group = cells[key]
+    for (method, attacker, update), group in cells.items():
         worst = max(group, key=lambda e: e["rouge1"])
         ours = 100.0 * worst["rouge1"]
         batches = sorted({e["batch_size"] for e in group})
