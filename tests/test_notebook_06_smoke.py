@@ -41,3 +41,37 @@ def test_quick_profile_executes_notebook_06_and_records_the_attack_table(tmp_pat
     assert {m["method"] for m in trade["cheapest"]} >= {"flexlora", "shelora", "shelora-dp"}
     she = next(m for m in trade["cheapest"] if m["method"] == "shelora")
     assert she["cheapest"] is None  # the adaptive attacker reads SHE-LoRA's plaintext part
+
+
+def _membership_cell():
+    from pathlib import Path
+
+    nb = json.loads((Path(__file__).parent.parent / "notebooks" / "06_gradient_inversion.ipynb").read_text())
+    (cell,) = [c for c in nb["cells"] if c.get("id") == "d66f4b42"]
+    return "".join(cell["source"])
+
+
+def _exec_membership_cell(tmp_path, monkeypatch, membership):
+    from shelora_core.attacks import membership as mia
+
+    def no_training(*a, **k):
+        raise AssertionError("section 7 trained although membership='load'")
+
+    monkeypatch.setattr(mia, "run_membership", no_training)
+    monkeypatch.chdir(tmp_path)  # ../results/<profile>/membership.json does not exist from here
+    ns = {"results": tmp_path, "figures": tmp_path, "profile": "paper", "membership": membership,
+          "show": None, "write_json": None, "display": None}  # fmt: skip
+    exec(_membership_cell(), ns)
+    return ns
+
+
+def test_notebook_06_skips_membership_inference_without_a_record_instead_of_training(tmp_path, monkeypatch, capsys):
+    ns = _exec_membership_cell(tmp_path, monkeypatch, "load")
+    assert ns["mia_record"] is None
+    out = capsys.readouterr().out
+    assert "section 7 is skipped" in out and "--profile paper" in out
+
+
+def test_notebook_06_names_a_bad_membership_parameter(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="membership='lod'.*'load'.*'run'"):
+        _exec_membership_cell(tmp_path, monkeypatch, "lod")
