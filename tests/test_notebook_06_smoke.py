@@ -46,7 +46,9 @@ def test_quick_profile_executes_notebook_06_and_records_the_attack_table(tmp_pat
 def _membership_cell():
     from pathlib import Path
 
-    nb = json.loads((Path(__file__).parent.parent / "notebooks" / "06_gradient_inversion.ipynb").read_text())
+    nb = json.loads(
+        (Path(__file__).parent.parent / "notebooks" / "06_gradient_inversion.ipynb").read_text()
+    )
     (cell,) = [c for c in nb["cells"] if c.get("id") == "d66f4b42"]
     return "".join(cell["source"])
 
@@ -65,7 +67,9 @@ def _exec_membership_cell(tmp_path, monkeypatch, membership):
     return ns
 
 
-def test_notebook_06_skips_membership_inference_without_a_record_instead_of_training(tmp_path, monkeypatch, capsys):
+def test_notebook_06_skips_membership_inference_without_a_record_instead_of_training(
+    tmp_path, monkeypatch, capsys
+):
     ns = _exec_membership_cell(tmp_path, monkeypatch, "load")
     assert ns["mia_record"] is None
     out = capsys.readouterr().out
