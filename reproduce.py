@@ -36,6 +36,7 @@ from shelora_core.notebook import (
     notebook_override_keys,
 )
 from shelora_core.profiles import PROFILES
+from shelora_core.provenance import short_commit
 
 ROOT = Path(__file__).resolve().parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -332,7 +333,7 @@ def attack_table(path: Path) -> list[str]:
     lr = meta.get("sgd_lr", claims_mod.DEFAULT_ATTACK_LR)
     out = [
         f"Gradient inversion: DAGER's ROUGE-1 on what the server receives (`{_rel(path)}`, "
-        f"commit {str(meta.get('git_commit'))[:12]}; SmolLM2-135M, LoRA r = {rank} on q_proj, "
+        f"commit {short_commit(meta.get('git_commit'))}; SmolLM2-135M, LoRA r = {rank} on q_proj, "
         f"one FedSGD step at lr {lr:g}; budget = encrypted columns per layer or the same number "
         "of values)"
         + (
@@ -553,9 +554,7 @@ def results_table(results_dir: Path) -> str:
             f"(`{_rel(results_dir / 'federated_tuning')}/*.summary.json`"
         )
     # a run reused from an earlier notebook execution keeps the commit it was computed at
-    commits = sorted(
-        {str(r.get("meta", {}).get("git_commit") or "not recorded")[:12] for r in runs}
-    )
+    commits = sorted({short_commit(r.get("meta", {}).get("git_commit")) for r in runs})
     where = f"Federated tuning, {source}; computed at commit(s) {', '.join(commits)}):"
     if runs:
         lines += [
@@ -600,7 +599,7 @@ def results_table(results_dir: Path) -> str:
         lines += [
             "",
             f"HE cost per client-round (`{_rel(he)}`, "
-            f"`make bench`, commit {str(meta.get('git_commit'))[:12]}; ranks 8/16/32, SHE-LoRA "
+            f"`make bench`, commit {short_commit(meta.get('git_commit'))}; ranks 8/16/32, SHE-LoRA "
             "budgets 2/4/8 columns per layer, synthetic factors of each model's shapes):",
             "",
             "| model | method | CKKS | upload MB | vs full HE | vs FlexLoRA | encrypt s | server s / round "
@@ -645,7 +644,7 @@ def results_table(results_dir: Path) -> str:
         lines += [
             "",
             f"Local training speed (`{_rel(speed)}`, `make bench`, commit "
-            f"{str(d['meta'].get('git_commit'))[:12]}, {d['meta'].get('torch_threads')} threads):",
+            f"{short_commit(d['meta'].get('git_commit'))}, {d['meta'].get('torch_threads')} threads):",
             "",
             "| model | rank | batch | s / step | s / client-round (steps) | upload KB |",
             "|---|---|---|---|---|---|",
@@ -666,7 +665,7 @@ def results_table(results_dir: Path) -> str:
         top = leak["all_columns"][str(leak["max_index"])]
         lines += [
             "",
-            f"Negotiation (`{_rel(neg)}`, commit {str(d['meta'].get('git_commit'))[:12]}; "
+            f"Negotiation (`{_rel(neg)}`, commit {short_commit(d['meta'].get('git_commit'))}; "
             f"{cfg['model']}, {cfg['num_clients']} clients, ranks "
             f"{'/'.join(map(str, cfg['ranks']))}, budgets {'/'.join(map(str, cfg['he_budgets']))}, "
             f"{cfg['partition']}):",
@@ -702,7 +701,7 @@ def separation_block(results_dir: Path) -> list[str]:
         "",
         f"FedAvg of factors against FlexLoRA in runs of the quick profile's size "
         f"(`{_rel(path)}`, `python -m shelora_core.separation`, commit "
-        f"{str(d['meta'].get('git_commit'))[:12]}; {d['base']}, same seed and data for both): "
+        f"{short_commit(d['meta'].get('git_commit'))}; {d['base']}, same seed and data for both): "
         + (
             f"FlexLoRA is visibly ahead (at least {d['visible_gap_pp']:g} points) in "
             f"{len(visible)} of {len(rows)} settings."
@@ -721,7 +720,30 @@ def separation_block(results_dir: Path) -> list[str]:
             f"| {r['setting']} | {r['fedavg']['final_accuracy']:.3f} | "
             f"{r['flexlora']['final_accuracy']:.3f} | {r['gap_pp']:+.1f} |"
         )
-    return out
+    return out + paper_gap_lines(results_dir.parent / "paper")
+
+
+def paper_gap_lines(paper_dir: Path) -> list[str]:
+    """The paper profile's FedAvg / FlexLoRA pair over its whole run (``separation.paper_gap``):
+    the final-round gap beside its mean over every evaluation and the curves' round-to-round swing."""
+    from shelora_core.separation import paper_gap
+
+    g = paper_gap(paper_dir)
+    if g is None:
+        return []
+    commits = " / ".join(
+        f"{m} {short_commit(g['runs'][m]['commit'])}" for m in ("fedavg", "flexlora")
+    )
+    n = len(g["evaluations"])
+    return [
+        "",
+        f"The same pair in the paper profile (notebook 05's runs, ranks 8/16/32, Dirichlet 0.3; "
+        f"commits {commits}): FlexLoRA - FedAvg is {g['final_gap_pp']:+.1f} points at round "
+        f"{g['evaluations'][-1]} and {g['mean_gap_pp']:+.1f} on average over the {n} evaluations "
+        f"(FlexLoRA ahead in {g['flexlora_ahead']} of {n}); either curve moves by up to "
+        f"{g['largest_swing_pp']:.1f} points between consecutive evaluations (each round samples "
+        "half of the label-skewed clients), so one round's gap carries that much noise.",
+    ]
 
 
 FAULTS_START, FAULTS_END = "<!-- faults:start -->", "<!-- faults:end -->"
@@ -735,7 +757,7 @@ def faults_table(path: Path) -> str:
     outcomes = [o for o in ("rejected", "recovered", "undetectable", "silently_accepted",
                             "obscure", "data_lost")]  # fmt: skip
     lines = [
-        f"`{_rel(path)}` (commit {str(d['meta'].get('git_commit'))[:12]}): **{t['tried']} cases**, "
+        f"`{_rel(path)}` (commit {short_commit(d['meta'].get('git_commit'))}): **{t['tried']} cases**, "
         f"{t['rejected']} refused by name, {t['recovered']} crashes recovered, "
         f"{t['undetectable']} undetectable by design, **{t['silently_accepted']} silently "
         f"accepted, {t['obscure']} obscure, {t['data_lost']} data lost**.",
@@ -772,7 +794,7 @@ def deployment_block(path: Path) -> str:
         lines += [
             "",
             f"Loopback scaling (`make deploy-bench`, commit "
-            f"{str(sc['meta'].get('git_commit'))[:12]}, {sc['meta'].get('cpu_count', '?')} "
+            f"{short_commit(sc['meta'].get('git_commit'))}, {sc['meta'].get('cpu_count', '?')} "
             f"cores): {cfg['method']} {cfg.get('cipher_mode')}, ranks "
             f"{'/'.join(str(r) for r in cfg['ranks'])}, {cfg['rounds']} rounds of "
             f"{cfg['local_steps']} steps, every client every round. Payload = shelora's message "
@@ -1008,7 +1030,7 @@ def protection_notes(results_root: Path) -> str:
     out = [
         f"DAGER on SmolLM2-135M (LoRA r = {rank} on every `q_proj`, one FedSGD step at lr {lr:g}, "
         f"the attack fed only the bytes the server receives; `{_rel(path)}`, notebook 06, commit "
-        f"{str(meta.get('git_commit'))[:12]}; ROUGE-1 from 0 to 1):",
+        f"{short_commit(meta.get('git_commit'))}; ROUGE-1 from 0 to 1):",
         "",
     ]
     flex, obl = rouge("flexlora"), rouge("shelora", "oblivious")
@@ -1157,7 +1179,7 @@ def tradeoff_notes(results_root: Path, *, prefer: str = "paper") -> list[str]:
     out = [
         "",
         f"**What each trained variant costs and what it stops** (`{_rel(path)}`, notebook 06 "
-        f"section 8, commit {str(meta.get('git_commit'))[:12]}): accuracy, upload and the "
+        f"section 8, commit {short_commit(meta.get('git_commit'))}): accuracy, upload and the "
         "accounted epsilon from notebook 05's runs (MiniLM, ranks 8/16/32, Dirichlet 0.3, profile "
         f"{rec.get('profile')}); the worst ROUGE-1 over the attack grid's one-step cells for the "
         "same method (SmolLM2, a decoder: DAGER needs one), as DAGER as written and as the "
@@ -1260,7 +1282,7 @@ def membership_notes(results_root: Path) -> list[str]:
         return [
             "- **Membership inference on the released model** (loss threshold and a reference "
             f"model, `{_rel(path)}`, notebook 06 section 7, commit "
-            f"{str(rec['meta'].get('git_commit'))[:12]}): "
+            f"{short_commit(rec['meta'].get('git_commit'))}): "
             + "; ".join(parts)
             + ". "
             + (

@@ -56,6 +56,7 @@ from typing import Any
 
 from .assets import MODELS
 from .errors import SheloraError
+from .provenance import short_commit
 
 __all__ = [
     "ATTACKER_TEXT",
@@ -402,7 +403,7 @@ def results_commit(record: Any) -> str | None:
         for e in record:
             if isinstance(e, Mapping):
                 metas.append(e if e.get("kind") == "meta" else (e.get("meta") or {}))
-    commits = sorted({str(m["git_commit"])[:12] for m in metas if m.get("git_commit")})
+    commits = sorted({short_commit(m["git_commit"]) for m in metas if m.get("git_commit")})
     return ", ".join(commits) or None
 
 

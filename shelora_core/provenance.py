@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-__all__ = ["run_meta"]
+__all__ = ["run_meta", "short_commit"]
 
 _PACKAGES = ("torch", "transformers", "peft", "tenseal", "numpy", "evaluate", "papermill")
 
@@ -56,6 +56,16 @@ def _git_commit() -> str | None:
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def short_commit(commit: str | None, width: int = 12) -> str:
+    """A recorded ``git_commit`` for display: its first ``width`` hex digits, keeping the
+    ``-dirty`` suffix (results computed from uncommitted code must say so wherever they are shown);
+    ``"not recorded"`` when there is none."""
+    if not commit:
+        return "not recorded"
+    c = str(commit)
+    return c[:width] + ("-dirty" if c.endswith("-dirty") else "")
 
 
 def run_meta(seed: int | None = None) -> dict[str, Any]:

@@ -26,7 +26,15 @@ from .notebook import write_json
 from .profiles import profile_config
 from .provenance import run_meta
 
-__all__ = ["METHODS", "SETTINGS", "VISIBLE_GAP_PP", "separation_configs", "run_separation", "main"]
+__all__ = [
+    "METHODS",
+    "SETTINGS",
+    "VISIBLE_GAP_PP",
+    "separation_configs",
+    "run_separation",
+    "paper_gap",
+    "main",
+]
 
 #: "visibly behind": FlexLoRA ahead by at least this many points of final accuracy (10 of the
 #: quick profile's 200 evaluation examples)
@@ -121,6 +129,71 @@ def run_separation(
     }
     write_json(record, results_dir / "separation.json")
     return record
+
+
+def paper_gap(results_dir: str | Path) -> dict[str, Any] | None:
+    """The same pair in the paper profile, read from notebook 05's per-round JSONL under
+    ``results_dir`` (``results/paper``): how the gap looks over the whole run, not only at its
+    last round. ``None`` when either run has no record there.
+
+    Returns:
+        ``{"runs": {method: {"run_name", "commit", "curve"}}, "evaluations", "gaps_pp",
+        "final_gap_pp", "mean_gap_pp", "flexlora_ahead", "largest_swing_pp"}``: the per-evaluation
+        gaps (FlexLoRA - FedAvg, points) over the rounds both evaluated, their mean, how many of them
+        FlexLoRA leads, and the largest change of either method's accuracy between two consecutive
+        evaluations (the client sampling under label skew moves the curves by that much).
+    """
+    import json
+
+    from .profiles import federated_tuning_grid
+
+    runs_dir = Path(results_dir) / "federated_tuning"
+    runs: dict[str, dict[str, Any]] = {}
+    for cfg in federated_tuning_grid("paper"):
+        if (
+            cfg.variant in METHODS
+            and cfg.model == "minilm"
+            and cfg.partition == "dirichlet"
+            and tuple(cfg.ranks) == (8, 16, 32)
+        ):
+            rows_path = runs_dir / f"{cfg.run_name}.jsonl"
+            summary_path = runs_dir / f"{cfg.run_name}.summary.json"
+            if not rows_path.exists():
+                return None
+            rows = [json.loads(x) for x in rows_path.read_text().splitlines() if x.strip()]
+            meta = (
+                json.loads(summary_path.read_text()).get("meta", {})
+                if summary_path.exists()
+                else {}
+            )
+            runs[cfg.method] = {
+                "run_name": cfg.run_name,
+                "commit": meta.get("git_commit"),
+                "curve": [
+                    (r["round"], r["accuracy"]) for r in rows if r.get("accuracy") is not None
+                ],
+            }
+    if set(runs) != set(METHODS):
+        return None
+    fed, flex = (dict(runs[m]["curve"]) for m in METHODS)
+    both = sorted(set(fed) & set(flex))
+    if not both:
+        return None
+    gaps = [100.0 * (flex[r] - fed[r]) for r in both]
+    swing = max(
+        (100.0 * abs(c[i + 1][1] - c[i][1]) for m in METHODS for c in [runs[m]["curve"]]
+         for i in range(len(c) - 1)),
+        default=0.0,
+    )  # fmt: skip
+    return {
+        "runs": runs,
+        "evaluations": both,
+        "gaps_pp": gaps,
+        "final_gap_pp": gaps[-1],
+        "mean_gap_pp": sum(gaps) / len(gaps),
+        "flexlora_ahead": sum(g > 0 for g in gaps),
+        "largest_swing_pp": swing,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

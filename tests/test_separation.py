@@ -80,3 +80,51 @@ def test_the_record_and_the_readme_lines(tmp_path, monkeypatch):
     lines = "\n".join(_reproduce().separation_block(tmp_path))
     assert "no setting separates them by 5 points or more (largest final gap +2.0 points)" in lines
     assert _reproduce().separation_block(tmp_path / "absent") == []
+
+
+def _paper_runs(tmp_path, curves, commits):
+    """Write notebook 05's per-round JSONL and summaries of the paper pair under tmp_path."""
+    from shelora_core.profiles import federated_tuning_grid
+
+    runs = tmp_path / "federated_tuning"
+    runs.mkdir(parents=True)
+    for cfg in federated_tuning_grid("paper"):
+        if (cfg.variant in curves and cfg.model == "minilm" and cfg.partition == "dirichlet"
+                and tuple(cfg.ranks) == (8, 16, 32)):  # fmt: skip
+            rows = [{"round": r, "accuracy": a} for r, a in curves[cfg.variant]]
+            (runs / f"{cfg.run_name}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+            meta = {"meta": {"git_commit": commits[cfg.variant]}}
+            (runs / f"{cfg.run_name}.summary.json").write_text(json.dumps(meta))
+
+
+def test_paper_gap_reports_every_evaluation_not_only_the_last(tmp_path):
+    curves = {
+        "fedavg": [(1, None), (2, 0.70), (3, None), (4, 0.50), (6, 0.60)],
+        "flexlora": [(1, None), (2, 0.68), (3, None), (4, 0.60), (6, 0.75)],
+    }
+    _paper_runs(tmp_path, curves, {"fedavg": "a" * 40 + "-dirty", "flexlora": "b" * 40})
+    g = separation.paper_gap(tmp_path)
+    assert g["evaluations"] == [2, 4, 6]
+    assert g["gaps_pp"] == pytest.approx([-2.0, 10.0, 15.0])
+    assert g["final_gap_pp"] == pytest.approx(15.0)
+    assert g["mean_gap_pp"] == pytest.approx(23.0 / 3)
+    assert g["flexlora_ahead"] == 2
+    assert g["largest_swing_pp"] == pytest.approx(20.0)  # FedAvg 0.70 -> 0.50
+    (text,) = [x for x in _reproduce().paper_gap_lines(tmp_path) if x]
+    assert "+15.0 points at round 6" in text and "+7.7 on average over the 3 evaluations" in text
+    assert "fedavg aaaaaaaaaaaa-dirty / flexlora bbbbbbbbbbbb" in text  # uncommitted code shows
+
+
+def test_paper_gap_is_none_without_both_runs(tmp_path):
+    assert separation.paper_gap(tmp_path) is None
+    _paper_runs(tmp_path, {"fedavg": [(2, 0.7)]}, {"fedavg": "a" * 40})
+    assert separation.paper_gap(tmp_path) is None
+    assert _reproduce().paper_gap_lines(tmp_path) == []
+
+
+def test_short_commit_keeps_the_dirty_suffix():
+    from shelora_core.provenance import short_commit
+
+    assert short_commit("0123456789abcdef" * 2 + "01234567-dirty") == "0123456789ab-dirty"
+    assert short_commit("0123456789abcdef" * 2 + "01234567") == "0123456789ab"
+    assert short_commit(None) == "not recorded"
