@@ -542,17 +542,14 @@ def cost_notes(data: dict) -> list[str]:
 def results_table(results_dir: Path) -> str:
     """Markdown table of results/<profile>/federated_tuning.json (generated, never hand-edited)."""
     lines = []
-    path = results_dir / "federated_tuning.json"
-    if path.exists():
-        runs = json.loads(path.read_text())
-        source = f"the {len(runs)} runs of notebook 05 (`{_rel(path)}`"
-    else:  # notebook 05 has not finished this profile: the runs that did, one summary each
-        done = sorted((results_dir / "federated_tuning").glob("*.summary.json"))
-        runs = [json.loads(p.read_text()) for p in done]
-        source = (
-            f"the {len(runs)} runs of notebook 05's grid finished so far "
-            f"(`{_rel(results_dir / 'federated_tuning')}/*.summary.json`"
-        )
+    # notebook 05's JSON, or (it has not finished this profile) the runs that did, one summary each
+    runs, read = claims_mod.federated_tuning_runs(results_dir)
+    source = (
+        f"the {len(runs)} runs of notebook 05 (`{_rel(results_dir / read)}`"
+        if read == claims_mod.RESULT_FILES["federated_tuning"]
+        else f"the {len(runs)} runs of notebook 05's grid finished so far "
+        f"(`{_rel(results_dir / 'federated_tuning')}/*.summary.json`"
+    )
     # a run reused from an earlier notebook execution keeps the commit it was computed at
     commits = sorted({short_commit(r.get("meta", {}).get("git_commit")) for r in runs})
     where = f"Federated tuning, {source}; computed at commit(s) {', '.join(commits)}):"

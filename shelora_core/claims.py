@@ -86,6 +86,7 @@ __all__ = [
     "format_value",
     "inversion_claims",
     "inversion_matrix",
+    "federated_tuning_runs",
     "load_results",
     "padding_factor",
     "paper_rouge",
@@ -374,11 +375,31 @@ def load_results(results_dir: str | Path) -> dict[str, Any]:
             out[key] = _read_json(path)
             out["sources"][key] = name
     if "federated_tuning" not in out:
-        done = sorted((root / "federated_tuning").glob("*.summary.json"))
-        if done:
-            out["federated_tuning"] = [_read_json(p) for p in done]
-            out["sources"]["federated_tuning"] = "federated_tuning/*.summary.json"
+        runs, source = federated_tuning_runs(root)
+        if runs:
+            out["federated_tuning"] = runs
+            out["sources"]["federated_tuning"] = source
     return out
+
+
+def federated_tuning_runs(results_dir: str | Path) -> tuple[list[dict[str, Any]], str | None]:
+    """``(runs, source)``: notebook 05's summaries of a profile folder, from its
+    ``federated_tuning.json`` when notebook 05 wrote one, else the per-run
+    ``federated_tuning/*.summary.json`` of the runs that finished so far (each keeps the commit it
+    was computed at); ``source`` is the file or pattern read, relative to the folder
+    (``([], None)`` when there is neither).
+
+    Raises:
+        SheloraError: if a file exists but is not valid JSON (names the file).
+    """
+    root = Path(results_dir)
+    collected = root / RESULT_FILES["federated_tuning"]
+    if collected.exists():
+        return _read_json(collected), RESULT_FILES["federated_tuning"]
+    done = sorted((root / "federated_tuning").glob("*.summary.json"))
+    if not done:
+        return [], None
+    return [_read_json(p) for p in done], "federated_tuning/*.summary.json"
 
 
 def _read_json(path: Path) -> Any:

@@ -608,3 +608,23 @@ def test_quick_profile_executes_notebook_07_and_records_the_claims(tmp_path):
     for name in ("07_accuracy", "07_cost_accountings", "07_dager", "07_cost_vs_model_size",
                  "07_inversion"):  # fmt: skip
         assert (dst / "figures" / f"{name}.png").stat().st_size > 10_000
+
+
+def test_federated_tuning_runs_prefers_notebook_05s_record_then_the_finished_runs(tmp_path):
+    assert C.federated_tuning_runs(tmp_path) == ([], None)
+    runs = tmp_path / "federated_tuning"
+    runs.mkdir()
+    for name in ("b", "a"):
+        (runs / f"{name}.summary.json").write_text(json.dumps({"run_name": name}))
+    (runs / "a.jsonl").write_text("{}\n")  # per-round rows are not summaries
+    got, source = C.federated_tuning_runs(tmp_path)
+    assert [r["run_name"] for r in got] == [
+        "a",
+        "b",
+    ] and source == "federated_tuning/*.summary.json"
+    assert C.load_results(tmp_path)["sources"]["federated_tuning"] == source
+    (tmp_path / "federated_tuning.json").write_text(json.dumps([{"run_name": "all"}]))
+    assert C.federated_tuning_runs(tmp_path) == ([{"run_name": "all"}], "federated_tuning.json")
+    (tmp_path / "federated_tuning.json").write_text("{not json")
+    with pytest.raises(C.SheloraError, match="federated_tuning.json is not valid JSON"):
+        C.federated_tuning_runs(tmp_path)
