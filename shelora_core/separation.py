@@ -134,7 +134,7 @@ def run_separation(
 def paper_gap(results_dir: str | Path) -> dict[str, Any] | None:
     """The same pair in the paper profile, read from notebook 05's per-round JSONL under
     ``results_dir`` (``results/paper``): how the gap looks over the whole run, not only at its
-    last round. ``None`` when either run has no record there.
+    last round. ``None`` until both runs have finished there (a summary beside the JSONL).
 
     Returns:
         ``{"runs": {method: {"run_name", "commit", "curve"}}, "evaluations", "gaps_pp",
@@ -158,14 +158,10 @@ def paper_gap(results_dir: str | Path) -> dict[str, Any] | None:
         ):
             rows_path = runs_dir / f"{cfg.run_name}.jsonl"
             summary_path = runs_dir / f"{cfg.run_name}.summary.json"
-            if not rows_path.exists():
+            if not (rows_path.exists() and summary_path.exists()):  # a summary: the run finished
                 return None
             rows = [json.loads(x) for x in rows_path.read_text().splitlines() if x.strip()]
-            meta = (
-                json.loads(summary_path.read_text()).get("meta", {})
-                if summary_path.exists()
-                else {}
-            )
+            meta = json.loads(summary_path.read_text()).get("meta", {})
             runs[cfg.method] = {
                 "run_name": cfg.run_name,
                 "commit": meta.get("git_commit"),

@@ -120,6 +120,15 @@ def test_paper_gap_is_none_without_both_runs(tmp_path):
     _paper_runs(tmp_path, {"fedavg": [(2, 0.7)]}, {"fedavg": "a" * 40})
     assert separation.paper_gap(tmp_path) is None
     assert _reproduce().paper_gap_lines(tmp_path) == []
+    _paper_runs(
+        tmp_path / "x",
+        {"fedavg": [(2, 0.7)], "flexlora": [(2, 0.8)]},
+        dict.fromkeys(("fedavg", "flexlora"), "c"),
+    )
+    next(
+        (tmp_path / "x" / "federated_tuning").glob("flexlora*.summary.json")
+    ).unlink()  # still running
+    assert separation.paper_gap(tmp_path / "x") is None
 
 
 def test_short_commit_keeps_the_dirty_suffix():
