@@ -43,13 +43,13 @@ def test_quick_profile_executes_notebook_06_and_records_the_attack_table(tmp_pat
     assert she["cheapest"] is None  # the adaptive attacker reads SHE-LoRA's plaintext part
 
 
-def _membership_cell():
+def _cell(cell_id):
     from pathlib import Path
 
     nb = json.loads(
         (Path(__file__).parent.parent / "notebooks" / "06_gradient_inversion.ipynb").read_text()
     )
-    (cell,) = [c for c in nb["cells"] if c.get("id") == "d66f4b42"]
+    (cell,) = [c for c in nb["cells"] if c.get("id") == cell_id]
     return "".join(cell["source"])
 
 
@@ -63,7 +63,7 @@ def _exec_membership_cell(tmp_path, monkeypatch, membership):
     monkeypatch.chdir(tmp_path)  # ../results/<profile>/membership.json does not exist from here
     ns = {"results": tmp_path, "figures": tmp_path, "profile": "paper", "membership": membership,
           "show": None, "write_json": None, "display": None}  # fmt: skip
-    exec(_membership_cell(), ns)
+    exec(_cell("d66f4b42"), ns)
     return ns
 
 
@@ -79,3 +79,21 @@ def test_notebook_06_skips_membership_inference_without_a_record_instead_of_trai
 def test_notebook_06_names_a_bad_membership_parameter(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="membership='lod'.*'load'.*'run'"):
         _exec_membership_cell(tmp_path, monkeypatch, "lod")
+
+
+def test_notebook_06_trade_off_without_any_trained_run_writes_an_empty_table(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import numpy as np
+    import pandas as pd
+
+    from shelora_core.notebook import write_json
+    from shelora_core.provenance import run_meta
+
+    monkeypatch.chdir(tmp_path)  # no ../results/<profile> from here
+    ns = {"results": tmp_path, "figures": tmp_path, "profile": "paper", "entries": [], "np": np, "pd": pd,
+          "Path": Path, "display": lambda *a: None, "show": None, "write_json": write_json,
+          "run_meta": run_meta, "SEED": 0}  # fmt: skip
+    exec(_cell("tradeoff-code"), ns)
+    record = json.loads((tmp_path / "tradeoff.json").read_text())
+    assert record["rows"] == [] and record["profile"] == "paper"
