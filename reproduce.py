@@ -553,6 +553,18 @@ def results_table(results_dir: Path) -> str:
     # a run reused from an earlier notebook execution keeps the commit it was computed at
     commits = sorted({short_commit(r.get("meta", {}).get("git_commit")) for r in runs})
     where = f"Federated tuning, {source}; computed at commit(s) {', '.join(commits)}):"
+    stale = (
+        []
+        if read == claims_mod.RESULT_FILES["federated_tuning"]
+        else claims_mod.stale_runs(results_dir)
+    )
+    if stale:  # before the table: what it leaves out
+        lines += [
+            f"Not shown below: {len(stale)} run(s) recorded under an earlier results version of "
+            "their method (its results changed since), which notebook 05 re-runs instead of "
+            f"reusing: {', '.join(f'`{n}`' for n in stale)}.",
+            "",
+        ]
     if runs:
         lines += [
             where,

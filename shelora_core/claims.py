@@ -88,6 +88,7 @@ __all__ = [
     "inversion_matrix",
     "federated_tuning_runs",
     "load_results",
+    "stale_runs",
     "padding_factor",
     "paper_rouge",
     "measure_product_error",
@@ -386,7 +387,7 @@ def federated_tuning_runs(results_dir: str | Path) -> tuple[list[dict[str, Any]]
     """``(runs, source)``: notebook 05's summaries of a profile folder, from its
     ``federated_tuning.json`` when notebook 05 wrote one, else the per-run
     ``federated_tuning/*.summary.json`` of the runs that finished so far (each keeps the commit it
-    was computed at); ``source`` is the file or pattern read, relative to the folder
+    was computed at; :func:`stale_runs` left out); ``source`` is the file or pattern read, relative to the folder
     (``([], None)`` when there is neither).
 
     Raises:
@@ -396,10 +397,37 @@ def federated_tuning_runs(results_dir: str | Path) -> tuple[list[dict[str, Any]]
     collected = root / RESULT_FILES["federated_tuning"]
     if collected.exists():
         return _read_json(collected), RESULT_FILES["federated_tuning"]
-    done = sorted((root / "federated_tuning").glob("*.summary.json"))
+    stale = set(stale_runs(root))
+    done = [
+        p
+        for p in sorted((root / "federated_tuning").glob("*.summary.json"))
+        if p.name.removesuffix(".summary.json") not in stale
+    ]
     if not done:
         return [], None
     return [_read_json(p) for p in done], "federated_tuning/*.summary.json"
+
+
+def stale_runs(results_dir: str | Path) -> list[str]:
+    """Run names of a profile folder's ``federated_tuning/`` whose per-round rows carry another
+    results version than this code stamps on the run's method (``records.results_version``: the
+    method's results changed since, e.g. full HE and FedShield-LLM at each client's own rank).
+    Notebook 05 re-runs them instead of reusing them, so :func:`federated_tuning_runs` leaves
+    them out. A summary without its per-round JSONL, or without a method, cannot be checked and
+    is not listed."""
+    from .records import results_version
+
+    out = []
+    for p in sorted((Path(results_dir) / "federated_tuning").glob("*.summary.json")):
+        name = p.name.removesuffix(".summary.json")
+        rows_path = p.with_name(f"{name}.jsonl")
+        method = _read_json(p).get("method")
+        if method is None or not rows_path.exists():
+            continue
+        rows = [json.loads(x) for x in rows_path.read_text().splitlines() if x.strip()]
+        if any(r.get("results_version") != results_version(method) for r in rows):
+            out.append(name)
+    return out
 
 
 def _read_json(path: Path) -> Any:

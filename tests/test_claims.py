@@ -628,3 +628,20 @@ def test_federated_tuning_runs_prefers_notebook_05s_record_then_the_finished_run
     (tmp_path / "federated_tuning.json").write_text("{not json")
     with pytest.raises(C.SheloraError, match="federated_tuning.json is not valid JSON"):
         C.federated_tuning_runs(tmp_path)
+
+
+def test_runs_of_an_earlier_results_version_are_stale_and_left_out(tmp_path):
+    from shelora_core.records import results_version
+
+    runs = tmp_path / "federated_tuning"
+    runs.mkdir()
+    current = results_version("fedshield")
+    for name, version in (("old", current - 1), ("new", current)):
+        (runs / f"{name}.summary.json").write_text(
+            json.dumps({"run_name": name, "method": "fedshield"})
+        )
+        rows = [{"round": r, "results_version": version} for r in (1, 2)]
+        (runs / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert C.stale_runs(tmp_path) == ["old"]
+    got, _ = C.federated_tuning_runs(tmp_path)
+    assert [r["run_name"] for r in got] == ["new"]
