@@ -1167,9 +1167,64 @@ def protection_notes(results_root: Path) -> str:
             "for every method attacked; AdamW's per-coordinate scaling breaks the span property "
             "DAGER relies on."
         )
+    out += _other_attack_notes(rows)
     out += membership_notes(results_root)
     out += tradeoff_notes(results_root, prefer=path.parent.name)
     return "\n".join(out)
+
+
+def _other_attack_notes(rows: list[dict]) -> list[str]:
+    """Bullets for the attacks beyond one-step DAGER on the documented rows: multi-step plain SGD,
+    the plaintext B alone, the optimisation-based reconstruction (each only when measured)."""
+
+    def worst(method, attacker, update=None, batch=None):
+        v = [
+            e["rouge1"]
+            for e in rows
+            if e["method"] == method
+            and e["attacker"] == attacker
+            and (update is None or e["update"] == update)
+            and (batch is None or e["batch_size"] == batch)
+        ]
+        return max(v) if v else None
+
+    out = []
+    sgd = {
+        (m, a): worst(m, a, "multistep-sgd")
+        for m in ("flexlora", "shelora")
+        for a in ("oblivious", "adaptive")
+    }
+    sgd = [f"{m} / {a} {_fmt(v)}" for (m, a), v in sgd.items() if v is not None]
+    if sgd:
+        out.append(
+            "- **Multi-step plain-SGD local updates** (DAGER's FedAvg setting), worst ROUGE-1 per "
+            f"method / attacker: {'; '.join(sgd)}. Several SGD steps on one batch sum gradients that "
+            "stay in the span of the batch's inputs; AdamW's per-coordinate scaling (above) does not."
+        )
+    bch = {u: worst("shelora", "b-channel", u) for u in ("round1", "later")}
+    if any(v is not None for v in bch.values()):
+        sizes = sorted({e["batch_size"] for e in rows if e["attacker"] == "b-channel"})
+        per_bs = "/".join(_fmt(worst("shelora", "b-channel", "later", b)) for b in sizes)
+        out.append(
+            "- **The plaintext B alone** (the B channel: A's update, encrypted or not, is not used) "
+            f"against SHE-LoRA: worst ROUGE-1 {_fmt(bch['round1'])} in round 1 and "
+            f"{_fmt(bch['later'])} in later rounds (later rounds by batch size "
+            f"{'/'.join(map(str, sizes))}: {per_bs}). Encrypting columns of A leaves this channel "
+            "open."
+        )
+    opt = {m: worst(m, "optimisation") for m in ("flexlora", "shelora")}
+    if any(v is not None for v in opt.values()):
+        out.append(
+            "- **An optimisation-based reconstruction** (gradient matching on the visible update, "
+            "not a span check; labels and lengths given, a few tens of Adam steps): worst ROUGE-1 "
+            + "; ".join(f"{_fmt(v)} against {m}" for m, v in opt.items() if v is not None)
+            + (
+                ": at this budget it recovers next to nothing even without encryption."
+                if (opt["flexlora"] or 0) * 100 < claims_mod.ROUGE_DEFEATED_BELOW
+                else "."
+            )
+        )
+    return out
 
 
 def _fmt(v: float | None, fmt: str = "{:.2f}") -> str:

@@ -464,3 +464,33 @@ def test_the_protection_section_reads_the_tradeoff_record(tmp_path):
     assert "`flexlora-dp`: noise multiplier 1e-08, one round accounts to epsilon 1e+17" in text
     assert "`shelora`: no attacked setting (budgets 1/4)" in text
     assert "no privacy guarantee" in text and "commit abc123" in text
+
+
+def test_the_protection_section_reports_multi_step_sgd_the_b_channel_and_the_optimisation_attack():
+    rp = _reproduce_module()
+
+    def row(method, attacker, update, bs, rouge1):
+        return {
+            "method": method,
+            "attacker": attacker,
+            "update": update,
+            "batch_size": bs,
+            "rouge1": rouge1,
+        }
+
+    assert rp._other_attack_notes([row("flexlora", "oblivious", "later", 1, 1.0)]) == []
+    rows = [
+        row("flexlora", "oblivious", "multistep-sgd", 1, 1.0),
+        row("shelora", "adaptive", "multistep-sgd", 4, 0.75),
+        row("shelora", "b-channel", "round1", 1, 0.5),
+        row("shelora", "b-channel", "later", 1, 1.0),
+        row("shelora", "b-channel", "later", 8, 0.125),
+        row("flexlora", "optimisation", "later", 1, 0.25),
+    ]
+    sgd, bch, opt = rp._other_attack_notes(rows)
+    assert "flexlora / oblivious 1.00; shelora / adaptive 0.75" in sgd
+    assert (
+        "0.50 in round 1 and 1.00 in later rounds (later rounds by batch size 1/8: 1.00/0.12)"
+        in bch
+    )
+    assert "0.25 against flexlora" in opt and "next to nothing" not in opt  # 25 % is not nothing
