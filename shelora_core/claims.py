@@ -415,7 +415,7 @@ def stale_runs(results_dir: str | Path) -> list[str]:
     Notebook 05 re-runs them instead of reusing them, so :func:`federated_tuning_runs` leaves
     them out. A summary without its per-round JSONL, or without a method, cannot be checked and
     is not listed."""
-    from .records import results_version
+    from .records import rows_current
 
     out = []
     for p in sorted((Path(results_dir) / "federated_tuning").glob("*.summary.json")):
@@ -425,7 +425,7 @@ def stale_runs(results_dir: str | Path) -> list[str]:
         if method is None or not rows_path.exists():
             continue
         rows = [json.loads(x) for x in rows_path.read_text().splitlines() if x.strip()]
-        if any(r.get("results_version") != results_version(method) for r in rows):
+        if not rows_current(rows, method):
             out.append(name)
     return out
 

@@ -68,8 +68,8 @@ from .records import (
     RunResult,
     negotiation_record,
     negotiation_summary,
-    results_version,
     round_record,
+    rows_current,
 )
 from .server import sample_clients, server_consensus, server_round, with_client_refusals
 
@@ -377,9 +377,7 @@ class Federation:
         if stopped is not None:  # a run that stopped ends before its stop round
             last = int(stopped["round"]) - 1
         complete = [h.get("round") for h in history] == list(range(1, last + 1))
-        version = results_version(self.cfg.method)
-        current = all(h.get("results_version") == version for h in history)
-        return history if complete and current else None
+        return history if complete and rows_current(history, self.cfg.method) else None
 
     def _stopped(self) -> dict[str, Any] | None:
         """The stop recorded in this configuration's summary (``run(on_round_error="stop")``)."""

@@ -19,6 +19,7 @@ __all__ = [
     "METHOD_RESULTS_VERSION",
     "RESULTS_VERSION",
     "RunResult",
+    "rows_current",
     "negotiation_record",
     "negotiation_summary",
     "results_version",
@@ -40,6 +41,13 @@ METHOD_RESULTS_VERSION = {"fedshield": 4, "full_he": 4}
 def results_version(method: str) -> int:
     """The results version stamped on (and required of) a run of ``method``."""
     return METHOD_RESULTS_VERSION.get(method, RESULTS_VERSION)
+
+
+def rows_current(rows: list[dict[str, Any]], method: str) -> bool:
+    """Whether every per-round row of a run of ``method`` carries this code's results version
+    (a run whose rows do not is re-run, never reused or reported)."""
+    version = results_version(method)
+    return all(r.get("results_version") == version for r in rows)
 
 
 @dataclass
