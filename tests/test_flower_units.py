@@ -11,9 +11,10 @@ import tomllib
 
 import pytest
 
+from shelora_core.checkpoint import atomic_write
 from shelora_core.errors import ConfigError, MessageError
 from shelora_core.flower import APP_DIR, audit, wire
-from shelora_core.flower.launch import make_certificates, tagged_processes
+from shelora_core.flower.launch import RoundWatcher, make_certificates, tagged_processes
 from shelora_core.flower.settings import NodeSettings, ServerSettings, run_config_for
 
 
@@ -123,6 +124,32 @@ def test_tagged_processes_finds_a_child_by_its_environment_and_nothing_else():
         proc.kill()
         proc.wait()
     assert tagged_processes(tag) == []
+
+
+def test_the_round_watcher_ignores_an_earlier_runs_records_in_the_same_folder(tmp_path):
+    # the TLS demo runs the insecure demo's configuration into the same results folder: its live
+    # round lines and its recorded history must be its own rows, not the ones already on disk
+    path = tmp_path / "run.jsonl"
+    path.write_text("".join(json.dumps({"round": r, "seconds": 78.0}) + "\n" for r in (1, 2, 3)))
+    seen = []
+    watcher = RoundWatcher(path, seen.append)
+    watcher.poll()
+    assert seen == [] and watcher.records == []
+    # the ServerApp rewrites the whole history atomically after each round
+    atomic_write(path, (json.dumps({"round": 1, "seconds": 5.0}) + "\n").encode())
+    watcher.poll()
+    atomic_write(
+        path, "".join(json.dumps({"round": r, "seconds": 5.0}) + "\n" for r in (1, 2)).encode()
+    )
+    watcher.poll()
+    watcher.poll()
+    assert [(r["round"], r["seconds"]) for r in seen] == [(1, 5.0), (2, 5.0)]
+    assert watcher.records == seen
+    # no file before the run: every row is this run's
+    fresh = RoundWatcher(tmp_path / "new.jsonl", None)
+    atomic_write(tmp_path / "new.jsonl", (json.dumps({"round": 1}) + "\n").encode())
+    fresh.poll()
+    assert fresh.records == [{"round": 1}]
 
 
 def test_the_audit_records_opened_files_and_counts_private_contexts(tmp_path):

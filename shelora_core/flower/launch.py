@@ -627,16 +627,34 @@ class DeployedRun:
         return {k: int(v) for k, v in traffic.items()}
 
 
+def file_state(path: Path) -> tuple[int, int, int] | None:
+    """``(inode, mtime_ns, size)`` of ``path`` (``None`` when it does not exist): the ServerApp
+    replaces its records atomically, so a file a run has written differs from the one that was
+    there before it."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 class RoundWatcher:
-    """Follows a run's JSONL and calls ``on_round(record)`` once per new round."""
+    """Follows a run's JSONL and calls ``on_round(record)`` once per new round.
+
+    A file already there when the watcher is made (an earlier run of the same configuration in
+    the same results folder, e.g. the insecure demo before the TLS one) is not this run's: it is
+    ignored until the ServerApp replaces it, and then read whole (a resumed run rewrites its
+    earlier rounds too)."""
 
     def __init__(self, path: Path, on_round: Callable[[dict[str, Any]], None] | None) -> None:
         self.path = path
         self.on_round = on_round
         self.records: list[dict[str, Any]] = []
+        self._before = file_state(path)
 
     def poll(self) -> None:
-        if not self.path.exists():
+        state = file_state(self.path)
+        if state is None or state == self._before:
             return
         try:
             lines = [x for x in self.path.read_text().splitlines() if x.strip()]
@@ -692,6 +710,8 @@ def run_deployed(
         quorum_grace=quorum_grace,
     )
     metrics = results / "federated_tuning" / f"{cfg.run_name}.jsonl"
+    summary_path = metrics.with_name(f"{cfg.run_name}.summary.json")
+    summary_before = file_state(summary_path)  # an earlier run's summary is not this run's
     watcher = RoundWatcher(metrics, on_round)
     dep = Deployment(
         root / "flower", secure=secure, torch_threads=torch_threads, extra_env=extra_env
@@ -722,8 +742,8 @@ def run_deployed(
         seconds["stop"] = time.monotonic() - t1
     left = dep.leftovers()
     watcher.poll()
-    summary_path = metrics.with_name(f"{cfg.run_name}.summary.json")
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    fresh = file_state(summary_path) not in (None, summary_before)
+    summary = json.loads(summary_path.read_text()) if fresh else None
     audit_path = roles.server / "audit.json"
     audit = json.loads(audit_path.read_text()) if audit_path.exists() else None
     return DeployedRun(
