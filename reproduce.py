@@ -1018,20 +1018,7 @@ def protection_notes(results_root: Path) -> str:
     rank = max(e["rank"] for e in rows)
 
     def rouge(method, attacker=None, update="later", budget=None):
-        # attacker None: DAGER's two attackers (the B-channel one reads a different channel; the
-        # optimisation attacker is not DAGER)
-        return [
-            e["rouge1"]
-            for e in rows
-            if e["method"] == method
-            and (
-                e["attacker"] == attacker
-                if attacker
-                else e["attacker"] in ("oblivious", "adaptive")
-            )
-            and e["update"] == update
-            and (budget is None or e.get("budget") == budget)
-        ]
+        return _rouge1_values(rows, method, attacker, update, budget=budget)
 
     batches = "/".join(map(str, sorted({e["batch_size"] for e in rows if e["update"] == "later"})))
     budgets = sorted({e["budget"] for e in rows if e["method"] == "shelora" and e.get("budget")})
@@ -1173,19 +1160,35 @@ def protection_notes(results_root: Path) -> str:
     return "\n".join(out)
 
 
+def _rouge1_values(
+    rows: list[dict],
+    method: str,
+    attacker: str | None = None,
+    update: str | None = "later",
+    *,
+    budget: int | None = None,
+    batch: int | None = None,
+) -> list[float]:
+    """ROUGE-1 of the attack rows of ``method`` that match: ``attacker`` None means DAGER's two
+    attackers (the B-channel one reads a different channel; the optimisation attacker is not
+    DAGER); ``update``, ``budget`` or ``batch`` None means any."""
+    return [
+        e["rouge1"]
+        for e in rows
+        if e["method"] == method
+        and (e["attacker"] == attacker if attacker else e["attacker"] in ("oblivious", "adaptive"))
+        and (update is None or e["update"] == update)
+        and (budget is None or e.get("budget") == budget)
+        and (batch is None or e["batch_size"] == batch)
+    ]
+
+
 def _other_attack_notes(rows: list[dict]) -> list[str]:
     """Bullets for the attacks beyond one-step DAGER on the documented rows: multi-step plain SGD,
     the plaintext B alone, the optimisation-based reconstruction (each only when measured)."""
 
     def worst(method, attacker, update=None, batch=None):
-        v = [
-            e["rouge1"]
-            for e in rows
-            if e["method"] == method
-            and e["attacker"] == attacker
-            and (update is None or e["update"] == update)
-            and (batch is None or e["batch_size"] == batch)
-        ]
+        v = _rouge1_values(rows, method, attacker, update, batch=batch)
         return max(v) if v else None
 
     out = []
