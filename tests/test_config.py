@@ -134,6 +134,22 @@ def test_profiles_build_valid_grids():
         profile_config("fast")
 
 
+def test_notebook_05_quick_runs_slow_the_head_and_overrides_still_win():
+    base = profile_config("quick")
+    quick = federated_tuning_grid("quick")
+    for cfg in quick:  # the adapter carries the learning: head at 0.01x, constant adapter lr
+        assert (cfg.head_lr_scale, cfg.lr, cfg.lr_final_ratio) == (0.01, 1e-2, 1.0)
+        assert (cfg.rounds, cfg.eval_examples) == (4, 600)
+        assert cfg.num_clients == base.num_clients and cfg.local_steps == base.local_steps
+    assert base.head_lr_scale == 10.0  # the profile itself (demo, faults, membership) is unchanged
+    assert {c.rounds for c in federated_tuning_grid("quick", rounds=1)} == {1}
+    assert federated_tuning_grid("quick", head_lr_scale=2.0)[0].head_lr_scale == 2.0
+    # the paper grid starts from the paper profile as it is
+    assert federated_tuning_grid("paper")[0] == profile_config(
+        "paper", method="fedavg", ranks=(8,), partition="iid"
+    )
+
+
 @pytest.mark.parametrize("profile", ["quick", "paper"])
 def test_grid_has_fedshield_with_its_pruning_schedule_laid_over_the_rounds_run(profile):
     grid = federated_tuning_grid(profile)
