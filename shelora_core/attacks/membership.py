@@ -502,14 +502,16 @@ def membership_settings(profile: str) -> list[Setting]:
     """The settings of a profile.
 
     * ``"<profile>"``: the profile's configuration with notebook 05's encrypted-method setting
-      (ranks 8/16/32, Dirichlet 0.3): the released models notebook 05 reports;
+      (ranks 8/16/32, Dirichlet 0.3): in the paper profile the released models notebook 05 reports
+      (whose checkpoints it reuses); in the quick profile the profile's own schedule (head at 10x),
+      not notebook 05's quick runs, which slow the head (:data:`~shelora_core.profiles.GRID_OVERRIDES`);
     * ``"overfit"``: fewer examples per client trained for more epochs (``quick`` only: 150
       examples over 3 IID clients, 3 rounds x 12 local steps of 16, about 11.5 passes over each
       example against about 2 in the quick setting; evaluated after the last round only), where
       members' losses separate from non-members', so the comparison between methods says
       something.
     """
-    from ..profiles import profile_config
+    from ..profiles import GRID_OVERRIDES, profile_config
 
     base = profile_config(profile, ranks=(8, 16, 32), partition="dirichlet")
     settings = [
@@ -517,7 +519,9 @@ def membership_settings(profile: str) -> list[Setting]:
             profile,
             base,
             f"the {profile} profile, ranks 8/16/32, Dirichlet 0.3 (notebook 05's encrypted-method "
-            "setting)",
+            "setting"
+            + (", with the profile's own schedule" if GRID_OVERRIDES.get(profile) else "")
+            + ")",
         )
     ]
     if profile == "quick":
