@@ -487,3 +487,25 @@ def test_runner_end_to_end_dp_sweep_and_matched_utility(tmp_path, tiny_config):
     assert m["reference"]["accuracy"] == record["rows"][0]["accuracy"]
     assert (m["matched"] is None) == ("no point matches" in m["note"])
     assert "At matched utility" in record["statement"]
+
+
+@pytest.mark.parametrize("profile", ["quick", "paper"])
+def test_the_main_setting_attacks_the_models_notebook_05_reports(profile):
+    # the profile's setting is notebook 05's encrypted-method run (same configuration, so its
+    # checkpoints are reused); the quick overfit setting keeps the profile's own schedule
+    from shelora_core.profiles import federated_tuning_grid, profile_config
+
+    settings = {s.name: s.config for s in mia.membership_settings(profile)}
+    grid = {c.run_name for c in federated_tuning_grid(profile)}
+    for label, cfg in mia.membership_methods(settings[profile]):
+        if label in ("fedavg", "flexlora", "shelora-delta"):
+            assert cfg.run_name in grid, label
+    if profile == "quick":
+        own = profile_config("quick")
+        over = settings["overfit"]
+        assert (over.lr, over.head_lr_scale, over.lr_final_ratio) == (
+            own.lr,
+            own.head_lr_scale,
+            own.lr_final_ratio,
+        )
+        assert settings["quick"].head_lr_scale != own.head_lr_scale

@@ -501,31 +501,29 @@ class Setting:
 def membership_settings(profile: str) -> list[Setting]:
     """The settings of a profile.
 
-    * ``"<profile>"``: the profile's configuration with notebook 05's encrypted-method setting
-      (ranks 8/16/32, Dirichlet 0.3): in the paper profile the released models notebook 05 reports
-      (whose checkpoints it reuses); in the quick profile the profile's own schedule (head at 10x),
-      not notebook 05's quick runs, which slow the head (:data:`~shelora_core.profiles.GRID_OVERRIDES`);
-    * ``"overfit"``: fewer examples per client trained for more epochs (``quick`` only: 150
-      examples over 3 IID clients, 3 rounds x 12 local steps of 16, about 11.5 passes over each
-      example against about 2 in the quick setting; evaluated after the last round only), where
+    * ``"<profile>"``: notebook 05's encrypted-method setting (its configuration,
+      :func:`~shelora_core.profiles.grid_base`, with ranks 8/16/32 and Dirichlet 0.3): the released
+      models notebook 05 reports, whose checkpoints it reuses (in the quick profile the head
+      trained at 0.01x the adapter's lr, :data:`~shelora_core.profiles.GRID_OVERRIDES`);
+    * ``"overfit"``: fewer examples per client trained for more epochs (``quick`` only, from the
+      profile's own schedule: 150 examples over 3 IID clients, 3 rounds x 12 local steps of 16,
+      about 11.5 passes over each example; evaluated after the last round only), where
       members' losses separate from non-members', so the comparison between methods says
       something.
     """
-    from ..profiles import GRID_OVERRIDES, profile_config
+    from ..profiles import grid_base, profile_config
 
-    base = profile_config(profile, ranks=(8, 16, 32), partition="dirichlet")
+    hetero = dict(ranks=(8, 16, 32), partition="dirichlet")
     settings = [
         Setting(
             profile,
-            base,
+            grid_base(profile, **hetero),
             f"the {profile} profile, ranks 8/16/32, Dirichlet 0.3 (notebook 05's encrypted-method "
-            "setting"
-            + (", with the profile's own schedule" if GRID_OVERRIDES.get(profile) else "")
-            + ")",
+            "setting and configuration)",
         )
     ]
     if profile == "quick":
-        over = base.replace(
+        over = profile_config(profile, **hetero).replace(
             train_examples=150, partition="iid", rounds=3, local_steps=12, eval_every=3
         )
         settings.append(
