@@ -177,7 +177,7 @@ def test_a_supernode_killed_mid_round_leaves_a_completed_round_with_the_other_tw
     assert run.leftovers == [] and not [p for p in run.stopped if _alive(p)]
 
 
-@pytest.mark.slow  # two deployments and an in-process run: ~3.5 min, beyond make test's budget
+@pytest.mark.slow  # three deployments and an in-process run: ~4 min, beyond make test's budget
 def test_a_server_killed_after_round_one_resumes_from_its_checkpoint(tmp_path):
     # Prepare: 2 rounds of SHE-LoRA with negotiated columns (negotiated before round 1 only);
     # the SuperLink and the ServerApp are killed (SIGKILL) once round 1's record is written
@@ -218,7 +218,11 @@ def test_a_server_killed_after_round_one_resumes_from_its_checkpoint(tmp_path):
         dw = bb @ aa
         np.testing.assert_allclose(fb @ fa, dw, atol=1e-3 * np.abs(dw).max())
     assert second.history[1]["accuracy"] == pytest.approx(ref[1]["accuracy"], abs=1 / 48 + 1e-9)
-    assert first.leftovers == [] and second.leftovers == []
+    # the finished run started once more: nothing trains, and it reports the finished records
+    third = run_deployed(cfg, tmp_path / "flower", **kw)
+    assert third.outcome.ok, (third.outcome, third.outcome.log.read_text()[-3000:])
+    assert third.history == second.history and third.summary is not None
+    assert first.leftovers == [] and second.leftovers == [] and third.leftovers == []
 
 
 @pytest.mark.slow

@@ -409,6 +409,9 @@ class FlowerServer:
     def metrics_path(self) -> Path:
         return self.s.results_dir / "federated_tuning" / f"{self.cfg.run_name}.jsonl"
 
+    def _write_records(self, history: list[dict[str, Any]]) -> None:
+        atomic_write(self.metrics_path, "".join(json.dumps(h) + "\n" for h in history).encode())
+
     def run(self) -> list[dict[str, Any]]:
         """Every round; the records in notebook 05's schema after each, the summary at the end."""
         from ..provenance import run_meta
@@ -441,15 +444,19 @@ class FlowerServer:
                 fingerprint=cfg.fingerprint(),
                 config=cfg.to_dict(),
             )
-            atomic_write(self.metrics_path, "".join(json.dumps(h) + "\n" for h in history).encode())
+            self._write_records(history)
             acc = rec.get("accuracy")
             _say(
                 f"round {rnd}/{cfg.rounds}: {rec['clients']} clients, up {rec['upload_bytes']} B, "
                 f"down {rec['download_bytes']} B, {rec['seconds']:.1f} s"
                 + (f", accuracy {acc:.3f}" if acc is not None else "")
             )
-        if negotiated and self.negotiation is None and history:  # resumed a finished run
-            self.load_negotiation(cfg.negotiation_round(len(history)))
+        if start >= cfg.rounds and history:  # resumed a finished run: nothing ran this time
+            # the records are written again, so whoever follows this run's file (the
+            # launcher's watcher) sees them as this run's
+            self._write_records(history)
+            if negotiated and self.negotiation is None:
+                self.load_negotiation(cfg.negotiation_round(len(history)))
         meta = run_meta(cfg.seed)
         meta.update(self.deployment_meta())
         if self.negotiation is not None:
