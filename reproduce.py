@@ -1417,10 +1417,15 @@ def _matched_summary(matched) -> str:
     flags = [m.get("loss_auc_in_reference_ci95") for m in hits]
     if hits and all(f is True for f in flags):
         eps = min(m["matched"]["epsilon"] for m in hits)
+        who = (
+            "the loss AUC of every DP method that reaches it"
+            if missed
+            else "every DP method's loss AUC"
+        )
         out += (
-            " At FlexLoRA's accuracy every DP method's loss AUC lies inside FlexLoRA's bootstrap "
+            f" At FlexLoRA's accuracy {who} lies inside FlexLoRA's bootstrap "
             f"95% interval, at whole-run epsilons of {eps:.0f} and more: the noise that keeps the "
-            "accuracy does not measurably lower the attack here"
+            "accuracy does not measurably lower the attack there"
         )
         below = [
             p["accuracy"] < m["threshold"]

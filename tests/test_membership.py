@@ -433,6 +433,7 @@ def test_matched_auc_against_flexloras_interval_in_the_record_and_the_notes(tmp_
     assert (
         "inside FlexLoRA's bootstrap 95% interval, at whole-run epsilons of 316" in line
     ) == inside
+    assert ("every DP method's loss AUC lies inside" in line) == inside  # no method missed it
     # the per-round point (accuracy 0.50) is below the bar: its lower AUC came with lower accuracy
     assert ("come with lower accuracy" in line) == inside
     assert ("falls outside FlexLoRA's interval for flexlora-dp in s" in line) == (not inside)
@@ -509,3 +510,30 @@ def test_the_main_setting_attacks_the_models_notebook_05_reports(profile):
             own.lr_final_ratio,
         )
         assert settings["quick"].head_lr_scale != own.head_lr_scale
+
+
+def test_the_notes_do_not_say_every_dp_method_when_one_never_reaches_flexloras_accuracy():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    try:
+        from reproduce import _matched_summary
+    finally:
+        sys.path.pop(0)
+    ref = {"method": "flexlora", "accuracy": 0.7}
+    hit = {
+        "method": "flexlora-dp",
+        "setting": "s",
+        "reference": ref,
+        "threshold": 0.68,
+        "matched": {"epsilon": 1000.0},
+        "loss_auc_in_reference_ci95": True,
+        "points": [],
+    }
+    miss = {"method": "shelora-dp", "setting": "s", "reference": ref, "matched": None}
+    both = _matched_summary([hit, miss])
+    assert "the loss AUC of every DP method that reaches it lies inside" in both
+    assert "every DP method's loss AUC" not in both
+    assert "No swept epsilon reaches FlexLoRA's accuracy for shelora-dp in s." in both
+    assert "every DP method's loss AUC lies inside" in _matched_summary([hit])
