@@ -141,7 +141,8 @@ def test_notebook_05_quick_runs_slow_the_head_and_overrides_still_win():
         assert (cfg.head_lr_scale, cfg.lr, cfg.lr_final_ratio) == (0.01, 1e-2, 1.0)
         assert (cfg.rounds, cfg.eval_examples) == (4, 600)
         assert cfg.num_clients == base.num_clients and cfg.local_steps == base.local_steps
-    assert base.head_lr_scale == 10.0  # the profile itself (demo, faults, membership overfit) is unchanged
+    # the profile itself (demo, faults, membership's overfit setting) is unchanged
+    assert base.head_lr_scale == 10.0
     assert {c.rounds for c in federated_tuning_grid("quick", rounds=1)} == {1}
     assert federated_tuning_grid("quick", head_lr_scale=2.0)[0].head_lr_scale == 2.0
     # the paper grid starts from the paper profile as it is
