@@ -9,18 +9,10 @@ from pathlib import Path
 
 import pytest
 
+import reproduce
 from shelora_core import claims as C
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _reproduce():
-    sys.path.insert(0, str(ROOT))
-    try:
-        import reproduce
-    finally:
-        sys.path.pop(0)
-    return reproduce
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,7 +322,7 @@ def test_documented_attack_rows_keep_the_recorded_lr_and_drop_the_sweeps(tmp_pat
     assert [(r["method"], r["rouge1"]) for r in rows] == [("flexlora", 1.0), ("flexlora-dp", 0.0)]
     path = tmp_path / "attack.json"
     path.write_text(json.dumps(entries))
-    table = "\n".join(_reproduce().attack_table(path))
+    table = "\n".join(reproduce.attack_table(path))
     assert "| flexlora | - | oblivious | 1.00 |" in table and "0.59" not in table
     assert "| flexlora-dp | - | oblivious | 0.00 |" in table
 
@@ -456,7 +448,7 @@ def _readme_claims() -> dict[str, list[dict[str, str]]]:
             out[profile] = []
         elif line.startswith("| ") and profile and not line.startswith("| claim |"):
             cells = [c.strip().replace("\\|", "|") for c in line.strip("|").split(" | ")]
-            out[profile].append(dict(zip(_reproduce().CLAIM_COLUMNS, cells, strict=True)))
+            out[profile].append(dict(zip(reproduce.CLAIM_COLUMNS, cells, strict=True)))
     return out
 
 
@@ -487,11 +479,10 @@ def test_readme_has_no_stale_typed_cost_numbers_and_its_blocks_are_current():
     text = (ROOT / "README.md").read_text()
     for stale in ("40-85 s", "0.1-1.2 s", "~14 s here"):
         assert stale not in text
-    rep = _reproduce()
     results = ROOT / "results"
     for start, end, body in (
-        (rep.CLAIMS_START, rep.CLAIMS_END, rep.claims_block(results)),
-        (rep.PROTECTION_START, rep.PROTECTION_END, rep.protection_notes(results)),
+        (reproduce.CLAIMS_START, reproduce.CLAIMS_END, reproduce.claims_block(results)),
+        (reproduce.PROTECTION_START, reproduce.PROTECTION_END, reproduce.protection_notes(results)),
     ):
         block = text[text.index(start) + len(start) : text.index(end)]
         assert block.strip() == body.strip(), f"{start}: run python reproduce.py --readme"
@@ -523,7 +514,7 @@ def test_cost_notes_are_computed_from_he_cost_json():
             {**row, "method": "full_he", "client_upload_seconds": 12.34},
         ]
     }
-    notes = "\n".join(_reproduce().cost_notes(data))
+    notes = "\n".join(reproduce.cost_notes(data))
     assert "-94.2% upload" in notes and "-95.5% client encryption time" in notes
     assert "about 32 bytes" in notes  # (50 - 18) bytes / 1 encrypted value
     assert "2.0x the upload of delta mode" in notes and "61.0 s of server time" in notes
@@ -531,7 +522,7 @@ def test_cost_notes_are_computed_from_he_cost_json():
     # which full HE the rows measured comes from their full_he_layout (none: zero-padded)
     assert "against full HE zero-padded to r_max**" in notes
     own = {**data, "rows": [{**r, "full_he_layout": "own-rank"} for r in data["rows"]]}
-    notes = "\n".join(_reproduce().cost_notes(own))
+    notes = "\n".join(reproduce.cost_notes(own))
     assert "against full HE at each client's own rank**" in notes
     assert "Against full HE zero-padded to r_max (an ablation, counted)" in notes
     assert (
@@ -540,17 +531,16 @@ def test_cost_notes_are_computed_from_he_cost_json():
 
 
 def test_padding_note_names_the_layout_of_he_cost_json(tmp_path):
-    rep = _reproduce()
     rows = C.cost_claims(_he_cost("own-rank"), SIZES)
     (tmp_path / "he_cost.json").write_text(json.dumps(_he_cost("own-rank")))
-    note = rep.padding_note(rows, tmp_path)
+    note = reproduce.padding_note(rows, tmp_path)
     assert note.startswith("Our `full_he` and `fedshield` encrypt each client's factors at its own")
     assert "(an ablation, counted from shapes) they would encrypt 1.71x" in note
     assert "-94.00% (measured)" in note  # the measured row of the own definition
     padded = _by_definition(rows, "communication", "padded")[0]["our_value"]
     assert f"by {padded:+.2f}% (counted from shapes) against the zero-padded one" in note
     (tmp_path / "he_cost.json").write_text(json.dumps(_he_cost(None)))
-    legacy = rep.padding_note(C.cost_claims(_he_cost(None), SIZES), tmp_path)
+    legacy = reproduce.padding_note(C.cost_claims(_he_cost(None), SIZES), tmp_path)
     assert legacy.startswith("Zero-padding to r_max: at ranks 8/16/32 our `full_he`")
     assert "by -94.00% (measured) against the zero-padded one" in legacy
 

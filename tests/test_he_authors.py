@@ -81,14 +81,8 @@ def test_server_holds_no_secret_key(rounds):
 
 
 def test_cost_notes_bullet_is_computed_from_the_rows(rounds):
-    import sys
-    from pathlib import Path
+    from reproduce import cost_notes
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    try:
-        from reproduce import cost_notes
-    finally:
-        sys.path.pop(0)
     r24, r40 = rounds[24][2], rounds[40][2]
     ours = {"method": "shelora-paper", "model": "tiny", "upload_bytes": 3 * r40["upload_bytes"],
             "client_upload_seconds": 2 * r40["client_upload_seconds"],

@@ -358,8 +358,6 @@ def test_sweep_configs_and_accounting_checks():
 
 def test_statement_table_figure_and_notes_at_matched_utility(tmp_path):
     import json
-    import sys
-    from pathlib import Path
 
     import matplotlib
 
@@ -389,12 +387,8 @@ def test_statement_table_figure_and_notes_at_matched_utility(tmp_path):
     ax = fig.axes[0]
     assert {t.get_text() for t in ax.texts} >= {"21.5", "100", "316", "1000"}
     assert any(line.get_xdata()[0] == pytest.approx(0.68) for line in ax.lines)  # the bar
-    root = Path(__file__).resolve().parent.parent
-    sys.path.insert(0, str(root))
-    try:
-        from reproduce import membership_notes
-    finally:
-        sys.path.pop(0)
+    from reproduce import membership_notes
+
     (tmp_path / "quick").mkdir()
     (tmp_path / "quick" / "membership.json").write_text(json.dumps(record))
     (line,) = membership_notes(tmp_path)
@@ -407,8 +401,6 @@ def test_statement_table_figure_and_notes_at_matched_utility(tmp_path):
 @pytest.mark.parametrize("inside", [True, False])
 def test_matched_auc_against_flexloras_interval_in_the_record_and_the_notes(tmp_path, inside):
     import json
-    import sys
-    from pathlib import Path
 
     rows, sweep = _matched_record()
     sweep = [r for r in sweep if r["method"] == "flexlora-dp"]
@@ -420,12 +412,8 @@ def test_matched_auc_against_flexloras_interval_in_the_record_and_the_notes(tmp_
     said = mia.matched_statement([m])
     assert (", inside FlexLoRA's 95% interval" in said) == inside
     assert (", below FlexLoRA's 95% interval" in said) == (not inside)
-    root = Path(__file__).resolve().parent.parent
-    sys.path.insert(0, str(root))
-    try:
-        from reproduce import membership_notes
-    finally:
-        sys.path.pop(0)
+    from reproduce import membership_notes
+
     record = {"rows": rows, "matched_utility": [m], "checks": [], "meta": {"git_commit": "abc"}}
     (tmp_path / "quick").mkdir()
     (tmp_path / "quick" / "membership.json").write_text(json.dumps(record))
@@ -513,14 +501,8 @@ def test_the_main_setting_attacks_the_models_notebook_05_reports(profile):
 
 
 def test_the_notes_do_not_say_every_dp_method_when_one_never_reaches_flexloras_accuracy():
-    import sys
-    from pathlib import Path
+    from reproduce import _matched_summary
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    try:
-        from reproduce import _matched_summary
-    finally:
-        sys.path.pop(0)
     ref = {"method": "flexlora", "accuracy": 0.7}
     hit = {
         "method": "flexlora-dp",

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import reproduce
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -140,23 +142,13 @@ def test_unknown_notebook_filter_exits_2(tmp_path):
 
 
 def test_set_values_reach_notebooks_as_literals_tuples_as_lists():
-    sys.path.insert(0, str(ROOT))
-    try:
-        from reproduce import parse_sets
-    finally:
-        sys.path.pop(0)
-    got = parse_sets(["ranks=(8, 16)", "rounds=2", "name=abc", "nested={'a': (1, (2,))}"])
+    got = reproduce.parse_sets(["ranks=(8, 16)", "rounds=2", "name=abc", "nested={'a': (1, (2,))}"])
     assert got == {"ranks": [8, 16], "rounds": 2, "name": "abc", "nested": {"a": [1, [2]]}}
 
 
 def test_readme_table_lists_finished_runs_from_their_summaries_until_the_notebook_json_exists(
     tmp_path,
 ):
-    sys.path.insert(0, str(ROOT))
-    try:
-        from reproduce import results_table
-    finally:
-        sys.path.pop(0)
     run = {
         "variant": "flexlora",
         "method": "flexlora",
@@ -177,7 +169,7 @@ def test_readme_table_lists_finished_runs_from_their_summaries_until_the_noteboo
     (tmp_path / "federated_tuning").mkdir()
     (tmp_path / "federated_tuning" / "a.summary.json").write_text(json.dumps(run))
     row = "| flexlora | minilm | 8/16/32 | dirichlet(0.3) | 10 | 20 x 15 | 0.788 | 0.790 | 0.787 | 619 | 12.3 (1) |"
-    table = results_table(tmp_path)
+    table = reproduce.results_table(tmp_path)
     assert "the 1 runs of notebook 05's grid finished so far" in table and row in table
     assert "abcdef123456" in table
     # once notebook 05 has written its JSON, that is the source (and the summaries are not read)
@@ -185,7 +177,7 @@ def test_readme_table_lists_finished_runs_from_their_summaries_until_the_noteboo
     (tmp_path / "federated_tuning.json").write_text(
         json.dumps([{**run, "final_accuracy": 0.5}, other])
     )
-    table = results_table(tmp_path)
+    table = reproduce.results_table(tmp_path)
     assert "finished so far" not in table and "| 0.500 | 0.790 |" in table
     # reused runs keep their own commits: the header names every one, not the first run's
     assert "the 2 runs of notebook 05" in table
@@ -318,11 +310,6 @@ def test_failure_line_in_the_injected_parameters_cell_and_before_any_cell(tmp_pa
     from nbclient.exceptions import DeadKernelError
     from nbformat.v4 import new_code_cell
 
-    sys.path.insert(0, str(ROOT))
-    try:
-        from reproduce import failure_line
-    finally:
-        sys.path.pop(0)
     nb = _notebook(tmp_path / "src.ipynb", ["x = 1"])
     executed = nbformat.read(str(nb), as_version=4)
     injected = new_code_cell("overrides = {}")
@@ -332,25 +319,18 @@ def test_failure_line_in_the_injected_parameters_cell_and_before_any_cell(tmp_pa
         cell.metadata["papermill"] = {"start_time": "2026-01-01T00:00:00" if i <= 2 else None}
     out = tmp_path / "out.ipynb"
     nbformat.write(executed, str(out))
-    line = failure_line(nb, out, DeadKernelError("Kernel died"))
+    line = reproduce.failure_line(nb, out, DeadKernelError("Kernel died"))
     assert line.startswith(
         "FAILED: notebook src.ipynb, in the parameters cell papermill injected after source "
         "cell 2 of 3 (1-based"
     )
-    line = failure_line(nb, tmp_path / "missing.ipynb", RuntimeError("kernel failed\nto start"))
+    line = reproduce.failure_line(
+        nb, tmp_path / "missing.ipynb", RuntimeError("kernel failed\nto start")
+    )
     assert line == (
         "FAILED: notebook src.ipynb, before any cell ran: RuntimeError: kernel failed; "
         "no executed copy was written"
     )
-
-
-def _reproduce_module():
-    sys.path.insert(0, str(ROOT))
-    try:
-        import reproduce
-    finally:
-        sys.path.pop(0)
-    return reproduce
 
 
 def test_an_unknown_set_key_fails_before_any_notebook_starts_with_a_did_you_mean(tmp_path):
@@ -366,7 +346,6 @@ def test_an_unknown_set_key_fails_before_any_notebook_starts_with_a_did_you_mean
 
 
 def test_set_keys_are_checked_against_the_selected_notebooks_settings():
-    reproduce = _reproduce_module()
     nbs = {p.name[:2]: p for p in reproduce.notebooks(None)}
     known = set(reproduce.config_field_names()) | reproduce.notebook_override_keys(nbs["01"])
     assert reproduce.parse_sets(["ks=(2,4)", "rounds=1"], known) == {"ks": [2, 4], "rounds": 1}
@@ -382,7 +361,6 @@ def test_set_keys_are_checked_against_the_selected_notebooks_settings():
 def test_progress_relay_prints_only_marked_lines_prefixed_with_the_notebook(monkeypatch):
     import io
 
-    reproduce = _reproduce_module()
     out = io.StringIO()
     relay = reproduce.ProgressRelay("05", out)
     mark = reproduce.PROGRESS_MARK
@@ -407,12 +385,7 @@ def _membership_row(setting, method, auc, accuracy=0.7):
 
 @pytest.mark.parametrize("agree", [True, False])
 def test_the_protection_section_reads_membership_inference_from_its_record(tmp_path, agree):
-    sys.path.insert(0, str(ROOT))
-    try:
-        from reproduce import membership_notes
-    finally:
-        sys.path.pop(0)
-    assert membership_notes(tmp_path) == []  # no record: no bullet
+    assert reproduce.membership_notes(tmp_path) == []  # no record: no bullet
     rows = [
         _membership_row("overfit", "flexlora", 0.7123),
         _membership_row("overfit", "shelora-delta", 0.7123 if agree else 0.5),
@@ -422,7 +395,7 @@ def test_the_protection_section_reads_membership_inference_from_its_record(tmp_p
            "checks": [{"agree": agree}]}  # fmt: skip
     (tmp_path / "quick").mkdir()
     (tmp_path / "quick" / "membership.json").write_text(json.dumps(rec))
-    (line,) = membership_notes(tmp_path)
+    (line,) = reproduce.membership_notes(tmp_path)
     assert (
         "AUC 0.71 against FlexLoRA" in line and "0.51 against flexlora-dp (accuracy 0.55)" in line
     )
@@ -431,12 +404,7 @@ def test_the_protection_section_reads_membership_inference_from_its_record(tmp_p
 
 
 def test_the_protection_section_reads_the_tradeoff_record(tmp_path):
-    sys.path.insert(0, str(ROOT))
-    try:
-        from reproduce import tradeoff_notes
-    finally:
-        sys.path.pop(0)
-    assert tradeoff_notes(tmp_path) == []  # no record: nothing
+    assert reproduce.tradeoff_notes(tmp_path) == []  # no record: nothing
     row = {
         "variant": "shelora-dp-delta", "final_accuracy": 0.5637, "stopped_round": 7,
         "upload_bytes_per_client": 6.0e6, "epsilon_server": 30.1, "rouge1_round1_dager": 0.0,
@@ -456,7 +424,7 @@ def test_the_protection_section_reads_the_tradeoff_record(tmp_path):
     }  # fmt: skip
     (tmp_path / "quick").mkdir()
     (tmp_path / "quick" / "tradeoff.json").write_text(json.dumps(rec))
-    text = "\n".join(tradeoff_notes(tmp_path))
+    text = "\n".join(reproduce.tradeoff_notes(tmp_path))
     assert (
         "| shelora-dp-delta | 0.564 (stopped: round 7) | 6000 | 30.1 | 0.00 / 0.00 | 0.00 / - |"
         in text
@@ -467,8 +435,6 @@ def test_the_protection_section_reads_the_tradeoff_record(tmp_path):
 
 
 def test_the_protection_section_reports_multi_step_sgd_the_b_channel_and_the_optimisation_attack():
-    rp = _reproduce_module()
-
     def row(method, attacker, update, bs, rouge1):
         return {
             "method": method,
@@ -478,7 +444,7 @@ def test_the_protection_section_reports_multi_step_sgd_the_b_channel_and_the_opt
             "rouge1": rouge1,
         }
 
-    assert rp._other_attack_notes([row("flexlora", "oblivious", "later", 1, 1.0)]) == []
+    assert reproduce._other_attack_notes([row("flexlora", "oblivious", "later", 1, 1.0)]) == []
     rows = [
         row("flexlora", "oblivious", "multistep-sgd", 1, 1.0),
         row("shelora", "adaptive", "multistep-sgd", 4, 0.75),
@@ -487,7 +453,7 @@ def test_the_protection_section_reports_multi_step_sgd_the_b_channel_and_the_opt
         row("shelora", "b-channel", "later", 8, 0.125),
         row("flexlora", "optimisation", "later", 1, 0.25),
     ]
-    sgd, bch, opt = rp._other_attack_notes(rows)
+    sgd, bch, opt = reproduce._other_attack_notes(rows)
     assert "flexlora / oblivious 1.00; shelora / adaptive 0.75" in sgd
     assert (
         "0.50 in round 1 and 1.00 in later rounds (later rounds by batch size 1/8: 1.00/0.12)"

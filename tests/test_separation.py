@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+import reproduce
 from shelora_core import federation, separation
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _reproduce():
-    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "reproduce.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_every_setting_pairs_fedavg_and_flexlora_on_the_same_data():
@@ -69,7 +59,7 @@ def test_the_record_and_the_readme_lines(tmp_path, monkeypatch):
     assert [list(p) for p in rec["rows"][1]["flexlora"]["curve"]] == [[1, 0.5], [2, 0.66]]
     on_disk = json.loads((tmp_path / "separation.json").read_text())
     assert on_disk["rows"][1]["gap_pp"] == pytest.approx(6.0)
-    lines = "\n".join(_reproduce().separation_block(tmp_path))
+    lines = "\n".join(reproduce.separation_block(tmp_path))
     assert "FlexLoRA is visibly ahead (at least 5 points) in 1 of 2 settings" in lines
     assert "| wide | 0.600 | 0.660 | +6.0 |" in lines
     # no visible gap: the block says so, with the largest one
@@ -77,9 +67,9 @@ def test_the_record_and_the_readme_lines(tmp_path, monkeypatch):
         _FakeFederation, "finals", {**_FakeFederation.finals, ("wide", "flexlora"): 0.62}
     )
     separation.run_separation(tmp_path, settings=settings)
-    lines = "\n".join(_reproduce().separation_block(tmp_path))
+    lines = "\n".join(reproduce.separation_block(tmp_path))
     assert "no setting separates them by 5 points or more (largest final gap +2.0 points)" in lines
-    assert _reproduce().separation_block(tmp_path / "absent") == []
+    assert reproduce.separation_block(tmp_path / "absent") == []
 
 
 def _paper_runs(tmp_path, curves, commits):
@@ -110,7 +100,7 @@ def test_paper_gap_reports_every_evaluation_not_only_the_last(tmp_path):
     assert g["mean_gap_pp"] == pytest.approx(23.0 / 3)
     assert g["flexlora_ahead"] == 2
     assert g["largest_swing_pp"] == pytest.approx(20.0)  # FedAvg 0.70 -> 0.50
-    (text,) = [x for x in _reproduce().paper_gap_lines(tmp_path) if x]
+    (text,) = [x for x in reproduce.paper_gap_lines(tmp_path) if x]
     assert "+15.0 points at round 6" in text and "+7.7 on average over the 3 evaluations" in text
     assert "fedavg aaaaaaaaaaaa-dirty / flexlora bbbbbbbbbbbb" in text  # uncommitted code shows
 
@@ -119,7 +109,7 @@ def test_paper_gap_is_none_without_both_runs(tmp_path):
     assert separation.paper_gap(tmp_path) is None
     _paper_runs(tmp_path, {"fedavg": [(2, 0.7)]}, {"fedavg": "a" * 40})
     assert separation.paper_gap(tmp_path) is None
-    assert _reproduce().paper_gap_lines(tmp_path) == []
+    assert reproduce.paper_gap_lines(tmp_path) == []
     _paper_runs(
         tmp_path / "x",
         {"fedavg": [(2, 0.7)], "flexlora": [(2, 0.8)]},
