@@ -10,7 +10,14 @@ from typing import Any
 
 from .config import FederatedConfig
 
-__all__ = ["GRID_OVERRIDES", "PROFILES", "federated_tuning_grid", "grid_base", "profile_config"]
+__all__ = [
+    "ENCRYPTED_SETTING",
+    "GRID_OVERRIDES",
+    "PROFILES",
+    "federated_tuning_grid",
+    "grid_base",
+    "profile_config",
+]
 
 PROFILES = ("quick", "paper")
 
@@ -69,6 +76,11 @@ GRID_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
+#: notebook 05's setting of the encrypted methods, the hardest plaintext setting: heterogeneous
+#: ranks under Dirichlet label skew (membership inference attacks the same runs)
+ENCRYPTED_SETTING: dict[str, Any] = dict(ranks=(8, 16, 32), partition="dirichlet")
+
+
 def profile_config(profile: str, **overrides: Any) -> FederatedConfig:
     """The profile's base configuration with ``overrides`` applied (validated)."""
     if profile not in _BASE:
@@ -101,7 +113,7 @@ def federated_tuning_grid(profile: str, **overrides: Any) -> list[FederatedConfi
                 runs.append(base.replace(method=method, ranks=ranks, partition=part))
     # the encrypted methods in the hardest plaintext setting (heterogeneous ranks, Dirichlet):
     # SHE-LoRA must track FlexLoRA (same seed, same data) up to CKKS noise
-    hetero = dict(ranks=(8, 16, 32), partition="dirichlet")
+    hetero = ENCRYPTED_SETTING
     runs += [
         base.replace(method="shelora", cipher_mode="delta", **hetero),
         base.replace(method="shelora", cipher_mode="paper", **hetero),

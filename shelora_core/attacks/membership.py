@@ -511,19 +511,18 @@ def membership_settings(profile: str) -> list[Setting]:
       members' losses separate from non-members', so the comparison between methods says
       something.
     """
-    from ..profiles import grid_base, profile_config
+    from ..profiles import ENCRYPTED_SETTING, grid_base, profile_config
 
-    hetero = dict(ranks=(8, 16, 32), partition="dirichlet")
     settings = [
         Setting(
             profile,
-            grid_base(profile, **hetero),
+            grid_base(profile, **ENCRYPTED_SETTING),
             f"the {profile} profile, ranks 8/16/32, Dirichlet 0.3 (notebook 05's encrypted-method "
             "setting and configuration)",
         )
     ]
     if profile == "quick":
-        over = profile_config(profile, **hetero).replace(
+        over = profile_config(profile, **ENCRYPTED_SETTING).replace(
             train_examples=150, partition="iid", rounds=3, local_steps=12, eval_every=3
         )
         settings.append(
